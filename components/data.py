@@ -1,0 +1,28 @@
+"""KFP components for the data stages: prepare (demo / download / import) and validate."""
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Metrics, Output
+
+from components.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE)
+def prepare_data_op(
+    profile: str, overrides: list, dataset_uri: str, dataset: Output[Dataset], metrics: Output[Metrics]
+):
+    """Materialise the dataset: demo data when dataset_uri is empty, else download or import it."""
+    from craft.steps import prepare_dataset
+
+    for key, value in prepare_dataset(dataset.path, profile, overrides, dataset_uri).items():
+        metrics.log_metric(key, value)
+
+
+@dsl.component(base_image=CPU_IMAGE)
+def validate_op(
+    profile: str, overrides: list, dataset: Input[Dataset], report: Output[HTML], metrics: Output[Metrics]
+):
+    """Validate the dataset (schema, files, leakage); the run stops here if it is not valid."""
+    from craft.steps import validate_dataset
+
+    for key, value in validate_dataset(dataset.path, report.path, profile, overrides).items():
+        metrics.log_metric(key, value)

@@ -1,0 +1,232 @@
+"""The `craft` command: one subcommand per stage, plus the demo and pipeline operations.
+
+Every stage command takes ``--config PROFILE`` (a bundled profile name such as ``demo-histo`` or a
+YAML path) and trailing ``key=value`` overrides for that stage's config; named options are
+shortcuts for the same keys. This module sits on top of the domain package: it may import
+``pipelines`` (lazily, inside commands); nothing in ``craft`` imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from craft.config import ConfigError, load_stage_config, to_dict
+
+app = typer.Typer(
+    name="craft",
+    help="Train clinically aligned medical image generators (CRAFTS + CRAFT) on Kubeflow Pipelines, "
+    "and refuse to promote one that is not.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Demo datasets and importers of real collections.", no_args_is_help=True)
+train_app = typer.Typer(
+    help="Training stages (foundation, encoders, reward finetuning, baselines).", no_args_is_help=True
+)
+pipeline_app = typer.Typer(
+    help="Compile the KFP pipeline; upload, run and schedule it on a cluster.", no_args_is_help=True
+)
+store_app = typer.Typer(
+    help="Object store (S3 API): directories with an atomic sha256 manifest.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(store_app, name="store")
+
+ConfigOpt = Annotated[
+    str | None, typer.Option("--config", "-c", help="Profile: a bundled name (demo-histo) or a YAML path.")
+]
+Overrides = Annotated[list[str] | None, typer.Argument(help="Config overrides for this stage: key=value ...")]
+
+
+class CliError(Exception):
+    """An error reported to the user as one line, exit code 2."""
+
+
+def _fail(msg: str, code: int = 2) -> typer.Exit:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def stage_config(stage: str, config: str | None, overrides: list[str] | None, **options: Any):
+    """Load ``stage``'s config from the profile, user overrides, then non-None named options."""
+    items = list(overrides or [])
+    items += [f"{k}={v}" for k, v in options.items() if v is not None]
+    return load_stage_config(stage, config, items)
+
+
+def _echo_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+@data_app.command("demo")
+def data_demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Dataset directory to write.")],
+    modality: Annotated[str | None, typer.Option(help="histo (H&E-like tiles) or cxr (chest radiographs).")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Number of images.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed; the same seed gives identical files.")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Square image side in pixels.")] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Generate a deterministic demo dataset (images, masks, conditions, weak captions, labels)."""
+    from craft.data import demo
+
+    cfg = stage_config("data", config, overrides, modality=modality, n=n, seed=seed, resolution=resolution)
+    path = demo.main(cfg, out)
+    typer.echo(f"wrote {path}")
+
+
+@data_app.command("import")
+def data_import(
+    fmt: Annotated[
+        str, typer.Argument(metavar="FORMAT", help="csv, imagefolder, fitzpatrick17k, chexpert, breakhis, origa")
+    ],
+    src: Annotated[Path, typer.Argument(help="Source folder (or CSV file for the csv format).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Dataset directory to write.")],
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Import a real collection into the manifest contract with a patient-level split."""
+    from craft.data import importers
+
+    cfg = stage_config("import", config, overrides, format=fmt)
+    path = importers.main(cfg, src, out)
+    typer.echo(f"wrote {path}")
+
+
+@app.command("validate")
+def validate(
+    dataset_dir: Annotated[Path, typer.Argument(help="Dataset directory (dataset.yaml + manifest.parquet).")],
+    report: Annotated[
+        Path | None, typer.Option(help="Report folder (default DATASET_DIR/../<name>-validation).")
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Validate a dataset; exit 0 only if every check passes. Writes report.json and report.html."""
+    from craft.data import validate as v
+
+    cfg = stage_config("validate", config, overrides)
+    report_dir = report or dataset_dir.parent / f"{dataset_dir.name}-validation"
+    result = v.main(cfg, dataset_dir, report_dir)
+    if not result.ok:
+        raise _fail(f"{dataset_dir}: {len(result.failures)} validation failure(s); see {report_dir}/report.html", 1)
+    typer.echo(f"{dataset_dir}: valid ({result.n_rows} rows); report {report_dir}/report.html")
+
+
+# ----------------------------------------------------------------------------------------------
+# object store
+
+
+@store_app.command("upload")
+def store_upload(
+    local_dir: Annotated[Path, typer.Argument(help="Folder to upload.")],
+    uri: Annotated[str, typer.Argument(help="s3://bucket/prefix")],
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Upload a folder; the prefix counts as committed only once its MANIFEST.json is written (last)."""
+    from craft.storage.objectstore import ObjectStore
+
+    store = ObjectStore.from_env(stage_config("storage", config, overrides))
+    manifest = store.upload_dir(local_dir, uri)
+    typer.echo(f"committed {uri} ({len(manifest['files'])} files)")
+
+
+@store_app.command("download")
+def store_download(
+    uri: Annotated[str, typer.Argument(help="s3://bucket/prefix (must be committed)")],
+    local_dir: Annotated[Path, typer.Argument(help="Folder to write (replaced atomically).")],
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Download a committed prefix, verifying every file's sha256."""
+    from craft.storage.objectstore import ObjectStore
+
+    store = ObjectStore.from_env(stage_config("storage", config, overrides))
+    path = store.download_dir(uri, local_dir)
+    typer.echo(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# pipeline
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Pipeline YAML to write.")] = Path(
+        "craft_pipeline.yaml"
+    ),
+) -> None:
+    """Compile the KFP pipeline to YAML (the file you upload to Kubeflow)."""
+    from pipelines.craft_pipeline import compile_pipeline
+
+    compile_pipeline(output)
+    typer.echo(f"wrote {output}")
+
+
+@app.command("demo")
+def demo(
+    profile: Annotated[str, typer.Option(help="Profile to run.")] = "demo-histo",
+    root: Annotated[Path, typer.Option(help="Local pipeline root (artifacts land here).")] = Path("runs"),
+    dataset_uri: Annotated[str, typer.Option(help="Use this dataset instead of generating demo data.")] = "",
+    overrides: Annotated[list[str] | None, typer.Argument(help="Pipeline-wide overrides: stage.key=value ...")] = None,
+) -> None:
+    """Run the whole KFP pipeline locally (kfp.local, no cluster) and print a summary table."""
+    from pipelines.local import format_summary, run_local
+
+    summary = run_local(profile, list(overrides or []), root, dataset_uri=dataset_uri)
+    typer.echo(format_summary(summary))
+
+
+@app.command("show-config")
+def show_config(
+    stage: Annotated[str, typer.Argument(help="Stage name (see craft/config.py STAGES).")],
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Print a stage's resolved config (profile + overrides) as JSON."""
+    _echo_json(to_dict(stage_config(stage, config, overrides)))
+
+
+# --- stage commands (added by each stage) ---
+
+
+def main() -> None:
+    """Entry point: run the app, turning config and input errors into one-line messages (exit 2)."""
+    if os.environ.get("CRAFT_DEBUG"):
+        app()
+        return
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (ConfigError, CliError, FileNotFoundError, FileExistsError, ValueError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except Exception as e:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

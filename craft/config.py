@@ -1,0 +1,266 @@
+"""Profiles and stage configs: YAML profile + dotted `key=value` overrides -> one dataclass per stage.
+
+A profile (``configs/<name>.yaml``) has one top-level section per stage, named as in ``STAGES``.
+Each stage owns a dataclass that lives beside the code that uses it; this module only turns
+YAML and command-line overrides into an instance of it, strictly: an unknown key or a value of
+the wrong type is refused with the offending key named.
+
+>>> from dataclasses import dataclass
+>>> @dataclass
+... class Toy:
+...     steps: int = 10
+...     lr: float = 1e-3
+>>> from_dict(Toy, {"steps": 5}, where="toy")
+Toy(steps=5, lr=0.001)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+# Stage name -> "module:Dataclass". Imported lazily so that reading a profile never pulls torch.
+STAGES: dict[str, str] = {
+    "data": "craft.data.demo:DemoConfig",
+    "import": "craft.data.importers:ImportConfig",
+    "validate": "craft.data.validate:ValidateConfig",
+    "storage": "craft.storage.objectstore:StorageConfig",
+}
+
+# Top-level profile keys that are not stages.
+PROFILE_META_KEYS = ("description", "extends")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A profile or override that cannot become a valid stage config; the message names the key."""
+
+
+def config_dir() -> Path:
+    """Folder holding the bundled profiles: ``$CRAFT_CONFIG_DIR`` or ``<repo>/configs``."""
+    return Path(os.environ.get("CRAFT_CONFIG_DIR", REPO_ROOT / "configs"))
+
+
+def resolve_profile(name_or_path: str | os.PathLike) -> Path:
+    """A profile path from a bundled name (``demo-histo``) or a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    for cand in (config_dir() / f"{name_or_path}.yaml", config_dir() / f"{name_or_path}"):
+        if cand.is_file():
+            return cand
+    known = sorted(x.stem for x in config_dir().glob("*.yaml"))
+    raise ConfigError(f"profile {str(name_or_path)!r} not found (bundled profiles: {', '.join(known)})")
+
+
+def load_profile(name_or_path: str | os.PathLike | None) -> dict[str, Any]:
+    """Read a profile into a dict of stage sections, following ``extends:`` and refusing unknown stages."""
+    if name_or_path is None or str(name_or_path) == "":
+        return {}
+    path = resolve_profile(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a profile must be a mapping of stage sections")
+    parent = data.pop("extends", None)
+    data.pop("description", None)
+    for key, section in data.items():
+        if key not in STAGES:
+            raise ConfigError(f"{path}: unknown stage section {key!r} (known: {', '.join(sorted(STAGES))})")
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: section {key!r} must be a mapping")
+    if parent:
+        base = load_profile(parent)
+        for key, section in data.items():
+            base[key] = _deep_merge(base.get(key, {}), section)
+        data = base
+    return data
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def stage_class(stage: str) -> type:
+    """The dataclass registered for ``stage``."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r} (known: {', '.join(sorted(STAGES))})")
+    module, _, name = STAGES[stage].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_stage_config(stage: str, profile: str | os.PathLike | None = None, overrides: typing.Iterable[str] = ()):
+    """Build ``stage``'s dataclass from a profile section and ``key=value`` overrides.
+
+    Overrides are relative to the stage (``n=200``, ``optim.lr=1e-4``); a qualified override
+    for another stage (``train.lr=...`` while loading ``data``) is skipped, and one qualified with
+    this stage's own name (``data.n=200``) applies. This lets one pipeline-wide override list feed
+    every stage.
+    """
+    cls = stage_class(stage)
+    section = dict(load_profile(profile).get(stage, {}))
+    field_names = {f.name for f in dataclasses.fields(cls)}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        first = key.split(".", 1)[0]
+        if first == stage and first not in field_names:
+            key = key.split(".", 1)[1]
+        elif first in STAGES and first not in field_names:
+            continue  # belongs to another stage
+        _set_dotted(section, key.split("."), _RawValue(raw))
+    return from_dict(cls, section, where=stage)
+
+
+class _RawValue(str):
+    """An override's text, parsed against the target field's type in ``_coerce``."""
+
+
+def _set_dotted(d: dict, keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"override key {'.'.join(keys)!r}: {k!r} is not a section")
+    d[keys[-1]] = value
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
+    """Strictly build dataclass ``cls`` from ``data``: unknown keys and wrong types raise ConfigError."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{_join(where, unknown[0])}: unknown key (valid keys for {where or cls.__name__}: {', '.join(sorted(fields))})"
+        )
+    kwargs = {name: _coerce(hints[name], value, _join(where, name)) for name, value in data.items()}
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or cls.__name__}: {e}") from e
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(f"{where or cls.__name__}: {e}") from e
+    return obj
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _parse_raw(value: Any) -> Any:
+    if isinstance(value, _RawValue):
+        try:
+            return yaml.safe_load(str(value)) if str(value) != "" else ""
+        except yaml.YAMLError:
+            return str(value)
+    return value
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return _parse_raw(value)
+    if origin in (Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        parsed = _parse_raw(value)
+        if parsed is None or (isinstance(value, _RawValue) and str(value).lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: may not be null")
+        errors = []
+        for a in non_none:
+            try:
+                return _coerce(a, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        parsed = str(value) if isinstance(value, _RawValue) else value
+        if parsed not in args:
+            raise ConfigError(f"{key}: {parsed!r} is not one of {', '.join(map(repr, args))}")
+        return parsed
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {_parse_raw(value)!r}")
+        return from_dict(tp, value, where=key)
+    if tp is str:
+        if isinstance(value, _RawValue):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{key}: expected a path, got {value!r}")
+        return Path(str(value))
+    value = _parse_raw(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        out = [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        kt, vt = args if args else (Any, Any)
+        return {_coerce(kt, k, key): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config as plain YAML-safe data (for lineage files and logs)."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, Path):
+            return str(v)
+        return v
+
+    return conv(cfg)

@@ -1,0 +1,81 @@
+"""Run the pipeline on this machine with kfp.local (no cluster) and summarise what it produced."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+def run_local(profile: str, overrides: list[str], root: str | Path, dataset_uri: str = "") -> dict[str, Any]:
+    """Run ``craft_pipeline`` with kfp.local's SubprocessRunner; return a summary of every task.
+
+    The summary holds the run folder, each task's status, duration and logged metrics, and the
+    path of the HTML report(s) the run wrote.
+    """
+    from kfp import local
+
+    from pipelines.craft_pipeline import craft_pipeline
+
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    before = {p.name for p in root.iterdir()}
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    start = time.time()
+    error: Exception | None = None
+    try:
+        craft_pipeline(profile=profile, overrides=list(overrides), dataset_uri=dataset_uri)
+    except Exception as e:  # summarise what ran, then re-raise below
+        error = e
+    new = sorted((p for p in root.iterdir() if p.is_dir() and p.name not in before), key=lambda p: p.stat().st_mtime)
+    summary = summarize_run(new[-1]) if new else {"run_dir": None, "tasks": []}
+    summary.update(profile=profile, wall_s=round(time.time() - start, 1), ok=error is None)
+    if error is not None:
+        summary["error"] = str(error)
+        print(format_summary(summary))
+        raise error
+    return summary
+
+
+def summarize_run(run_dir: Path) -> dict[str, Any]:
+    """Read each task folder's executor_output.json: metrics, artifact paths, timing."""
+    tasks = []
+    reports = []
+    for task_dir in sorted(p for p in run_dir.iterdir() if p.is_dir()):
+        out_file = task_dir / "executor_output.json"
+        info: dict[str, Any] = {"task": task_dir.name, "status": "ok" if out_file.exists() else "failed"}
+        files = [p for p in task_dir.rglob("*") if p.is_file()]
+        if files:
+            first = min(p.stat().st_mtime for p in files)
+            last = max(p.stat().st_mtime for p in files)
+            info["seconds"] = round(last - first, 1)
+        metrics: dict[str, float] = {}
+        if out_file.exists():
+            data = json.loads(out_file.read_text())
+            for name, arts in data.get("artifacts", {}).items():
+                for art in arts.get("artifacts", []):
+                    meta = art.get("metadata", {})
+                    if name == "metrics" or "metrics" in name:
+                        metrics.update({k: v for k, v in meta.items() if isinstance(v, (int, float))})
+        for html in task_dir.rglob("*"):
+            if html.is_file() and (html.suffix == ".html" or html.name in ("report", "html")):
+                reports.append(str(html))
+        info["metrics"] = metrics
+        tasks.append(info)
+    return {"run_dir": str(run_dir), "tasks": tasks, "reports": reports}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A plain-text table of tasks, statuses and headline metrics, then the report path(s)."""
+    rows = [("task", "status", "metrics")]
+    for t in summary.get("tasks", []):
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(t.get("metrics", {}).items())[:8])
+        rows.append((t["task"], t["status"], metrics))
+    width = [max(len(r[i]) for r in rows) for i in range(2)]
+    lines = [f"craft run: profile={summary.get('profile')} ok={summary.get('ok')} wall={summary.get('wall_s')}s"]
+    lines += [f"  {r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]}" for r in rows]
+    lines.append(f"run folder: {summary.get('run_dir')}")
+    for r in summary.get("reports", []):
+        lines.append(f"report: {r}")
+    return "\n".join(lines)
