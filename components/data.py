@@ -1,12 +1,11 @@
 """KFP components for the data stages: prepare (demo / download / import) and validate."""
 
-from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Output
 
-from components.images import CPU_IMAGE
+from components.images import cpu_component
 
 
-@dsl.component(base_image=CPU_IMAGE)
+@cpu_component()
 def prepare_data_op(
     profile: str, overrides: list, dataset_uri: str, dataset: Output[Dataset], metrics: Output[Metrics]
 ):
@@ -17,7 +16,7 @@ def prepare_data_op(
         metrics.log_metric(key, value)
 
 
-@dsl.component(base_image=CPU_IMAGE)
+@cpu_component()
 def validate_op(
     profile: str, overrides: list, dataset: Input[Dataset], report: Output[HTML], metrics: Output[Metrics]
 ):

@@ -1,0 +1,116 @@
+"""craft.config: profiles + overrides -> strict stage dataclasses."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from craft import config
+from craft.config import ConfigError, from_dict, load_profile, load_stage_config
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class Toy:
+    steps: int = 10
+    name: str = "x"
+    mode: Literal["a", "b"] = "a"
+    flag: bool = False
+    tags: list[str] = field(default_factory=list)
+    base: str | None = None
+    optim: Inner = field(default_factory=Inner)
+
+    def validate(self):
+        if self.steps < 0:
+            raise ValueError("steps must be >= 0")
+
+
+@pytest.fixture
+def toy_stage(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    mod = types.ModuleType("toy_stage_mod")
+    mod.Toy = Toy
+    monkeypatch.setitem(sys.modules, "toy_stage_mod", mod)
+    monkeypatch.setitem(config.STAGES, "toy", "toy_stage_mod:Toy")
+    monkeypatch.setitem(config.STAGES, "other", "toy_stage_mod:Toy")
+    prof = tmp_path / "p.yaml"
+    prof.write_text("description: test\ntoy:\n  steps: 3\n  optim: {lr: 0.01}\n")
+    return prof
+
+
+def test_profile_and_overrides(toy_stage):
+    cfg = load_stage_config("toy", toy_stage, ["name=hello", "optim.betas=[0.5, 0.6]", "tags=a,b", "flag=true"])
+    assert cfg.steps == 3 and cfg.name == "hello" and cfg.flag is True
+    assert cfg.optim.lr == 0.01 and cfg.optim.betas == (0.5, 0.6)
+    assert cfg.tags == ["a", "b"]
+
+
+def test_qualified_overrides_route_to_their_stage(toy_stage):
+    cfg = load_stage_config("toy", toy_stage, ["toy.steps=7", "other.steps=99"])
+    assert cfg.steps == 7
+
+
+def test_string_field_keeps_text(toy_stage):
+    assert load_stage_config("toy", toy_stage, ["name=123"]).name == "123"
+    assert load_stage_config("toy", toy_stage, ["base=null"]).base is None
+    assert load_stage_config("toy", toy_stage, ["base=s3://b/m"]).base == "s3://b/m"
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("stepz=3", "toy.stepz: unknown key"),
+        ("steps=abc", "toy.steps: expected an integer"),
+        ("steps=1.5", "toy.steps: expected an integer"),
+        ("flag=maybe", "toy.flag: expected true or false"),
+        ("mode=c", "toy.mode: 'c' is not one of"),
+        ("optim.lr=fast", "toy.optim.lr: expected a number"),
+        ("optim.nope=1", "toy.optim.nope: unknown key"),
+        ("steps=-1", "steps must be >= 0"),
+        ("novalue", "not of the form key=value"),
+    ],
+)
+def test_bad_values_name_the_key(toy_stage, override, needle):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_stage_config("toy", toy_stage, [override])
+    assert needle in str(err.value)
+
+
+def test_unknown_stage_section_in_profile(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("dta:\n  n: 3\n")
+    with pytest.raises(ConfigError, match="unknown stage section 'dta'"):
+        load_profile(p)
+
+
+def test_extends_merges_sections(tmp_path, toy_stage, monkeypatch):
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {toy_stage}\ntoy:\n  optim: {{betas: [0.1, 0.2]}}\n")
+    cfg = load_stage_config("toy", child)
+    assert cfg.steps == 3 and cfg.optim.lr == 0.01 and cfg.optim.betas == (0.1, 0.2)
+
+
+def test_missing_profile_lists_bundled():
+    with pytest.raises(ConfigError, match="demo-histo"):
+        load_profile("no-such-profile")
+
+
+def test_from_dict_float_accepts_int():
+    assert from_dict(Inner, {"lr": 1}).lr == 1.0
+
+
+def test_bundled_profiles_load_every_section():
+    """Every bundled profile parses and every section becomes its stage's dataclass."""
+    profiles = sorted(Path(config.config_dir()).glob("*.yaml"))
+    assert profiles
+    for prof in profiles:
+        for stage in load_profile(prof):
+            load_stage_config(stage, prof)
