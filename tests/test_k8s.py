@@ -1,0 +1,270 @@
+"""Offline checks of everything that ships to a cluster: kustomize renders, strict schema validation,
+pod security, RBAC scope, Secrets without values, and hadolint on the Dockerfiles.
+
+No cluster and no Docker engine can run here (ENVIRONMENT.md), so the real tools do the checking:
+`kubectl kustomize`, kubernetes-validate (strict: unknown fields are errors) and hadolint.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+BIN = Path(sys.prefix) / "bin"
+OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
+# Oldest and newest Kubernetes minors we claim to support (CronJob timeZone is GA since 1.27).
+K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
+POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod"}
+
+
+def _tool(name: str) -> str:
+    path = BIN / name
+    if path.is_file():
+        return str(path)
+    found = shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} not found in {BIN} or on PATH (pinned in pyproject.toml [dev])", pytrace=False)
+    return found
+
+
+def render(path: Path) -> list[dict]:
+    out = subprocess.run(
+        [_tool("kubectl"), "kustomize", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, f"kubectl kustomize {path} failed:\n{out.stderr}"
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert docs, f"{path} rendered nothing"
+    return docs
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    return {name: render(K8S / "overlays" / name) for name in OVERLAYS}
+
+
+def pod_specs(doc: dict) -> list[dict]:
+    kind = doc["kind"]
+    if kind == "Pod":
+        return [doc["spec"]]
+    if kind == "CronJob":
+        return [doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]]
+    if kind in POD_KINDS:
+        return [doc["spec"]["template"]["spec"]]
+    return []
+
+
+def test_overlays_exist():
+    assert {"dev", "prod"} <= set(OVERLAYS)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_every_overlay_validates_strictly(rendered, version):
+    for name, docs in rendered.items():
+        for doc in docs:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                pytest.fail(f"overlay {name}: {doc['kind']}/{doc['metadata']['name']} invalid for {version}: {e}")
+
+
+def test_cli_validator_strict_on_rendered_files(rendered, tmp_path):
+    # The same check as a user would run it: the kubernetes-validate CLI with --strict.
+    for name, docs in rendered.items():
+        f = tmp_path / f"{name}.yaml"
+        f.write_text(yaml.safe_dump_all(docs))
+        out = subprocess.run(
+            [_tool("kubernetes-validate"), "--strict", "--quiet", str(f)], capture_output=True, text=True, check=False
+        )
+        assert out.returncode == 0, f"{name}: {out.stdout}{out.stderr}"
+
+
+def test_strict_validation_catches_an_unknown_field(rendered):
+    # Guard against a validator that accepts anything: a typo'd field must fail.
+    cron = next(d for d in rendered["prod"] if d["kind"] == "CronJob")
+    bad = yaml.safe_load(yaml.safe_dump(cron))
+    bad["spec"]["concurencyPolicy"] = "Forbid"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSIONS[-1], strict=True)
+
+
+def test_expected_objects_per_overlay(rendered):
+    kinds = {name: {(d["kind"], d["metadata"]["name"]) for d in docs} for name, docs in rendered.items()}
+    for name, have in kinds.items():
+        for want in [
+            ("Namespace", None),
+            ("ServiceAccount", "craft-scheduler"),
+            ("Role", "craft-scheduler"),
+            ("RoleBinding", "craft-scheduler"),
+            ("PersistentVolumeClaim", "craft-model-cache"),
+            ("CronJob", "craft-retrain"),
+        ]:
+            assert any(k == want[0] and (want[1] is None or n == want[1]) for k, n in have), f"{name}: no {want}"
+    # dev carries its own MinIO; prod reuses Kubeflow's store.
+    assert ("Deployment", "minio") in kinds["dev"] and ("Service", "minio-service") in kinds["dev"]
+    assert ("Deployment", "minio") not in kinds["prod"]
+    for name, docs in rendered.items():
+        ns = next(d["metadata"]["name"] for d in docs if d["kind"] == "Namespace")
+        for d in docs:
+            if d["kind"] != "Namespace":
+                assert d["metadata"].get("namespace") == ns, f"{name}: {d['kind']}/{d['metadata']['name']}"
+
+
+def test_pods_are_non_root_and_bounded(rendered):
+    seen = 0
+    for name, docs in rendered.items():
+        for doc in docs:
+            for spec in pod_specs(doc):
+                where = f"{name}: {doc['kind']}/{doc['metadata']['name']}"
+                psc = spec.get("securityContext", {})
+                assert psc.get("runAsNonRoot") is True, where
+                assert isinstance(psc.get("runAsUser"), int) and psc["runAsUser"] > 0, where
+                assert psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
+                assert spec.get("automountServiceAccountToken") is False, where
+                for c in spec.get("initContainers", []) + spec["containers"]:
+                    seen += 1
+                    csc = c.get("securityContext", {})
+                    assert csc.get("allowPrivilegeEscalation") is False, f"{where} {c['name']}"
+                    assert csc.get("readOnlyRootFilesystem") is True, f"{where} {c['name']}"
+                    assert csc.get("capabilities", {}).get("drop") == ["ALL"], f"{where} {c['name']}"
+                    assert not csc.get("privileged"), f"{where} {c['name']}"
+                    res = c.get("resources", {})
+                    for part in ("requests", "limits"):
+                        for key in ("cpu", "memory"):
+                            assert key in res.get(part, {}), f"{where} {c['name']}: no {part}.{key}"
+                    assert ":" in c["image"] and not c["image"].endswith(":latest"), f"{where}: unpinned image"
+    assert seen >= 3  # CronJob (dev, prod) + MinIO (dev)
+
+
+def test_rbac_is_namespaced_and_least_privilege(rendered):
+    for name, docs in rendered.items():
+        kinds = {d["kind"] for d in docs}
+        assert not kinds & {"ClusterRole", "ClusterRoleBinding"}, f"{name}: cluster-wide RBAC"
+        for role in (d for d in docs if d["kind"] == "Role"):
+            for rule in role["rules"]:
+                assert "*" not in rule["verbs"] and "*" not in rule["resources"], f"{name}: wildcard {rule}"
+                assert "secrets" not in rule["resources"], f"{name}: the scheduler must not read secrets"
+                assert not set(rule["verbs"]) & {"delete", "deletecollection", "update", "patch", "escalate", "bind"}
+        binding = next(d for d in docs if d["kind"] == "RoleBinding")
+        ns = binding["metadata"]["namespace"]
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "craft-scheduler", "namespace": ns}]
+
+
+def test_cronjob_runs_retrain_without_overlap(rendered):
+    for name, docs in rendered.items():
+        cron = next(d for d in docs if d["kind"] == "CronJob")
+        assert cron["spec"]["concurrencyPolicy"] == "Forbid", name
+        pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == "craft-scheduler"
+        c = pod["containers"][0]
+        assert c["command"] == ["craft", "retrain-if-new-data"], name
+        cm_names = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
+        assert c["envFrom"][0]["configMapRef"]["name"] in cm_names, f"{name}: configmap reference not rewritten"
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
+        assert refs["AWS_ACCESS_KEY_ID"] == {"name": "mlpipeline-minio-artifact", "key": "accesskey"}
+        assert refs["AWS_SECRET_ACCESS_KEY"] == {"name": "mlpipeline-minio-artifact", "key": "secretkey"}
+
+
+def test_no_secret_values_in_git_or_renders(rendered):
+    for name, docs in rendered.items():
+        for d in docs:
+            if d["kind"] == "Secret":
+                assert not d.get("data") and not d.get("stringData"), (
+                    f"{name}: Secret {d['metadata']['name']} has values"
+                )
+            if d["kind"] == "ConfigMap":
+                for key in d.get("data", {}):
+                    assert not any(w in key.upper() for w in ("SECRET", "PASSWORD", "TOKEN", "ACCESS_KEY")), key
+    tracked = subprocess.run(
+        ["git", "ls-files", "k8s"], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.split()
+    assert not [f for f in tracked if f.endswith(".env")], "a secret env file is tracked by git"
+    for example in (K8S / "components" / "secrets").glob("*.env.example"):
+        env = example.with_suffix("")  # object-store.env.example -> object-store.env
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(env)], cwd=ROOT, check=False)
+        assert ignored.returncode == 0, f"{env} would not be ignored by git"
+        for line in example.read_text().splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.partition("=")
+                assert value == "", f"{example}: {key} has a value"
+
+
+def test_secrets_component_renders_from_local_env_files(tmp_path):
+    # What a user does: copy the examples to the gitignored names, fill them, add the component.
+    tree = tmp_path / "k8s"
+    shutil.copytree(K8S, tree, ignore=shutil.ignore_patterns("*.env"))
+    secrets = tree / "components" / "secrets"
+    filled = {"accesskey": "AKIAEXAMPLEONLY", "secretkey": "not-a-real-secret", "api-key": "k", "token": "t"}
+    for example in secrets.glob("*.env.example"):
+        lines = []
+        for line in example.read_text().splitlines():
+            key = line.partition("=")[0]
+            lines.append(f"{key}={filled[key]}" if line and not line.startswith("#") else line)
+        example.with_suffix("").write_text("\n".join(lines) + "\n")
+    overlay = tree / "overlays" / "with-secrets"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "resources: [../dev]\ncomponents: [../../components/secrets]\n"
+    )
+    docs = render(overlay)
+    got = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    assert set(got) == {"mlpipeline-minio-artifact", "craft-mllm", "craft-kfp"}
+    art = got["mlpipeline-minio-artifact"]["data"]
+    assert base64.b64decode(art["accesskey"]).decode() == "AKIAEXAMPLEONLY"
+    assert set(got["craft-mllm"]["data"]) == {"api-key"} and set(got["craft-kfp"]["data"]) == {"token"}
+    for d in docs:
+        kubernetes_validate.validate(d, K8S_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.parametrize("image", ["cpu", "gpu"])
+def test_dockerfile_lints_clean(image):
+    dockerfile = ROOT / "docker" / image / "Dockerfile"
+    out = subprocess.run(
+        [_tool("hadolint"), "--no-color", str(dockerfile)], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, f"hadolint {dockerfile}:\n{out.stdout}{out.stderr}"
+
+
+def test_hadolint_is_not_a_no_op(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN apt-get install curl\n")
+    out = subprocess.run([_tool("hadolint"), "--no-color", str(bad)], capture_output=True, text=True, check=False)
+    assert out.returncode != 0 and "DL3007" in out.stdout
+
+
+@pytest.mark.parametrize("image", ["cpu", "gpu"])
+def test_dockerfile_contract(image):
+    text = (ROOT / "docker" / image / "Dockerfile").read_text()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "last USER must be non-root"
+    assert "org.opencontainers.image.version" in text and "org.opencontainers.image.source" in text
+    assert "CRAFT_CONFIG_DIR=/opt/craft/configs" in text and "COPY --chown=root:root configs" in text
+    assert "pip install ." in text and "torch==${TORCH_VERSION}" in text
+    assert ":latest" not in text
+    for ln in lines:
+        if ln.startswith(("ENV", "ARG")):
+            upper = ln.upper()
+            assert not any(w in upper for w in ("SECRET", "PASSWORD", "ACCESS_KEY", "API_KEY", "TOKEN=")), ln
+
+
+def test_image_names_agree_with_components(monkeypatch):
+    import importlib
+
+    for var in ("CRAFT_IMAGE_CPU", "CRAFT_IMAGE_GPU", "CRAFT_IMAGE_REGISTRY"):
+        monkeypatch.delenv(var, raising=False)
+    images = importlib.reload(importlib.import_module("components.images"))
+    base = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
+    (entry,) = base["images"]
+    assert images.CPU_IMAGE == f"{entry['name']}:{entry['newTag']}"
+    makefile = (ROOT / "Makefile").read_text()
+    assert "craft-cpu:$(VERSION)" in makefile and "craft-gpu:$(VERSION)" in makefile
