@@ -92,13 +92,19 @@ def test_clean_dataset_passes_and_writes_reports(ds: Path, tmp_path: Path):
     assert data["ok"] is True and len(data["manifest_sha256"]) == 64
     page = (tmp_path / "rep" / "report.html").read_text()
     assert "VALID" in page and "gx.label_in_classes" in page
+    main(ValidateConfig(), ds)  # default report folder: a sibling, the dataset stays untouched
+    assert (ds.parent / "ds-validation" / "report.json").is_file() and not (ds / "validation").exists()
 
 
-def test_truncated_png(ds: Path):
+def test_truncated_png(ds: Path, monkeypatch):
+    from PIL import ImageFile
+
     path = ds / "images/benign/img001.png"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # someone else's global setting
     report = validate(ds)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored
     assert not report.ok
     (f,) = failures_of(report, "decode")
     assert f.row == 1 and f.image_id == "img001" and f.file == "images/benign/img001.png"

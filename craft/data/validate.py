@@ -261,8 +261,7 @@ def _check_image(path: Path, cfg: ValidateConfig, want_mode: str | None) -> tupl
                 if want_mode is not None and mode != want_mode:
                     problems.append(("mode", f"mode {mode} but dataset.yaml declares {want_mode}"))
                 if cfg.check_decode:
-                    assert not ImageFile.LOAD_TRUNCATED_IMAGES, "PIL LOAD_TRUNCATED_IMAGES must stay False"
-                    im.load()
+                    im.load()  # full decode; validate() holds LOAD_TRUNCATED_IMAGES at False meanwhile
                 return problems, (w, h, mode)
     except Image.DecompressionBombError as e:
         problems.append(("decompression_bomb", f"refused by PIL before decoding: {e}"))
@@ -275,7 +274,15 @@ def validate(dataset_dir: str | os.PathLike, cfg: ValidateConfig | None = None) 
     """Check a dataset directory against the contract; never raises on bad data, reports it instead."""
     cfg = cfg or ValidateConfig()
     cfg.validate()
-    root = Path(dataset_dir).resolve()
+    # A truncated image must fail to decode, whatever another module set globally.
+    truncated, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        return _validate(Path(dataset_dir).resolve(), cfg)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated
+
+
+def _validate(root: Path, cfg: ValidateConfig) -> ValidationReport:
     failures: list[Failure] = []
     stats: dict[str, Any] = {}
     manifest_sha = ""
@@ -487,14 +494,18 @@ def render_html(report: ValidationReport) -> str:
 
 
 def main(cfg: ValidateConfig, dataset_dir: str | os.PathLike, report_dir: str | os.PathLike | None = None):
-    """Validate, log each failure, write ``report.json`` + ``report.html`` (default: DATASET_DIR/validation)."""
+    """Validate, log each failure, write ``report.json`` + ``report.html``.
+
+    ``report_dir`` defaults to ``DATASET_DIR/../<name>-validation`` (as the CLI), so the dataset itself is untouched.
+    """
     report = validate(dataset_dir, cfg)
     for k, f in enumerate(report.failures):
         if k == cfg.max_failures_logged:
             log.error("... %d more failures (see report.json)", len(report.failures) - k)
             break
         log.error("[%s] %s", f.check, f.message)
-    out = Path(report_dir) if report_dir is not None else Path(dataset_dir) / "validation"
+    d = Path(dataset_dir)
+    out = Path(report_dir) if report_dir is not None else d.parent / f"{d.name}-validation"
     atomic_write_json(out / "report.json", report.to_dict())
     atomic_write_text(out / "report.html", render_html(report))
     if report.ok:
