@@ -205,13 +205,85 @@ def show_config(
 # --- stage commands (added by each stage) ---
 
 
+RegistryOpt = Annotated[str | None, typer.Option(help="Registry root s3://bucket or s3://bucket/prefix (env CRAFT_REGISTRY).")]
+
+
+def _registry(config: str | None, registry: str | None):
+    """The model registry on the object store: storage/registry sections of ``config``, keys from env."""
+    from craft.storage.objectstore import ObjectStore
+    from craft.storage.registry import Registry
+
+    reg_cfg = stage_config("registry", config, None, root=registry)
+    return Registry(ObjectStore.from_env(stage_config("storage", config, None)), reg_cfg.resolved_root())
+
+
+@app.command("promote")
+def promote(
+    candidate: Annotated[str, typer.Argument(help="Candidate metrics.json, or a registered version id (12 hex).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Registered model name.")],
+    gates: Annotated[str, typer.Option("--gates", help="Gates file (section `gates`).")] = "gates",
+    register: Annotated[
+        Path | None, typer.Option("--register", help="Model dir to register on pass (metrics-file candidate).")
+    ] = None,
+    registry: RegistryOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Evaluate the gates only; move nothing.")] = False,
+    report: Annotated[Path | None, typer.Option(help="Write the decision as JSON here.")] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Gate a candidate against production; exit 1 naming each failing gate, else move the production pointer."""
+    from craft import promote as p
+    from craft.io import atomic_write_json
+
+    cfg = load_stage_config("gates", gates, list(overrides or []))
+    outcome = p.main(cfg, candidate, model, _registry(config, registry), register_dir=register, dry_run=dry_run)
+    typer.echo(outcome.decision.table())
+    if report is not None:
+        atomic_write_json(report, outcome.to_dict())
+    if not outcome.decision.passed:
+        failing = "; ".join(f"{r.name} ({r.message})" for r in outcome.decision.failures)
+        raise _fail(f"{model}: candidate rejected by gate(s): {failing}", 1)
+    if outcome.promoted:
+        typer.echo(f"{model}: production {outcome.production_before or '(none)'} -> {outcome.version}")
+    else:
+        typer.echo(f"{model}: gates passed; production unchanged ({'dry run' if dry_run else outcome.version})")
+
+
+@app.command("rollback")
+def rollback(
+    model: Annotated[str, typer.Option("--model", "-m", help="Registered model name.")],
+    to: Annotated[str | None, typer.Option("--to", help="Version id (default: the previous production).")] = None,
+    registry: RegistryOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Point production back at an earlier version; the move is recorded in the history."""
+    reg = _registry(config, registry)
+    before = reg.get_production(model)
+    pointer = reg.rollback(model, to=to)
+    typer.echo(f"{model}: production {before['version'] if before else '(none)'} -> {pointer['version']} (rollback)")
+
+
+@app.command("models")
+def models(
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    registry: RegistryOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """List a model's registered versions, its production pointer and the pointer history as JSON."""
+    reg = _registry(config, registry)
+    _echo_json({"production": reg.get_production(model), "versions": reg.list_versions(model),
+                "history": reg.history(model)})  # fmt: skip
+
+
 def main() -> None:
     """Entry point: run the app, turning config and input errors into one-line messages (exit 2)."""
     if os.environ.get("CRAFT_DEBUG"):
         app()
         return
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns a typer.Exit's code instead of exiting: pass it on.
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except (ConfigError, CliError, FileNotFoundError, FileExistsError, ValueError) as e:

@@ -32,6 +32,8 @@ STAGES: dict[str, str] = {
     "import": "craft.data.importers:ImportConfig",
     "validate": "craft.data.validate:ValidateConfig",
     "storage": "craft.storage.objectstore:StorageConfig",
+    "registry": "craft.storage.registry:RegistryConfig",
+    "gates": "craft.promote:GatesConfig",
 }
 
 # Top-level profile keys that are not stages.
