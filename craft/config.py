@@ -31,6 +31,7 @@ STAGES: dict[str, str] = {
     "data": "craft.data.demo:DemoConfig",
     "import": "craft.data.importers:ImportConfig",
     "validate": "craft.data.validate:ValidateConfig",
+    "annotate": "craft.annotate.run:AnnotateConfig",
     "storage": "craft.storage.objectstore:StorageConfig",
     "registry": "craft.storage.registry:RegistryConfig",
     "gates": "craft.promote:GatesConfig",
