@@ -226,4 +226,4 @@ def test_main_and_class_grid(tmp_path: Path) -> None:
     out = main(DemoConfig(modality="cxr", n=16, seed=0, images_per_patient=2), tmp_path / "d")
     png = class_grid(out, tmp_path / "grid.png", per_class=3)
     with Image.open(png) as im:
-        assert im.mode == "RGB" and im.height == 4 * (128 + 2) and im.width > 3 * 128
+        assert im.mode == "L" and im.height == 4 * (128 + 2) and im.width > 3 * 128

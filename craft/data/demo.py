@@ -364,7 +364,7 @@ def _render_histo(
         # crowded, randomly arranged nuclei filling the epithelium; sizes vary widely (pleomorphism)
         idx = np.flatnonzero(epith.ravel())
         area = idx.size / (res * res)
-        count = int(prior["crowd"] * area / (math.pi * r_mean**2) * 0.9)
+        count = int(prior["crowd"] * area / (math.pi * r_mean**2) * 0.65)
         if idx.size:
             m = min(count, idx.size * 4)
             flat = rng.choice(idx, size=m, replace=True)
@@ -426,7 +426,7 @@ def _render_histo(
     # chromatin texture inside nuclei
     chrom = 1 + 0.15 * _smooth_noise(rng, (res, res), 0.5)
     nuc_h = dens * chrom
-    c_h = np.maximum(c_h, np.minimum(nuc_h, 1.2))  # saturate: hyperchromatic nuclei stay purple, not black
+    c_h = np.maximum(c_h, np.minimum(nuc_h, 1.05))  # saturate: hyperchromatic nuclei stay purple, not black
     c_e = np.where(dens > 0.3, c_e * 0.5, c_e)
     for ny, nx in nucleoli:  # prominent (eosinophilic) nucleoli of carcinoma cells
         iy, ix = min(int(ny), res - 1), min(int(nx), res - 1)
@@ -501,8 +501,8 @@ def _render_cxr(
     ax = np.abs(x - 0.5)
 
     # body silhouette (soft tissue) narrowing to the neck at the top
-    shoulder = _smoothstep(0.0, 0.22, y)
-    body_hw = 0.11 + 0.36 * np.sqrt(shoulder)
+    shoulder = _smoothstep(0.0, 0.26, y)
+    body_hw = 0.1 + 0.37 * shoulder**0.7
     body = _smoothstep(0.0, 0.02, body_hw - ax)
     img = 0.06 + 0.42 * body
 
@@ -511,7 +511,7 @@ def _render_cxr(
     base_r = float(rng.uniform(0.76, 0.8))  # right hemidiaphragm (image left) sits higher
     base_l = base_r + float(rng.uniform(0.01, 0.03))
     dome = float(rng.uniform(0.06, 0.1))
-    med_hw = 0.055
+    med_hw = 0.05
     lungs = []
     diaph = np.zeros_like(x)
     for sgn, base in ((-1, base_r), (1, base_l)):
@@ -542,7 +542,7 @@ def _render_cxr(
     img = np.where(gb & below, img - 0.2, img)
     # mediastinum, trachea and spine
     med = (ax < med_hw + 0.005) & (y < base_r) & (y > 0.03)
-    img = np.where(med, 0.62, img)
+    img = np.where(med, 0.56 + 0.06 * _smoothstep(0.1, 0.5, y), img)
     trachea = (ax < 0.014) & (y > 0.02) & (y < 0.33)
     img = np.where(trachea, img - 0.15, img)
     vert = (ax < 0.035) & (np.cos(2 * np.pi * y / 0.05) > 0.6)
@@ -607,7 +607,7 @@ def _render_cxr(
         dens = float(rng.uniform(0.3, 0.45))
         env = np.exp(-((x - cx) ** 2 / (1.3 * size) ** 2 + (y - cy) ** 2 / size**2))
         patch = env * (0.75 + 0.35 * _smooth_noise(rng, (res, res), 0.015 * px))
-        opacity = np.clip((patch - 0.25) / 0.5, 0, 1) * lung
+        opacity = np.clip((patch - 0.25) / 0.5, 0, 1) * (lung & ~heart)  # airspace only, not behind the heart
         img = img + dens * opacity
         finding = opacity > 0.35
         attrs.update(opacity_side=name, opacity_zone=zone, opacity_size=round(size, 4), opacity_density=round(dens, 4))
@@ -615,7 +615,7 @@ def _render_cxr(
     # exposure (gamma / contrast), detector blur and noise
     gamma = float(np.exp(noise * rng.normal(0, 0.12)))
     contrast = 1 + noise * float(rng.uniform(-0.1, 0.1))
-    img = ndimage.gaussian_filter(np.clip(img, 0, 1), 0.004 * px + 0.3)
+    img = ndimage.gaussian_filter(np.clip(img, 0, 1), 0.006 * px + 0.35)
     img = np.clip(img, 0, 1) ** gamma * contrast + noise * rng.normal(0, 0.018, img.shape)
     image = Image.fromarray(np.clip(np.rint(255 * img), 0, 255).astype(np.uint8), "L")
     attrs.update(exposure_gamma=round(gamma, 4), exposure_contrast=round(contrast, 4))
@@ -826,26 +826,34 @@ def main(cfg: DemoConfig, out: Path) -> Path:
     return path
 
 
-def class_grid(dataset_dir: Path, out_png: Path, per_class: int = 8, scale: int = 2) -> Path:
-    """A PNG with one row per class: ``per_class`` images (upscaled ``scale``x nearest), class name on the left."""
+def class_grid(
+    dataset_dir: Path, out_png: Path, per_class: int = 8, scale: int = 2, colors: int | None = None
+) -> Path:
+    """A PNG with one row per class: ``per_class`` images (upscaled ``scale``x nearest), class name on the left.
+
+    ``colors`` quantises to a palette of that many colours (smaller files for documentation).
+    """
     dataset_dir = Path(dataset_dir)
     meta = read_meta(dataset_dir)
     df = read_manifest(dataset_dir).sort_values("image_id")
+    mode = "L" if meta.mode == "L" else "RGB"
     tiles: list[list[Image.Image]] = []
     for label in meta.classes:
         rows = df[df["label"] == label].head(per_class)
         if rows.empty:
             raise ValueError(f"{dataset_dir}: no image of class {label!r} for the grid")
-        tiles.append([Image.open(dataset_dir / p).convert("RGB") for p in rows["image_path"]])
+        tiles.append([Image.open(dataset_dir / p).convert(mode) for p in rows["image_path"]])
     side = max(im.width for row in tiles for im in row) * scale
     font = ImageFont.load_default()
     label_w = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(lb, font=font)) for lb in meta.classes) + 12
     pad = 2
-    grid = Image.new("RGB", (label_w + per_class * (side + pad), len(tiles) * (side + pad)), (255, 255, 255))
+    grid = Image.new(mode, (label_w + per_class * (side + pad), len(tiles) * (side + pad)), "white")
     draw = ImageDraw.Draw(grid)
     for r, (label, row) in enumerate(zip(meta.classes, tiles)):
         top = r * (side + pad)
-        draw.text((4, top + side // 2 - 6), label, fill=(0, 0, 0), font=font)
+        draw.text((4, top + side // 2 - 6), label, fill="black", font=font)
         for c, im in enumerate(row):
             grid.paste(im.resize((side, side), Image.NEAREST), (label_w + c * (side + pad), top))
+    if colors:
+        grid = grid.quantize(colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     return atomic_write_bytes(out_png, _png_bytes(grid))
