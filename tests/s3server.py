@@ -8,6 +8,7 @@ random per session and reach the server and the code under test only through the
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import shutil
 import socket
@@ -58,20 +59,45 @@ def find_weed() -> str:
     )
 
 
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1 (sockets held open together so they differ)."""
-    socks, ports = [], []
+GRPC_OFFSET = 10000  # weed's own rule: a service's gRPC port is its HTTP port + 10000
+
+
+def _bindable(port: int) -> bool:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        while len(ports) < n:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            socks.append(s)
-            if port not in ports:
-                ports.append(port)
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
     finally:
-        for s in socks:
-            s.close()
+        s.close()
+
+
+def _free_ports() -> dict[str, int]:
+    """A free port for every flag in PORT_FLAGS, each ``X.port.grpc`` equal to ``X.port`` + 10000.
+
+    `weed mini` passes explicit gRPC ports to most services, but its embedded admin worker still dials
+    admin.port + 10000; keeping every pair on that rule means no component ever dials a port that
+    belongs to someone else's server.
+    """
+    rng = random.Random()
+    taken: set[int] = set()
+    ports: dict[str, int] = {}
+    for flag in PORT_FLAGS:
+        if flag.endswith(".grpc"):
+            continue
+        grpc = f"{flag}.grpc" if f"{flag}.grpc" in PORT_FLAGS else None
+        for _ in range(1000):
+            port = rng.randrange(20000, 65535 - GRPC_OFFSET)
+            pair = [port] + ([port + GRPC_OFFSET] if grpc else [])
+            if not taken.intersection(pair) and all(_bindable(p) for p in pair):
+                break
+        else:
+            raise RuntimeError("no free loopback ports for weed mini")
+        taken.update(pair)
+        ports[flag] = port
+        if grpc:
+            ports[grpc] = port + GRPC_OFFSET
     return ports
 
 
@@ -155,7 +181,7 @@ def start_s3_server(root: Path, attempts: int = 3) -> S3Server:
     for attempt in range(attempts):
         data_dir = root / f"data{attempt}"
         data_dir.mkdir(parents=True)
-        ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS)), strict=True))
+        ports = _free_ports()
         access_key = "test" + secrets.token_hex(8)
         secret_key = secrets.token_hex(20)
         env = dict(os.environ, AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key)

@@ -27,13 +27,14 @@ import logging
 import os
 import random
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
-from craft.io import atomic_dir, atomic_write_bytes, sha256_file
+from craft.io import atomic_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ MANIFEST_NAME = "MANIFEST.json"
 STAGING_DIR = ".staging"
 MANIFEST_FORMAT = "craft-objectstore-manifest/1"
 SHA_META = "sha256"  # user metadata key on staged objects: x-amz-meta-sha256
+# S3 CopyObject accepts sources up to 5 GiB; larger staged objects are copied by multipart
+# UploadPartCopy (minio's compose_object), still server-side.
+COPY_OBJECT_LIMIT = 5 * 1024**3
 
 # Environment variable pairs accepted for the keys, in order of preference. Kubeflow's secret
 # `mlpipeline-minio-artifact` holds `accesskey`/`secretkey`, exposed as env under those names.
@@ -321,7 +325,7 @@ class ObjectStore:
     # ------------------------------------------------------------------ directories
     def upload_dir(self, local_dir: str | os.PathLike, uri: str, *, _fault_after: int | None = None) -> dict:
         """Upload ``local_dir`` to ``uri`` and commit it atomically; returns the manifest written."""
-        from minio.commonconfig import CopySource
+        from minio.commonconfig import ComposeSource, CopySource
 
         bucket, prefix = parse_s3_uri(uri)
         files = local_manifest(local_dir)
@@ -349,7 +353,11 @@ class ObjectStore:
         # Step 4: server-side copies, no data through the client.
         for entry in files:
             src, dst = f"{staging}/{entry['path']}", _join(prefix, entry["path"])
-            self._call(f"copy to s3://{bucket}/{dst}", self.client.copy_object, bucket, dst, CopySource(bucket, src))
+            if entry["size"] > COPY_OBJECT_LIMIT:
+                copy, source = self.client.compose_object, [ComposeSource(bucket, src)]
+            else:
+                copy, source = self.client.copy_object, CopySource(bucket, src)
+            self._call(f"copy to s3://{bucket}/{dst}", copy, bucket, dst, source)
 
         # Step 5: objects of the previous version that the new one does not have.
         keep = {_join(prefix, e["path"]) for e in files}
@@ -412,10 +420,9 @@ class ObjectStore:
                         f"(sha256 {digest[:12]}.. size {size}, expected {entry['sha256'][:12]}.. size {entry['size']})"
                     )
             # fget_object leaves no temp files on success, but be sure only manifest files are present.
+            listed = {e["path"] for e in manifest["files"]}
             extra = sorted(
-                p.relative_to(tmp).as_posix()
-                for p in tmp.rglob("*")
-                if p.is_file() and p.relative_to(tmp).as_posix() not in {e["path"] for e in manifest["files"]}
+                rel for p in tmp.rglob("*") if p.is_file() and (rel := p.relative_to(tmp).as_posix()) not in listed
             )
             if extra:
                 raise IntegrityError(f"{uri}: download left unexpected files {extra[:5]}")
@@ -477,11 +484,18 @@ class ObjectStore:
         st = self._stat(bucket, key)
         if st is None:
             raise ObjectStoreError(f"{uri}: no such object")
-        data = self._get_bytes(bucket, key)
-        want = _meta(st, SHA_META)
-        if want and hashlib.sha256(data).hexdigest() != want:
-            raise IntegrityError(f"{uri}: content does not match its sha256 metadata")
-        return atomic_write_bytes(local_path, data)
+        dest = Path(local_path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            self._call(f"download {uri}", self.client.fget_object, bucket, key, str(tmp))
+            want = _meta(st, SHA_META)
+            if want and sha256_file(tmp) != want:
+                raise IntegrityError(f"{uri}: content does not match its sha256 metadata")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dest
 
     def exists(self, uri: str) -> bool:
         bucket, key = parse_s3_uri(uri)
