@@ -205,7 +205,135 @@ def show_config(
 # --- stage commands (added by each stage) ---
 
 
-RegistryOpt = Annotated[str | None, typer.Option(help="Registry root s3://bucket or s3://bucket/prefix (env CRAFT_REGISTRY).")]
+@app.command("annotate")
+def annotate(
+    dataset_dir: Annotated[Path, typer.Argument(help="Dataset directory (dataset.yaml + manifest.parquet).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for annotations.parquet + checklists.json.")],
+    backend: Annotated[str | None, typer.Option(help="openai | transformers | offline")] = None,
+    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible server URL (key: $OPENAI_API_KEY).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model name (openai) or local model folder (transformers).")
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Write one label-conditioned enriched prompt per image and the class checklists (resumable)."""
+    from craft.annotate import run
+
+    cfg = stage_config("annotate", config, overrides, backend=backend, base_url=base_url, model=model)
+    summary = run.main(cfg, dataset_dir, out)
+    if summary["ok_total"] < summary["images"]:
+        raise _fail(
+            f"{summary['images'] - summary['ok_total']} image(s) not annotated; see {out}/annotations.parquet", 1
+        )
+
+
+@app.command("annotate-checklists")
+def annotate_checklists(
+    dataset_dir: Annotated[Path, typer.Argument(help="Dataset directory (dataset.yaml + manifest.parquet).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="checklists.json to write.")],
+    backend: Annotated[str | None, typer.Option(help="openai | transformers")] = None,
+    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible server URL (key: $OPENAI_API_KEY).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model name (openai) or local model folder (transformers).")
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Generate 5-attribute clinical checklists for every class with an MLLM and validate them."""
+    from craft.annotate import run
+
+    cfg = stage_config(
+        "annotate", config, overrides, backend=backend, base_url=base_url, model=model, checklist="generate"
+    )
+    result = run.write_checklists(cfg, dataset_dir, out)
+    typer.echo(f"wrote {out} ({len(result)} classes)")
+
+
+RegistryOpt = Annotated[
+    str | None, typer.Option(help="Registry root s3://bucket or s3://bucket/prefix (env CRAFT_REGISTRY).")
+]
+
+
+@pipeline_app.command("upload")
+def pipeline_upload(
+    package: Annotated[
+        Path | None, typer.Option("--package", "-p", help="Compiled pipeline YAML (default: compile now).")
+    ] = None,
+    name: Annotated[str, typer.Option(help="Pipeline name on the KFP host.")] = "craft",
+    version: Annotated[str | None, typer.Option(help="Version name (default: craft-<version>-<UTC time>).")] = None,
+    description: Annotated[str, typer.Option(help="Pipeline / version description.")] = "",
+) -> None:
+    """Upload the pipeline to KFP_HOST, or a new version of it when the name exists (token: KFP_TOKEN)."""
+    from pipelines import client as kc
+
+    client, namespace = kc.make_client()
+    out = kc.upload(client, package or kc.compile_package(), name, version, description, namespace=namespace)
+    _echo_json(out)
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    profile: Annotated[str, typer.Option(help="Profile the run uses (bundled name or YAML path in the image).")],
+    dataset_uri: Annotated[str, typer.Option(help="s3:// prefix of a committed dataset ('' = demo data).")] = "",
+    name: Annotated[str, typer.Option(help="Pipeline name on the KFP host.")] = "craft",
+    version_id: Annotated[str | None, typer.Option(help="Pipeline version id (default: latest).")] = None,
+    experiment: Annotated[str, typer.Option(help="Experiment (created when missing).")] = "craft",
+    run_name: Annotated[str | None, typer.Option(help="Run name (default: craft-<profile>-<UTC time>).")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="Pipeline-wide overrides: stage.key=value ...")] = None,
+) -> None:
+    """Start a pipeline run on KFP_HOST with a profile and overrides."""
+    from pipelines import client as kc
+
+    client, namespace = kc.make_client()
+    out = kc.run(client, profile, list(overrides or []), dataset_uri, name=name, version_id=version_id,
+                 experiment=experiment, namespace=namespace, run_name=run_name)  # fmt: skip
+    _echo_json(out)
+
+
+@pipeline_app.command("schedule")
+def pipeline_schedule(
+    cron: Annotated[str, typer.Option(help="Cron expression, 5 fields (UTC) or KFP's 6 with seconds.")],
+    profile: Annotated[str, typer.Option(help="Profile every run uses.")],
+    dataset_uri: Annotated[str, typer.Option(help="s3:// prefix of a committed dataset ('' = demo data).")] = "",
+    name: Annotated[str, typer.Option(help="Pipeline name on the KFP host.")] = "craft",
+    version_id: Annotated[str | None, typer.Option(help="Pipeline version id (default: latest).")] = None,
+    experiment: Annotated[str, typer.Option(help="Experiment (created when missing).")] = "craft",
+    job_name: Annotated[str | None, typer.Option(help="Recurring run name.")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="Pipeline-wide overrides: stage.key=value ...")] = None,
+) -> None:
+    """Create a recurring run (cron) of the pipeline on KFP_HOST; one run at a time, no catch-up."""
+    from pipelines import client as kc
+
+    client, namespace = kc.make_client()
+    out = kc.schedule(client, cron, profile, list(overrides or []), dataset_uri, name=name, version_id=version_id,
+                      experiment=experiment, namespace=namespace, job_name=job_name)  # fmt: skip
+    _echo_json(out)
+
+
+@app.command("retrain-if-new-data")
+def retrain_if_new_data(
+    model: Annotated[str, typer.Option("--model", "-m", help="Registered model to keep up to date.")],
+    dataset: Annotated[str, typer.Option(help=".dvc file, DVC-tracked folder, or s3:// committed dataset prefix.")],
+    profile: Annotated[str, typer.Option(help="Profile of the new run.")] = "demo-histo",
+    force: Annotated[bool, typer.Option("--force", help="Start a run even if one was claimed already.")] = False,
+    root: Annotated[Path, typer.Option(help="Local pipeline root when KFP_HOST is unset.")] = Path("runs"),
+    registry: RegistryOpt = None,
+    config: ConfigOpt = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="Pipeline-wide overrides: stage.key=value ...")] = None,
+) -> None:
+    """Start a pipeline run only if the dataset version differs from the production model's (CronJob entry point).
+
+    With KFP_HOST set the run goes to Kubeflow Pipelines; without it the whole pipeline runs here (kfp.local).
+    """
+    from craft import retrain as rt
+    from pipelines import client as kc
+
+    cfg = stage_config("retrain", config, None, model=model, profile=profile, dataset=dataset, force=force)
+    cfg.overrides = list(cfg.overrides) + list(overrides or [])
+    start = kc.start_run if os.environ.get("KFP_HOST") else kc.local_run_starter(root)
+    outcome = rt.main(cfg, _registry(config, registry), start)
+    typer.echo(f"{outcome.action}: {outcome.message}")
 
 
 def _registry(config: str | None, registry: str | None):

@@ -35,6 +35,7 @@ STAGES: dict[str, str] = {
     "storage": "craft.storage.objectstore:StorageConfig",
     "registry": "craft.storage.registry:RegistryConfig",
     "gates": "craft.promote:GatesConfig",
+    "retrain": "craft.retrain:RetrainConfig",
 }
 
 # Top-level profile keys that are not stages.
