@@ -479,3 +479,29 @@ def test_config_refuses_bad_settings():
         from_dict(AnnotateConfig, {"api_key_env": "sk-abc-123"}, where="annotate")
     with pytest.raises(ConfigError, match="concurrency"):
         from_dict(AnnotateConfig, {"concurrency": 0}, where="annotate")
+
+
+# ----------------------------------------------------------------------------- profile, CLI, component
+def test_demo_profiles_annotate_offline_through_the_cli(demo_dirs, tmp_path):
+    from typer.testing import CliRunner
+
+    from craft.cli import app
+    from craft.config import load_stage_config
+
+    for m in ("histo", "cxr"):
+        cfg = load_stage_config("annotate", f"demo-{m}", ["annotate.limit=5"])
+        assert cfg.backend == "offline" and cfg.checklist == f"demo-{m}" and cfg.limit == 5
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(app, ["annotate", str(demo_dirs["cxr"]), "--out", str(out), "-c", "demo-cxr", "limit=4"])
+    assert r.exit_code == 0, r.output
+    assert "done 4, failed 0" in r.output and len(read(out)) == 4
+
+
+def test_component_is_a_thin_cpu_component():
+    from components.annotate import annotate_op
+    from components.images import CPU_IMAGE
+
+    spec = annotate_op.component_spec
+    assert set(spec.inputs) == {"dataset", "profile", "overrides"} and set(spec.outputs) == {"annotations", "metrics"}
+    assert spec.implementation.container.image == CPU_IMAGE
+    assert "annotate_step" in " ".join(spec.implementation.container.command)

@@ -29,8 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from craft.annotate import measure
-
 log = logging.getLogger(__name__)
 
 
@@ -436,6 +434,8 @@ class OfflineBackend:
     model = "measure-v1"
 
     def annotate(self, req: AnnotationRequest) -> Completion:
+        from craft.annotate import measure  # scipy: only the offline backend needs it
+
         if req.modality == "histo":
             obj = _histo_answer(req.label, measure.measure_histo(req.image_path))
         elif req.modality == "cxr":

@@ -325,7 +325,7 @@ def resolve_checklist(cfg: AnnotateConfig, meta: DatasetMeta, out_dir: Path, bac
 
 
 # ----------------------------------------------------------------------------- the stage
-def main(cfg: AnnotateConfig, dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, log_metric=None) -> dict:
+def main(cfg: AnnotateConfig, dataset_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
     """Annotate a dataset directory into ``out_dir``; returns (and prints) the summary."""
     from tqdm import tqdm
 
@@ -416,25 +416,14 @@ def main(cfg: AnnotateConfig, dataset_dir: str | os.PathLike, out_dir: str | os.
     if n_failed:
         for _, r in final[(final["status"] != "ok")].head(5).iterrows():
             print(f"  failed {r['image_id']}: {r['error']}")
-    if log_metric is not None:
-        for k in ("images", "done", "failed", "skipped", "ok_total", "requests", "cost_usd"):
-            log_metric(k, float(summary[k]))
     return summary
-
-
-def run_from_profile(
-    profile: str | None, overrides: list[str], dataset_dir: str, out_dir: str, log_metric=None
-) -> dict:
-    """Load the ``annotate`` config from a profile + overrides and run ``main`` (used by the KFP component)."""
-    from craft.config import load_stage_config
-
-    cfg = load_stage_config("annotate", profile, overrides)
-    return main(cfg, dataset_dir, out_dir, log_metric=log_metric)
 
 
 def write_checklists(cfg: AnnotateConfig, dataset_dir: str | os.PathLike, out: str | os.PathLike) -> dict:
     """Generate (or load) the class checklists for a dataset and write them to ``out`` (a JSON file)."""
     meta = read_meta(dataset_dir)
+    if cfg.checklist == "generate" and cfg.backend == "offline":
+        raise ValueError("the offline backend cannot generate checklists: use --backend openai or transformers")
     backend = make_backend(cfg)
     try:
         result = resolve_checklist(cfg, meta, Path(out).parent, backend)
@@ -442,3 +431,14 @@ def write_checklists(cfg: AnnotateConfig, dataset_dir: str | os.PathLike, out: s
         backend.close()
     atomic_write_json(out, result)
     return result
+
+
+def annotate_step(dataset_dir: str | Path, out_dir: str | Path, profile: str | None, overrides: list[str]) -> dict:
+    """Pipeline entry point: load the ``annotate`` config from profile + overrides, run, return numeric metrics."""
+    from craft.config import load_stage_config
+
+    cfg = load_stage_config("annotate", profile, overrides)
+    cfg.progress = False  # no progress bar in pipeline logs
+    summary = main(cfg, dataset_dir, out_dir)
+    keys = ("images", "done", "failed", "skipped", "ok_total", "requests", "cost_usd", "elapsed_s")
+    return {k: float(summary[k]) for k in keys}
