@@ -150,3 +150,27 @@ def test_promote_reject_and_rollback_end_to_end(s3_env, tmp_path):
     # 6. a candidate that is neither a file nor a version id
     res = runner.invoke(app, ["promote", "nope", "--model", "histo", "--registry", root])
     assert res.exit_code != 0
+
+
+def test_ci_workflow_runs_the_same_gate_safely():
+    """.github/workflows/promote.yml: manual trigger with model/version, `craft promote`, no input injection."""
+    import re
+
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / ".github" / "workflows" / "promote.yml"
+    wf = yaml.safe_load(path.read_text())
+    trigger = wf.get("on") or wf.get(True)  # YAML 1.1 reads the key `on` as true
+    inputs = trigger["workflow_dispatch"]["inputs"]
+    assert {"model", "version", "gates", "dry_run"} <= set(inputs)
+    assert wf["permissions"] == {"contents": "read"}
+    (job,) = wf["jobs"].values()
+    runs = [s["run"] for s in job["steps"] if "run" in s]
+    assert any(r.startswith('craft promote "$VERSION" --model "$MODEL" --gates "$GATES" --dry-run') for r in runs)
+    assert any(r.startswith('craft promote "$VERSION"') and "--dry-run" not in r for r in runs)
+    for r in runs:
+        assert not re.search(r"\$\{\{\s*(github\.event\.)?inputs\.", r), f"input interpolated into a script: {r}"
+    assert "secrets." in job["env"]["AWS_SECRET_ACCESS_KEY"]
+    assert load_stage_config("gates", str(path.parents[2] / "configs" / "gates.yaml")) == load_stage_config(
+        "gates", "gates"
+    )
