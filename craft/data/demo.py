@@ -210,13 +210,26 @@ def _sample_stain(rng: np.random.Generator, noise: float) -> dict[str, Any]:
     }
 
 
-def _gland_polar(y: np.ndarray, x: np.ndarray, g: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised radius rho (1 on the gland outline) and polar angle of each pixel for gland ``g``."""
+def _gland_polar(y: np.ndarray, x: np.ndarray, g: dict[str, Any]) -> np.ndarray:
+    """Normalised radius rho of each pixel for gland ``g`` (1 on the gland outline).
+
+    The outline harmonics cos(k*ang + ph) are evaluated as Re(z**k e^{i ph}) with z = e^{i ang},
+    built by repeated multiplication (no arctan / cos over the grid).
+    """
     dy, dx = y - g["cy"], x - g["cx"]
     ct, st = math.cos(g["rot"]), math.sin(g["rot"])
     u, v = (dx * ct + dy * st) / g["asp"], -dx * st + dy * ct
-    ang = np.arctan2(v, u)
-    return np.hypot(u, v) / (g["r"] * _outline(ang, g)), ang
+    r = np.hypot(u, v)
+    z = (u + 1j * v) / np.maximum(r, 1e-12)
+    out = np.ones_like(r)
+    zk = np.ones_like(z)
+    done = 0
+    for k, amp, ph in g["harm"]:
+        while done < k:
+            zk = zk * z
+            done += 1
+        out += amp * (zk.real * math.cos(ph) - zk.imag * math.sin(ph))
+    return r / (g["r"] * np.maximum(out, 0.35))
 
 
 def _outline(ang: np.ndarray | float, g: dict[str, Any]) -> np.ndarray | float:
@@ -302,7 +315,7 @@ def _render_histo(
 
     glands = _place_glands(rng, label)
     for g in glands:
-        rho, _ = _gland_polar(y, x, g)
+        rho = _gland_polar(y, x, g)
         inner = rho < g["lumen"]
         if label == "adenocarcinoma" and rng.random() < 0.3:
             inner &= False  # solid nest without lumen
