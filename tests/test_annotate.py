@@ -505,3 +505,119 @@ def test_component_is_a_thin_cpu_component():
     assert set(spec.inputs) == {"dataset", "profile", "overrides"} and set(spec.outputs) == {"annotations", "metrics"}
     assert spec.implementation.container.image == CPU_IMAGE
     assert "annotate_step" in " ".join(spec.implementation.container.command)
+
+
+# ----------------------------------------------------------------------------- local transformers VLM
+def _tiny_llava(path: Path) -> Path:
+    """A randomly initialised, few-kB LLaVA (CLIP vision tower + Llama) with a processor, built offline."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<pad>", "<s>", "</s>", "<image>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([valid_answer("no_finding")] * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+        model_max_length=8192,
+    )
+    template = (
+        "{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    proc = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=fast,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        chat_template=template,
+        num_additional_image_tokens=1,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    text = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        pad_token_id=fast.pad_token_id,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=fast.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(cfg).save_pretrained(path)
+    proc.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory) -> Path:
+    return _tiny_llava(tmp_path_factory.mktemp("vlm") / "tiny-llava")
+
+
+def test_transformers_backend_runs_a_local_vlm_and_refuses_its_noise(tiny_vlm, cxr_small, tmp_path):
+    """The random model's answer goes through the real processor, generate and decode, and fails validation."""
+    cfg = AnnotateConfig(backend="transformers", model=str(tiny_vlm), limit=2, max_attempts=1, max_tokens=6)
+    cfg.progress = False
+    summary = main(cfg, cxr_small, tmp_path / "o")
+    df = read(tmp_path / "o")
+    assert summary["failed"] == 2 and summary["requests"] == 2 and summary["prompt_tokens"] > 2 * 100
+    assert df["enriched_prompt"].isna().all() and df["error"].str.contains("JSON").all()
+    assert (df["model"] == str(tiny_vlm)).all()
+
+
+def test_transformers_backend_keeps_a_valid_answer(tiny_vlm, cxr_small, tmp_path, monkeypatch):
+    """Same model with generate() injected to emit a valid schema answer for the label named in the prompt."""
+    import re
+
+    from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tiny_vlm, local_files_only=True)
+    seen = []
+
+    def fake_generate(self, input_ids=None, pixel_values=None, **kw):
+        import torch
+
+        seen.append(tuple(pixel_values.shape))
+        label = re.search(r"\(label '([a-z_]+)'\)", tok.decode(input_ids[0])).group(1)
+        answer = torch.tensor([tok.encode(valid_answer(label), add_special_tokens=False)])
+        return torch.cat([input_ids, answer], dim=1)
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "generate", fake_generate)
+    cfg = AnnotateConfig(backend="transformers", model=str(tiny_vlm), limit=4, progress=False)
+    summary = main(cfg, cxr_small, tmp_path / "o")
+    df = read(tmp_path / "o")
+    assert summary["done"] == 4 and (df["status"] == "ok").all()
+    assert seen and all(s[0] == 1 and s[-2:] == (32, 32) for s in seen)  # the image reached the model
+    card = df[df["label"] == "cardiomegaly"]["enriched_prompt"]
+    assert card.str.contains("enlarged cardiac silhouette").all()
