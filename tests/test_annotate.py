@@ -621,3 +621,22 @@ def test_transformers_backend_keeps_a_valid_answer(tiny_vlm, cxr_small, tmp_path
     assert seen and all(s[0] == 1 and s[-2:] == (32, 32) for s in seen)  # the image reached the model
     card = df[df["label"] == "cardiomegaly"]["enriched_prompt"]
     assert card.str.contains("enlarged cardiac silhouette").all()
+
+
+def test_slow_server_times_out_and_is_recorded_failed(cxr_small, tmp_path):
+    with ScriptedServer(latency_s=0.6) as srv:
+        summary = main(cfg_for(srv, limit=1, timeout_s=0.15, max_retries=1), cxr_small, tmp_path / "o")
+    df = read(tmp_path / "o")
+    assert summary["failed"] == 1 and len(srv.seen) == 2
+    assert "gave up after 2 requests: timeout" in df["error"].iloc[0]
+
+
+def test_the_image_bytes_reach_the_server_unchanged(cxr_small, tmp_path):
+    import base64
+
+    with ScriptedServer() as srv:
+        main(cfg_for(srv, limit=1), cxr_small, tmp_path / "o")
+    url = srv.seen[0].body["messages"][-1]["content"][1]["image_url"]["url"]
+    manifest = pd.read_parquet(cxr_small / "manifest.parquet")
+    first = cxr_small / manifest["image_path"].iloc[0]
+    assert base64.b64decode(url.split(",", 1)[1]) == first.read_bytes()
