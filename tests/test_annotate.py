@@ -640,3 +640,26 @@ def test_the_image_bytes_reach_the_server_unchanged(cxr_small, tmp_path):
     manifest = pd.read_parquet(cxr_small / "manifest.parquet")
     first = cxr_small / manifest["image_path"].iloc[0]
     assert base64.b64decode(url.split(",", 1)[1]) == first.read_bytes()
+
+
+def test_cost_cap_stops_new_requests_and_a_rerun_finishes(cxr_small, tmp_path):
+    out = tmp_path / "o"
+    # each answer costs 100 * 2.5e-6 + 50 * 1e-5 = 0.00075 USD; a cap of 0.0029 allows 4 answers
+    with ScriptedServer() as srv:
+        s1 = main(cfg_for(srv, concurrency=1, max_cost_usd=0.0029), cxr_small, out)
+    assert s1["done"] == 4 and s1["not_started_budget"] == 28 and len(srv.seen) == 4
+    with ScriptedServer() as srv2:
+        s2 = main(cfg_for(srv2), cxr_small, out)
+    assert s2["skipped"] == 4 and s2["done"] == 28 and (read(out)["status"] == "ok").all()
+
+
+def test_parts_are_compacted_during_a_long_run(cxr_small, tmp_path, monkeypatch):
+    import craft.annotate.run as run_mod
+
+    calls = []
+    real = run_mod.compact
+    monkeypatch.setattr(run_mod, "compact", lambda out_dir, order: calls.append(1) or real(out_dir, order))
+    with ScriptedServer() as srv:
+        main(cfg_for(srv, batch_size=1, compact_every_parts=10), cxr_small, tmp_path / "o")
+    assert len(calls) == 3 + 1  # after 10, 20, 30 parts, and the final merge
+    assert len(read(tmp_path / "o")) == 32 and not list((tmp_path / "o" / "parts").glob("*"))

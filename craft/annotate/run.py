@@ -107,12 +107,17 @@ class AnnotateConfig:
     device: str = "cpu"  # transformers backend device
     dtype: str = "auto"  # transformers backend dtype: auto | float32 | bfloat16 | float16
     progress: bool = True  # tqdm progress bar
+    max_cost_usd: float = 0.0  # no new answer is requested once the run's spend reaches this (0 = no cap)
+    commit_every_s: float = 30.0  # also commit a partial batch this often, so slow servers lose little on a crash
+    compact_every_parts: int = 256  # merge part files into annotations.parquet after this many commits
 
     def validate(self) -> None:
         if self.concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         if self.max_attempts < 1 or self.max_retries < 0 or self.batch_size < 1:
             raise ValueError("max_attempts and batch_size must be >= 1, max_retries >= 0")
+        if self.max_cost_usd < 0 or self.commit_every_s <= 0 or self.compact_every_parts < 1:
+            raise ValueError("max_cost_usd must be >= 0, commit_every_s > 0, compact_every_parts >= 1")
         if self.timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
         if self.backend in ("openai", "transformers") and not self.model:
@@ -235,10 +240,25 @@ def compact(out_dir: Path, order: list[str]) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- one image
+class BudgetExhausted(RuntimeError):
+    """The run's spend reached ``max_cost_usd``; this image was not started."""
+
+
 def annotate_one(
-    backend, meta: DatasetMeta, row: dict[str, Any], dataset_dir: Path, cfg: AnnotateConfig, usage: Usage
+    backend,
+    meta: DatasetMeta,
+    row: dict[str, Any],
+    dataset_dir: Path,
+    cfg: AnnotateConfig,
+    usage: Usage,
+    spent=lambda: 0.0,
 ):
-    """Ask for one image's description until it validates or ``max_attempts`` answers were refused."""
+    """Ask for one image's description until it validates or ``max_attempts`` answers were refused.
+
+    Raises BudgetExhausted before the first request when ``spent()`` has reached ``cfg.max_cost_usd``.
+    """
+    if cfg.max_cost_usd and spent() >= cfg.max_cost_usd:
+        raise BudgetExhausted(f"spend reached max_cost_usd={cfg.max_cost_usd}")
     label = str(row["label"])
     system, user = instruction(meta, label)
     out = {
@@ -362,29 +382,43 @@ def main(cfg: AnnotateConfig, dataset_dir: str | os.PathLike, out_dir: str | os.
         skipped = len(rows) - len(todo)
         usage = Usage()
         prices = Prices(cfg.price_input_per_mtok, cfg.price_output_per_mtok)
-        n_ok = n_failed = 0
+        n_ok = n_failed = n_unstarted = 0
         buffer: list[dict[str, Any]] = []
+        order = [str(r["image_id"]) for r in rows]
+        last_commit, parts_since_compact = time.monotonic(), 0
+
+        def spent() -> float:
+            return prices.cost(usage.prompt_tokens, usage.completion_tokens)
+
         workers = 1 if cfg.backend == "transformers" else cfg.concurrency
         bar = tqdm(total=len(todo), desc=f"annotate {meta.name}", unit="img", disable=not cfg.progress)
         pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="annotate")
         try:
-            futures = [pool.submit(annotate_one, backend, meta, r, dataset_dir, cfg, usage) for r in todo]
+            futures = [pool.submit(annotate_one, backend, meta, r, dataset_dir, cfg, usage, spent) for r in todo]
             for fut in cf.as_completed(futures):
-                res = fut.result()
+                try:
+                    res = fut.result()
+                except BudgetExhausted:
+                    n_unstarted += 1  # left for a later run; answers already paid for are still collected
+                    bar.update(1)
+                    continue
                 buffer.append(res)
                 n_ok += res["status"] == "ok"
                 n_failed += res["status"] != "ok"
                 bar.update(1)
                 bar.set_postfix(ok=n_ok, failed=n_failed)
-                if len(buffer) >= cfg.batch_size:
+                if len(buffer) >= cfg.batch_size or time.monotonic() - last_commit >= cfg.commit_every_s:
                     commit_part(out_dir, buffer)
-                    buffer = []
+                    buffer, last_commit, parts_since_compact = [], time.monotonic(), parts_since_compact + 1
+                    if parts_since_compact >= cfg.compact_every_parts:
+                        compact(out_dir, order)
+                        parts_since_compact = 0
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             if buffer:  # commit whatever finished, even when the run is being torn down
                 commit_part(out_dir, buffer)
             bar.close()
-        final = compact(out_dir, [str(r["image_id"]) for r in rows])
+        final = compact(out_dir, order)
     finally:
         backend.close()
 
@@ -399,6 +433,7 @@ def main(cfg: AnnotateConfig, dataset_dir: str | os.PathLike, out_dir: str | os.
         "done": n_ok,
         "failed": n_failed,
         "skipped": skipped,
+        "not_started_budget": n_unstarted,
         "ok_total": int((current["status"] == "ok").sum()),
         "requests": usage.requests,
         "prompt_tokens": usage.prompt_tokens,
@@ -408,6 +443,8 @@ def main(cfg: AnnotateConfig, dataset_dir: str | os.PathLike, out_dir: str | os.
         "classes_with_checklist": len(checklist),
     }
     atomic_write_json(out_dir / "summary.json", summary)
+    if n_unstarted:
+        print(f"annotate {meta.name}: max_cost_usd={cfg.max_cost_usd} reached; {n_unstarted} image(s) not started")
     print(
         f"annotate {meta.name}: done {n_ok}, failed {n_failed}, skipped {skipped} "
         f"({summary['ok_total']}/{len(rows)} ok); requests {usage.requests}, "
