@@ -72,8 +72,13 @@ DEFAULT_RESOURCES: dict[str, dict[str, Any]] = {
 
 
 def settings_for(step: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``DEFAULT_RESOURCES[step]`` (empty for an unknown step) updated with ``overrides``."""
-    out = dict(DEFAULT_RESOURCES.get(step, {}))
+    """``DEFAULT_RESOURCES[step]`` updated with ``overrides``; an unknown step is an error (add it to the table)."""
+    if step not in DEFAULT_RESOURCES:
+        raise ValueError(
+            f"no resource settings for step {step!r}; add it to DEFAULT_RESOURCES (known: {sorted(DEFAULT_RESOURCES)})"
+        )
+    out = {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
+           for k, v in DEFAULT_RESOURCES[step].items()}  # fmt: skip
     out.update(overrides or {})
     return out
 

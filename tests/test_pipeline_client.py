@@ -126,6 +126,14 @@ def test_bad_settings_are_refused():
             apply_resources(_step(x=1), "annotate", {"env": {"MLLM_API_KEY": "sk-123"}})
 
 
+def test_settings_for_unknown_step_is_an_error():
+    with pytest.raises(ValueError, match="no resource settings for step 'trian'"):
+        settings_for("trian")
+    a = settings_for("craft")
+    a["tolerations"].append({"key": "x"})
+    assert len(settings_for("craft")["tolerations"]) == 1  # callers get copies
+
+
 def test_real_pipeline_compiles_without_credential_values(tmp_path, monkeypatch):
     from pipelines.craft_pipeline import craft_pipeline
 
@@ -273,7 +281,7 @@ def test_cli_pipeline_upload_compiles_and_uploads(kfp_env):
     assert res.exit_code == 0, res.output
     client = kfp_env.instances[-1]
     name, args, _ = next(c for c in client.calls if c[0] == "upload_pipeline")
-    compiled = yaml.safe_load(Path(args[0]).read_text())
+    compiled = next(yaml.safe_load_all(Path(args[0]).read_text()))  # pipeline spec (platform spec follows)
     assert compiled["pipelineInfo"]["name"] == "craft"
     res = CliRunner().invoke(app, ["pipeline", "run", "--profile", "demo-histo", "data.n=64"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
