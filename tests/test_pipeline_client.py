@@ -308,3 +308,31 @@ def test_retrain_uses_kfp_when_host_set(kfp_env):
     assert out["mode"] == "kfp" and out["run_id"] == "run-1"
     run_call = next(c for c in client_calls[-1].calls if c[0] == "run_pipeline")
     assert run_call[2]["params"]["dataset_uri"] == "s3://craft/datasets/histo"
+
+
+def test_deploy_doc_lists_every_ui_parameter(tmp_path):
+    """docs/DEPLOY.md documents each run parameter the Kubeflow UI shows for the compiled pipeline."""
+    from pipelines.craft_pipeline import craft_pipeline
+
+    spec, _ = _compile(craft_pipeline, tmp_path)
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "DEPLOY.md").read_text()
+    missing = [p for p in params if f"| `{p}` |" not in doc]
+    assert not missing, f"docs/DEPLOY.md section 6 does not describe pipeline parameter(s) {missing}"
+
+
+def test_cli_retrain_submits_to_kfp_when_host_set(kfp_env, s3_env, tmp_path):
+    from craft.cli import app
+
+    FakeKfpClient.server.update(pipelines={"craft": "pid-7"}, versions={"pid-7": ["pid-7-v0"]})
+    bucket = s3_env.make_bucket("kfprt")
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "images" / "x.png").write_bytes(b"x" * 64)
+    args = ["retrain-if-new-data", "--model", "m", "--dataset", str(data), "--registry", f"s3://{bucket}"]
+    res = CliRunner().invoke(app, [*args, "data.n=64"], catch_exceptions=False)
+    assert res.exit_code == 0 and res.output.startswith("submitted: m: dataset"), res.output
+    run_call = next(c for c in kfp_env.instances[-1].calls if c[0] == "run_pipeline")
+    assert run_call[2]["params"] == {"profile": "demo-histo", "overrides": ["data.n=64"], "dataset_uri": str(data)}
+    res = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert res.output.startswith("already-claimed: m"), res.output
