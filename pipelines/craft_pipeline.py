@@ -11,7 +11,9 @@ from pathlib import Path
 
 from kfp import compiler, dsl
 
+from components.annotate import annotate_op
 from components.data import prepare_data_op, validate_op
+from pipelines.resources import apply_resources, settings_for
 
 PIPELINE_NAME = "craft"
 
@@ -29,9 +31,17 @@ def craft_pipeline(profile: str = "demo-histo", overrides: list = [], dataset_ur
         dataset_uri: empty for the profile's demo data; s3://bucket/prefix of a committed dataset;
             or a local folder (kfp.local) holding a dataset or a collection to import.
     """
-    data = prepare_data_op(profile=profile, overrides=overrides, dataset_uri=dataset_uri).set_display_name("data")
-    validate = validate_op(profile=profile, overrides=overrides, dataset=data.outputs["dataset"])
-    validate.set_display_name("validate")
+
+    def step(task, name: str):
+        """Name the task and give it its step's Kubernetes settings (pipelines/resources.py)."""
+        task.set_display_name(name)
+        apply_resources(task, name, settings_for(name))
+        return task
+
+    data = step(prepare_data_op(profile=profile, overrides=overrides, dataset_uri=dataset_uri), "data")
+    validate = step(validate_op(profile=profile, overrides=overrides, dataset=data.outputs["dataset"]), "validate")
+    annotate = step(annotate_op(profile=profile, overrides=overrides, dataset=data.outputs["dataset"]), "annotate")
+    annotate.after(validate)  # never spend MLLM requests on a dataset that failed validation
 
 
 def compile_pipeline(output: str | Path) -> Path:

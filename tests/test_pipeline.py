@@ -14,7 +14,7 @@ from pipelines.craft_pipeline import compile_pipeline
 def spec(tmp_path_factory):
     out = tmp_path_factory.mktemp("compiled") / "craft_pipeline.yaml"
     compile_pipeline(out)
-    return yaml.safe_load(out.read_text())
+    return list(yaml.safe_load_all(out.read_text()))[0]  # the 2nd document is the Kubernetes platform spec
 
 
 def test_compiles_with_parameters(spec):
@@ -27,6 +27,7 @@ def test_task_graph(spec):
     tasks = spec["root"]["dag"]["tasks"]
     assert "prepare-data-op" in tasks and "validate-op" in tasks
     assert tasks["validate-op"]["dependentTasks"] == ["prepare-data-op"]
+    assert set(tasks["annotate-op"]["dependentTasks"]) == {"prepare-data-op", "validate-op"}
     art = tasks["validate-op"]["inputs"]["artifacts"]["dataset"]["taskOutputArtifact"]
     assert art == {"outputArtifactKey": "dataset", "producerTask": "prepare-data-op"}
 
@@ -46,7 +47,7 @@ def test_cli_compile(tmp_path):
         [sys.executable, "-m", "craft.cli", "pipeline", "compile", "--output", str(out)], capture_output=True, text=True
     )
     assert r.returncode == 0, r.stderr
-    assert yaml.safe_load(out.read_text())["pipelineInfo"]["name"] == "craft"
+    assert next(yaml.safe_load_all(out.read_text()))["pipelineInfo"]["name"] == "craft"
 
 
 def test_local_run_end_to_end(tmp_path):
