@@ -311,10 +311,11 @@ def _histo_answer(label: str, m: dict[str, float]) -> dict[str, Any]:
     stain = "hematoxylin_dominant" if he > 0.75 else "balanced" if he > 0.6 else "eosin_dominant"
     dense = m["hematoxylin_fraction"] > 0.2
     density = "high_nuclear_density" if dense else "low_nuclear_density"
+    # Short on purpose: the prompt feeds 64-77-token text encoders, and numbers cost several tokens each.
     desc = (
-        f"Nuclear stain covers {_pct(m['hematoxylin_fraction'])} of the tile in {m['nuclear_clusters']:.0f} clusters "
-        f"(mean {m['cluster_mean_area_px']:.0f} px); open lumina {_pct(m['lumen_fraction'])}, pale mucin "
-        f"{_pct(m['mucin_fraction'])}, pink stroma {_pct(m['stroma_fraction'])}; edge density {m['edge_density']:.2f}."
+        f"Nuclei cover {_pct(m['hematoxylin_fraction'])} of the tile in {m['nuclear_clusters']:.0f} clusters; "
+        f"open lumina {_pct(m['lumen_fraction'])}, pale mucin {_pct(m['mucin_fraction'])}, "
+        f"pink stroma {_pct(m['stroma_fraction'])}."
     )
     lab = label
     if lab == "mucinous_carcinoma" or (
@@ -375,27 +376,29 @@ def _cxr_answer(label: str, m: dict[str, Any]) -> dict[str, Any]:
         "costophrenic_angles": "sharp",
         "opacity_location": "none",
     }
-    heart = f"Cardiac silhouette spans {ctr:.2f} of the thoracic width"
+    heart = f"Heart {_pct(ctr)} of chest width"
     if label == "no_finding":
         diff = m["left_right_brightness_difference"]
-        desc = (
-            f"{heart}; dark lung fields of similar density on both sides (left-right difference {diff:+.2f}); "
-            f"lung heights {m['right_lung_height']:.2f} right and {m['left_lung_height']:.2f} left of the image."
-        )
+        side = "evenly dark" if abs(diff) < 0.03 else f"{'left' if diff > 0 else 'right'} lung slightly brighter"
+        desc = f"{heart}; both lungs {side}, bases dark to the diaphragm." if abs(diff) < 0.03 else f"{heart}; {side}."
         return {**base, "key_findings": ["sharp_hemidiaphragms", "fine_vascular_markings"], "description": desc}
     if label == "cardiomegaly":
-        desc = f"{heart}, a widened heart shadow; lung bases dark, basal brightness {m['right_basal_brightness']:.2f} "
-        desc += f"right and {m['left_basal_brightness']:.2f} left."
+        desc = f"{heart}, broad rounded heart shadow; lung bases dark."
         findings = ["widened_heart_shadow"] + (["globular_heart_shape"] if ctr > 0.6 else [])
         return {**base, "cardiac_silhouette": "enlarged", "key_findings": findings, "description": desc}
     if label == "pleural_effusion":
         r, l = m["right_basal_brightness"], m["left_basal_brightness"]
         side = "bilateral" if abs(r - l) < 0.08 else ("right" if r > l else "left")
         where = {"bilateral": "both bases", "right": "the right base", "left": "the left base"}[side]
-        desc = (
-            f"Dense homogeneous brightness at {where} (basal brightness {r:.2f} right, {l:.2f} left); "
-            f"lung heights {m['right_lung_height']:.2f} right and {m['left_lung_height']:.2f} left of the image."
-        )
+        hr, hl = m["right_lung_height"], m["left_lung_height"]
+        if side == "bilateral":
+            desc = f"Dense uniform fluid at {where} with curved upper edges; aerated lungs {_pct(max(hr, hl))} of image height."
+        else:
+            short, other = (hr, hl) if side == "right" else (hl, hr)
+            desc = (
+                f"Dense uniform fluid at {where} with a curved upper edge; aerated {side} lung "
+                f"{_pct(1 - short / max(other, 1e-6))} shorter than the other."
+            )
         return {
             **base,
             "lung_fields": "basal_opacity",
@@ -413,10 +416,7 @@ def _cxr_answer(label: str, m: dict[str, Any]) -> dict[str, Any]:
         else:  # no hole in either lung: the brighter lung holds the opacity
             side = "left" if m["left_right_brightness_difference"] > 0 else "right"
             h, extent = 0.5, 0.0
-        desc = (
-            f"Fluffy ill-defined brighter patch in the {_zone(h)} {side} lung covering {_pct(extent)} of that lung "
-            f"field; {heart.lower()}."
-        )
+        desc = f"Fluffy ill-defined patch in the {_zone(h)} {side} lung, about {_pct(extent)} of that lung."
         return {
             **base,
             "lung_fields": "focal_opacity" if extent < 0.05 else "patchy_opacity",

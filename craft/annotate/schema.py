@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-MAX_DESCRIPTION_WORDS = 60  # the enriched prompt feeds a 77-token CLIP text encoder; keep the free text short
+MAX_DESCRIPTION_WORDS = 40  # the enriched prompt feeds 64-77-token text encoders (SigLIP, CLIP): keep free text short
 MAX_LIST_ITEMS = 4
 
 
