@@ -377,13 +377,14 @@ def _cxr_answer(label: str, m: dict[str, Any]) -> dict[str, Any]:
         "opacity_location": "none",
     }
     heart = f"Heart {_pct(ctr)} of chest width"
+    depth = f"lungs {_pct(max(m['right_lung_height'], m['left_lung_height']))} of image height"  # inspiration depth
     if label == "no_finding":
         diff = m["left_right_brightness_difference"]
         side = "evenly dark" if abs(diff) < 0.03 else f"{'left' if diff > 0 else 'right'} lung slightly brighter"
-        desc = f"{heart}; both lungs {side}, bases dark to the diaphragm." if abs(diff) < 0.03 else f"{heart}; {side}."
+        desc = f"{heart}; {depth}, {side}; bases dark to the diaphragm."
         return {**base, "key_findings": ["sharp_hemidiaphragms", "fine_vascular_markings"], "description": desc}
     if label == "cardiomegaly":
-        desc = f"{heart}, broad rounded heart shadow; lung bases dark."
+        desc = f"{heart}, broad rounded heart shadow; {depth}, bases dark."
         findings = ["widened_heart_shadow"] + (["globular_heart_shape"] if ctr > 0.6 else [])
         return {**base, "cardiac_silhouette": "enlarged", "key_findings": findings, "description": desc}
     if label == "pleural_effusion":
