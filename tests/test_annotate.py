@@ -664,3 +664,17 @@ def test_parts_are_compacted_during_a_long_run(cxr_small, tmp_path, monkeypatch)
         main(cfg_for(srv, batch_size=1, compact_every_parts=10), cxr_small, tmp_path / "o")
     assert len(calls) == 3 + 1  # after 10, 20, 30 parts, and the final merge
     assert len(read(tmp_path / "o")) == 32 and not list((tmp_path / "o" / "parts").glob("*"))
+
+
+def test_instruction_offers_only_values_the_label_may_take():
+    from craft.annotate.run import instruction
+    from craft.data.manifest import DatasetMeta
+
+    meta = DatasetMeta(name="t", modality="cxr", classes=list(VALID))
+    system, _ = instruction(meta, "no_finding")
+    offered = json.loads(system[system.index("{") : system.rindex("}") + 1])
+    assert offered["lung_fields"] == "one of: clear" and "opacity" not in offered["key_findings"]
+    assert "meniscus" not in offered["key_findings"] and "sharp_hemidiaphragms" in offered["key_findings"]
+    system, _ = instruction(meta, "pneumonia")
+    offered = json.loads(system[system.index("{") : system.rindex("}") + 1])
+    assert "clear" not in offered["lung_fields"] and "patchy_opacity" in offered["lung_fields"]

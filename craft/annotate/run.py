@@ -173,7 +173,7 @@ def instruction(meta: DatasetMeta, label: str) -> tuple[str, str]:
         "and do not name any other diagnosis. Describe only the visual signs of the given label that are "
         "visible in THIS image: morphology, colour or density, texture, borders, location and extent. "
         "Answer with one JSON object and nothing else, with exactly these keys:\n"
-        + json.dumps(schema.json_template(), indent=1)
+        + json.dumps(schema.json_template(label, banned), indent=1)
         + "\nCategorical fields take only the listed values."
     )
     if banned:

@@ -52,14 +52,21 @@ class Schema:
     # label -> {field: allowed values}; a label-dependent rule (B.0.2 "label-dependent logic")
     label_rules: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
 
-    def json_template(self) -> dict[str, str]:
-        """A compact description of the schema for the instruction text."""
+    def allowed(self, name: str, label: str | None = None, terms: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """Values of field ``name`` a ``label`` may take: its label rule, minus values holding a forbidden term."""
+        values = self.fields[name].values
+        if label is not None:
+            values = self.label_rules.get(norm_label(label), {}).get(name, values)
+        return tuple(v for v in values if find_forbidden(v, terms) is None)
+
+    def json_template(self, label: str | None = None, terms: tuple[str, ...] = ()) -> dict[str, str]:
+        """A compact description of the schema for the instruction, offering only values ``label`` may use."""
         out = {"label": "<the given label, verbatim>"}
         for name, f in self.fields.items():
             if f.kind == "enum":
-                out[name] = "one of: " + " | ".join(f.values)
+                out[name] = "one of: " + " | ".join(self.allowed(name, label, terms))
             elif f.kind == "enum_list":
-                out[name] = f"list of 1-{MAX_LIST_ITEMS} of: " + " | ".join(f.values)
+                out[name] = f"list of 1-{MAX_LIST_ITEMS} of: " + " | ".join(self.allowed(name, label, terms))
             else:
                 out[name] = f"{f.doc} (at most {MAX_DESCRIPTION_WORDS} words)"
         return out
