@@ -310,6 +310,46 @@ def test_retrain_uses_kfp_when_host_set(kfp_env):
     assert run_call[2]["params"]["dataset_uri"] == "s3://craft/datasets/histo"
 
 
+def _all_tasks(spec: dict):
+    """Every task of the compiled pipeline, nested dsl.If / ParallelFor groups included."""
+    dags = [spec["root"]["dag"]] + [c["dag"] for c in spec.get("components", {}).values() if "dag" in c]
+    for dag in dags:
+        yield from dag.get("tasks", {}).values()
+
+
+def test_real_pipeline_steps_carry_their_resources(tmp_path):
+    """Each step of the real pipeline compiles with its DEFAULT_RESOURCES: requests, GPUs, secrets, PVC."""
+    from pipelines.craft_pipeline import craft_pipeline
+    from pipelines.resources import DEFAULT_RESOURCES
+
+    spec, _ = _compile(craft_pipeline, tmp_path)
+    executors = spec["deploymentSpec"]["executors"]
+    k8s = spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    seen = set()
+    for task in _all_tasks(spec):
+        comp = spec["components"][task["componentRef"]["name"]]
+        if "executorLabel" not in comp:
+            continue  # a group (dsl.If / ParallelFor), its tasks come from its own dag
+        step = task["taskInfo"]["name"]
+        assert step in DEFAULT_RESOURCES, f"task {step!r} has no resource settings"
+        want = settings_for(step)
+        label = comp["executorLabel"]
+        res = executors[label]["container"]["resources"]
+        assert res["resourceCpuRequest"] == want["cpu"] and res["resourceMemoryRequest"] == want["memory"], step
+        assert "resourceCpuLimit" in res and "resourceMemoryLimit" in res, step
+        if want.get("accelerator"):
+            assert res["accelerator"]["resourceType"] == want["accelerator"]["type"], step
+        else:
+            assert "accelerator" not in res, step
+        secrets_used = {s["secretName"] for s in k8s.get(label, {}).get("secretAsEnv", [])}
+        assert "mlpipeline-minio-artifact" in secrets_used, step
+        assert ("craft-mllm" in secrets_used) == bool(want.get("mllm_secret")), step
+        mounts = [m["mountPath"] for m in k8s.get(label, {}).get("pvcMount", [])]
+        assert mounts == (["/cache/models"] if want.get("model_cache") else []), step
+        seen.add(step)
+    assert {"data", "validate"} <= seen
+
+
 def test_deploy_doc_lists_every_ui_parameter(tmp_path):
     """docs/DEPLOY.md documents each run parameter the Kubeflow UI shows for the compiled pipeline."""
     from pipelines.craft_pipeline import craft_pipeline
