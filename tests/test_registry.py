@@ -150,6 +150,17 @@ def test_history_healed_after_crash_between_pointer_and_entry(registry, tmp_path
     assert [h["version"] for h in registry.history("h")] == [vs[0], vs[1]]
 
 
+def test_open_registry_from_environment(s3_env, monkeypatch, tmp_path):
+    from craft.storage.registry import open_registry
+
+    bucket = s3_env.make_bucket("env")
+    monkeypatch.setenv("CRAFT_REGISTRY", f"s3://{bucket}/team")
+    reg = open_registry(storage=FAST)
+    assert reg.root == f"s3://{bucket}/team"
+    v = reg.register("e", make_model(tmp_path / "e", 5), {}, {})
+    assert reg.store.is_committed(f"s3://{bucket}/team/models/e/versions/{v}")
+
+
 def test_registry_config_root(monkeypatch):
     monkeypatch.delenv("CRAFT_REGISTRY", raising=False)
     monkeypatch.setenv("CRAFT_BUCKET", "models-bkt")

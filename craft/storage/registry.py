@@ -69,6 +69,13 @@ class RegistryConfig:
         return root.rstrip("/")
 
 
+def open_registry(registry: RegistryConfig | None = None, storage=None) -> Registry:
+    """The registry at ``registry.root`` (or env, see RegistryConfig) on the store from ``storage`` + env keys."""
+    registry = registry or RegistryConfig()
+    registry.validate()
+    return Registry(ObjectStore.from_env(storage), registry.resolved_root())
+
+
 class RegistryError(ObjectStoreError):
     """A registry operation that cannot proceed; the message names the model and version."""
 
