@@ -205,6 +205,21 @@ def show_config(
 # --- stage commands (added by each stage) ---
 
 
+@data_app.command("import-paired")
+def data_import_paired(
+    layout: Annotated[str, typer.Argument(help="consep, glysac, instance (masks) | hemit, shift, pairs (folders)")],
+    src: Annotated[Path, typer.Argument(help="Source folder (see craft/data/paired.py for each layout).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Dataset directory to write.")],
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Import paired ControlNet data (condition + H&E target) into the manifest contract."""
+    from craft.data import paired
+
+    cfg = stage_config("import_paired", config, overrides, layout=layout)
+    typer.echo(f"wrote {paired.main(cfg, src, out)}")
+
+
 @app.command("annotate")
 def annotate(
     dataset_dir: Annotated[Path, typer.Argument(help="Dataset directory (dataset.yaml + manifest.parquet).")],

@@ -36,6 +36,7 @@ STAGES: dict[str, str] = {
     "registry": "craft.storage.registry:RegistryConfig",
     "gates": "craft.promote:GatesConfig",
     "retrain": "craft.retrain:RetrainConfig",
+    "import_paired": "craft.data.paired:PairedImportConfig",
 }
 
 # Top-level profile keys that are not stages.
