@@ -1,0 +1,110 @@
+"""craft.evaluate.downstream and craft.evaluate.oracle: scores vs sklearn, seeding, synthetic share, oracle accuracy."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import f1_score
+
+from craft.evaluate import downstream as ds
+from craft.evaluate import oracle as orc
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+def test_classification_scores_hand_case_and_sklearn():
+    y_true = [0, 0, 1, 1, 2, 2]
+    y_pred = [0, 1, 1, 1, 0, 2]
+    s = ds.classification_scores(y_true, y_pred, n_classes=4)
+    assert s["accuracy"] == pytest.approx(4 / 6)
+    # per-class F1: c0 P=1/2 R=1/2 -> 0.5; c1 P=2/3 R=1 -> 0.8; c2 P=1 R=1/2 -> 2/3; c3 absent -> 0
+    assert s["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3 + 0.0) / 4)
+    want = f1_score(y_true, y_pred, labels=[0, 1, 2, 3], average="macro", zero_division=0)
+    assert s["macro_f1"] == pytest.approx(want)
+
+
+def test_synthetic_share_per_batch():
+    assert ds.synthetic_per_batch(32, 0.2) == 6
+    assert ds.synthetic_per_batch(10, 0.2) == 2
+    assert ds.synthetic_per_batch(4, 0.01) == 1
+    with pytest.raises(ValueError):
+        ds.synthetic_per_batch(1, 0.2)
+
+
+def test_stratified_subset_keeps_every_class():
+    y = np.repeat([0, 1, 2], [40, 8, 2])
+    keep = ds.stratified_subset(y, 0.25, seed=0)
+    assert np.bincount(y[keep]).tolist() == [10, 2, 1]
+    assert np.array_equal(keep, ds.stratified_subset(y, 0.25, seed=0))
+
+
+def _toy(n, seed):
+    """Class 0: bright square top-left; class 1: bottom-right; class 2: noise only. 16x16 grey."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 3
+    x = rng.uniform(0, 0.3, size=(n, 16, 16))
+    x[y == 0, 2:7, 2:7] += 0.6
+    x[y == 1, 9:14, 9:14] += 0.6
+    return x.astype(np.float32), y
+
+
+def test_downstream_utility_is_seeded_and_learns():
+    train, test = _toy(60, 0), _toy(60, 1)
+    synth = {"good": _toy(30, 2), "wrong_labels": (_toy(30, 3)[0], (_toy(30, 3)[1] + 1) % 3)}
+    a = ds.downstream_utility(train, test, synth, 3, scales=(0.5, 1.0), seed=3, epochs=6, batch_size=10, lr=1e-2)
+    assert list(a.columns) == ["variant", "scale", "n_real", "n_synthetic", "accuracy", "macro_f1"]
+    assert len(a) == 2 * 3 and set(a["variant"]) == {"real_only", "good", "wrong_labels"}
+    # same seed, same weights
+    m1, m2 = (
+        ds.train_classifier(
+            *train, 3, synth_images=synth["good"][0], synth_labels=synth["good"][1], epochs=1, batch_size=10, seed=5
+        )
+        for _ in range(2)
+    )
+    assert all(torch.equal(p, q) for p, q in zip(m1.state_dict().values(), m2.state_dict().values()))
+    full = a[a["scale"] == 1.0].set_index("variant")
+    assert full.loc["real_only", "accuracy"] > 0.9
+    assert full.loc["good", "accuracy"] >= full.loc["wrong_labels", "accuracy"]
+    assert a.loc[a["scale"] == 0.5, "n_real"].iloc[0] == 30
+
+
+def test_train_classifier_rejects_bad_labels():
+    x, y = _toy(12, 0)
+    with pytest.raises(ValueError, match="labels must lie in 0..1"):
+        ds.train_classifier(x, y, n_classes=2, epochs=1)
+    with pytest.raises(ValueError, match="synth_images: shape"):
+        ds.train_classifier(x, y, 3, synth_images=np.zeros((4, 8, 8), np.float32), synth_labels=[0, 1, 2, 0])
+
+
+def test_rank_correlation_hand_case():
+    cas = [0.1, 0.2, 0.3, 0.4]
+    r = orc.cas_oracle_rank_correlation(cas, [0, 0, 1, 1])
+    # ranks of cas 1..4, of correctness 1.5, 1.5, 3.5, 3.5 -> Pearson of ranks = 0.8944
+    assert r["spearman"] == pytest.approx(2 / np.sqrt(5))
+    assert r["pointbiserial"] == pytest.approx(np.corrcoef(cas, [0, 0, 1, 1])[0, 1])
+    assert np.isnan(orc.cas_oracle_rank_correlation(cas, [1, 1, 1, 1])["spearman"])
+
+
+def test_small_oracle_trains_caches_and_reads_fresh_histo(tmp_path):
+    o = orc.train_oracle("histo", n=160, seed=10_101, out_dir=tmp_path, resolution=32, epochs=6, n_check=80)
+    assert o.meta["check_accuracy"] > 0.8
+    x, y = orc.render_sample("histo", 40, 55_555, 32)
+    names = [o.classes[i] for i in y]
+    acc = orc.oracle_accuracy(o, x, names)
+    assert acc > 0.8
+    # cached: a second call loads the same weights from the folder instead of training
+    again = orc.train_oracle("histo", n=160, seed=10_101, out_dir=tmp_path, resolution=32, epochs=6, n_check=80)
+    assert np.array_equal(again.predict(x), o.predict(x))
+    assert (tmp_path / "histo-n160-s10101-r32" / "oracle.pt").exists()
+    with pytest.raises(ValueError, match="not one of the oracle's classes"):
+        o.correct(x[:1], ["tumour"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("modality", ["histo", "cxr"])
+def test_full_oracle_is_near_perfect_on_fresh_images(tmp_path, modality):
+    o = orc.train_oracle(modality, n=2000, out_dir=tmp_path)
+    x, y = orc.render_sample(modality, 400, 77_777)
+    assert orc.oracle_accuracy(o, x, y) >= 0.97
