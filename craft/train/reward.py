@@ -1,0 +1,510 @@
+"""CRAFT stage 2: clinical reward finetuning of a LoRA on the UNet with DRaFT-K (CRAFT secs. 3.2-3.3, app. A, I).
+
+One step of ``DraftObjective`` (what the shared loop in ``craft.train.loop`` calls):
+
+1. encode each distinct enriched prompt of the batch once (frozen text encoder, no grad); the
+   unconditional embedding for classifier-free guidance is computed once and cached;
+2. draw n stochastic trajectories per prompt, batched together as one UNet batch of n*B (x2 with
+   guidance): T - K sampler steps without gradient (DDPM by default, as in the paper, app. I);
+3. the last K sampler steps keep the graph (each UNet call optionally checkpointed), then the VAE
+   decoder (optionally checkpointed) -> images in [0, 1] -> the reward CALLABLE (the frozen critic
+   in a real run: ``craft.models.encoders.ClinicalAlignmentModule`` + ``craft.losses.clinical_reward``);
+4. rewards averaged over the n repeats of each prompt (eq. 6), then over the batch;
+5. plus the standard diffusion loss on the paired real latent conditioned on its enriched prompt
+   (eq. 1): loss = diffusion_weight * L_diff - reward_scale * mean R.
+
+Only LoRA matrices on the UNet attention (to_q, to_k, to_v, to_out.0) are trainable; VAE, text
+encoder, UNet base weights, critic and probe are frozen. The result is a diffusers LoRA file
+(``pytorch_lora_weights.safetensors``) plus ``adapter.json`` and ``lineage.json``; ``load_adapters``
+puts it (and textual-inversion embeddings written by ``craft.train.baselines``) into a base pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from craft.config import to_dict
+from craft.io import atomic_dir, atomic_write_json
+from craft.train.loop import LoopConfig, train
+
+log = logging.getLogger(__name__)
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
+EMBEDS_FILE = "learned_embeds.safetensors"  # textual-inversion tokens -> vectors
+ADAPTER_JSON = "adapter.json"
+
+# A reward callable: (images [N, 3, H, W] in [0, 1], metadata of the N samples) -> {"total": [N], name: [N], ...}
+RewardFn = Callable[[torch.Tensor, dict[str, Any]], dict[str, torch.Tensor]]
+
+
+@dataclass
+class LoraSettings:
+    """peft LoRA on the UNet attention projections (CRAFT sec. 3.2: only low-rank matrices are trained)."""
+
+    rank: int = 4  # r of the low-rank update
+    alpha: float = 4.0  # lora_alpha; the update is scaled by alpha / rank
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])  # module names
+    cross_attention_only: bool = False  # True: only attn2 (cross-attention) layers, as the TI+LoRA baseline
+
+    def validate(self) -> None:
+        if self.rank < 1 or self.alpha <= 0:
+            raise ValueError(f"lora rank must be >= 1 and alpha > 0 (got {self.rank}, {self.alpha})")
+        if not self.targets:
+            raise ValueError("lora targets must name at least one module")
+
+
+def _reward_loop() -> LoopConfig:
+    return LoopConfig(steps=200, batch_size=4, lr=1e-4, max_grad_norm=1.0, checkpoint_every=50,
+                      gradient_checkpointing=True, log_every=1)  # fmt: skip
+
+
+@dataclass
+class RewardConfig:
+    """Stage ``reward`` (``craft train reward``): LoRA + DRaFT-K against the frozen critic (CRAFT sec. 3.3)."""
+
+    loop: LoopConfig = field(default_factory=_reward_loop)  # batch_size = prompts per step (paper: 4)
+    lora: LoraSettings = field(default_factory=LoraSettings)  # adapter on the UNet attention
+    k: int = 1  # DRaFT-K: sampler steps that keep the graph (app. I: K=1 was best)
+    n_repeats: int = 2  # stochastic trajectories per prompt, rewards averaged (eq. 6; paper: 2)
+    sample_steps: int = 20  # sampler steps T during training (app. I: the peak lies below 50; our copy lost it)
+    scheduler: Literal["ddpm", "ddim"] = "ddpm"  # training sampler (app. I: a coarse DDPM SDE suffices)
+    eta: float = 1.0  # DDIM stochasticity (only for scheduler=ddim; 1.0 = as random as DDPM)
+    guidance: float = 4.0  # classifier-free guidance scale in the sampled trajectories (<= 1: off)
+    reward_weights: dict[str, float] = field(
+        default_factory=lambda: {"vdc": 1.0, "ccs": 1.0, "dd": 0.2, "sfs": 1.0}
+    )  # w_k of R = sum w_k R_k (eqs. 1, 6; craft.losses.DEFAULT_REWARD_WEIGHTS)
+    reward_scale: float = 1.0  # lambda of eq. 1 (weight of the reward against the diffusion loss)
+    diffusion_weight: float = 1.0  # weight of L_diff on the paired real latent (eq. 1; 0 = reward only)
+    split: str = "train"  # manifest split of the (real image, enriched prompt) pairs
+    missing_prompt: Literal["skip", "error"] = "skip"  # rows without an ok enriched prompt: drop or refuse
+    checklist_mode: Literal["mean_items", "joined"] = "mean_items"  # how the critic embeds a checklist
+    use_sfs: bool = True  # SFS needs the paired real image (eq. 5); False = prompt-only reward
+    device: str = "auto"  # auto: cuda when available
+
+    def validate(self) -> None:
+        if self.k < 1 or self.k > self.sample_steps:
+            raise ValueError(f"k must be in [1, sample_steps={self.sample_steps}], got {self.k}")
+        if self.n_repeats < 1:
+            raise ValueError(f"n_repeats must be >= 1, got {self.n_repeats}")
+        if self.sample_steps < 1:
+            raise ValueError(f"sample_steps must be >= 1, got {self.sample_steps}")
+        if self.reward_scale < 0 or self.diffusion_weight < 0:
+            raise ValueError("reward_scale and diffusion_weight must be >= 0")
+        bad = sorted(set(self.reward_weights) - {"vdc", "ccs", "dd", "sfs"})
+        if bad:
+            raise ValueError(f"reward_weights: unknown reward {bad[0]!r} (vdc, ccs, dd, sfs)")
+        self.lora.validate()
+
+
+# ---------------------------------------------------------------- LoRA and adapters
+
+
+def add_lora(unet, lora: LoraSettings) -> list[str]:
+    """Freeze ``unet`` and add a peft LoRA adapter on its attention projections; returns the LoRA parameter names."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    if lora.cross_attention_only:
+        alt = "|".join(t.replace(".", r"\.") for t in lora.targets)
+        targets: Any = rf".*attn2\.({alt})$"  # peft: a string is a full-match regex over module names
+    else:
+        targets = list(lora.targets)
+    cfg = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, init_lora_weights=True, target_modules=targets)
+    unet.add_adapter(cfg)  # B = 0 at init: the adapted model starts as the base model
+    names = [n for n, p in unet.named_parameters() if p.requires_grad]
+    if not names or any("lora" not in n for n in names):
+        raise RuntimeError(f"LoRA setup made non-LoRA parameters trainable or none at all: {names[:3]}")
+    return names
+
+
+def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The UNet's LoRA weights in diffusers' file layout (keys without the ``unet.`` prefix)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_adapters(
+    out_dir: str | os.PathLike, unet=None, lora: LoraSettings | None = None,
+    embeddings: dict[str, torch.Tensor] | None = None, info: dict[str, Any] | None = None,
+) -> Path:  # fmt: skip
+    """Write LoRA and/or textual-inversion weights (safetensors) + adapter.json + lineage.json atomically."""
+    from safetensors.torch import save_file
+
+    from craft.models.diffusion import LINEAGE, code_version
+
+    if unet is None and not embeddings:
+        raise ValueError("save_adapters: nothing to save (no LoRA UNet and no embeddings)")
+    meta = dict(info or {})
+    meta.setdefault("code_version", code_version())
+    with atomic_dir(out_dir) as tmp:
+        tmp = Path(tmp)
+        if unet is not None:
+            from diffusers import StableDiffusionPipeline
+
+            StableDiffusionPipeline.save_lora_weights(
+                tmp, unet_lora_layers=lora_state_dict(unet), weight_name=LORA_FILE, safe_serialization=True
+            )
+            meta["lora"] = to_dict(lora) if lora is not None else meta.get("lora")
+        if embeddings:
+            save_file(
+                {k: v.detach().float().cpu().contiguous() for k, v in embeddings.items()}, str(tmp / EMBEDS_FILE)
+            )
+            meta["tokens"] = sorted(embeddings)
+        atomic_write_json(tmp / ADAPTER_JSON, meta)
+        atomic_write_json(tmp / LINEAGE, meta)
+    return Path(out_dir)
+
+
+def add_tokens(tokenizer, text_encoder, embeddings: dict[str, torch.Tensor]) -> list[int]:
+    """Add textual-inversion tokens to ``tokenizer`` and set their rows of the text encoder's embedding table."""
+    tokens = sorted(embeddings)
+    have = set(tokenizer.get_vocab())
+    new = [t for t in tokens if t not in have]
+    if new:
+        tokenizer.add_tokens(new)
+        text_encoder.resize_token_embeddings(len(tokenizer))
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for t, i in zip(tokens, ids):
+            vec = embeddings[t]
+            if vec.shape != table[i].shape:
+                raise ValueError(
+                    f"token {t!r}: embedding shape {tuple(vec.shape)} != text encoder {tuple(table[i].shape)}"
+                )
+            table[i] = vec.to(table.dtype)
+    return ids
+
+
+def load_adapters(pipe, adapter_dir: str | os.PathLike):
+    """Load what ``save_adapters`` wrote (TI tokens and/or LoRA) into ``pipe`` in place; returns ``pipe``."""
+    from safetensors.torch import load_file
+
+    d = Path(adapter_dir)
+    meta_path = d / ADAPTER_JSON
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: missing (not an adapter directory written by craft)")
+    found = False
+    if (d / EMBEDS_FILE).is_file():
+        add_tokens(pipe.tokenizer, pipe.text_encoder, load_file(str(d / EMBEDS_FILE)))
+        found = True
+    if (d / LORA_FILE).is_file():
+        meta = json.loads(meta_path.read_text())
+        pipe.load_lora_weights(str(d), weight_name=LORA_FILE)
+        lora = meta.get("lora") or {}
+        if lora and float(lora["alpha"]) != float(lora["rank"]):
+            # diffusers files carry no alpha: it loads with alpha = rank (scale 1); restore alpha / rank
+            from peft.tuners.lora import LoraLayer
+
+            for m in pipe.unet.modules():
+                if isinstance(m, LoraLayer):
+                    for name in m.scaling:
+                        m.scaling[name] = float(lora["alpha"]) / float(lora["rank"])
+        found = True
+    if not found:
+        raise FileNotFoundError(f"{d}: neither {LORA_FILE} nor {EMBEDS_FILE}")
+    return pipe
+
+
+# ---------------------------------------------------------------- sampling pieces
+
+
+def make_scheduler(base_scheduler, kind: str, steps: int):
+    """A DDPM or DDIM sampler over the base model's noise schedule, never clipping latents (ENVIRONMENT.md)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}.get(kind)
+    if cls is None:
+        raise ValueError(f"scheduler must be ddpm or ddim, got {kind!r}")
+    s = cls.from_config(base_scheduler.config, clip_sample=False)
+    s.set_timesteps(steps)
+    return s
+
+
+class Denoiser:
+    """UNet noise prediction with classifier-free guidance on a doubled batch (uncond first)."""
+
+    def __init__(self, unet, guidance: float):
+        self.unet, self.guidance = unet, guidance
+
+    def __call__(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.unet.parameters()).dtype
+        if self.guidance > 1.0:
+            states = torch.cat([uncond.expand(z.shape[0], -1, -1), cond])
+            eps = self.unet(torch.cat([z, z]).to(dtype), t, encoder_hidden_states=states.to(dtype)).sample.float()
+            eu, ec = eps.chunk(2)
+            return eu + self.guidance * (ec - eu)
+        return self.unet(z.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
+
+
+def _sched_step(sched, eps, t, z, generator, eta: float):
+    from diffusers import DDIMScheduler
+
+    kw = {"eta": eta} if isinstance(sched, DDIMScheduler) else {}
+    return sched.step(eps, t, z, generator=generator, **kw).prev_sample
+
+
+@torch.no_grad()
+def sample_latents(unet, sched, cond, uncond, generator, guidance: float, eta: float = 1.0) -> torch.Tensor:
+    """Full no-grad trajectory from Gaussian noise to a clean latent (for preference pairs and checks)."""
+    den = Denoiser(unet, guidance)
+    c = unet.config
+    z = torch.randn((cond.shape[0], c.in_channels, c.sample_size, c.sample_size), generator=generator)
+    z = z.to(cond.device) * sched.init_noise_sigma
+    for t in sched.timesteps:
+        z = _sched_step(sched, den(sched.scale_model_input(z, t), t, cond, uncond), t, z, generator, eta)
+    return z
+
+
+def decode(vae, z: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [0, 1] (differentiable)."""
+    x = vae.decode((z / vae.config.scaling_factor).to(vae.dtype)).sample.float()
+    return (x / 2 + 0.5).clamp(0, 1)
+
+
+# ---------------------------------------------------------------- the DRaFT-K objective
+
+
+class DraftObjective(torch.nn.Module):
+    """One DRaFT-K step (CRAFT eqs. 1 and 6) as a loop model: ``forward(batch, generator) -> {"loss", ...}``.
+
+    ``batch`` holds ``prompt`` (list of enriched prompts), optionally ``latents`` (paired real latents
+    for L_diff), and any metadata the reward callable reads (``label``, ``reference`` images in [0, 1]).
+    ``reward_fn(images, meta)`` gets the n*B decoded images (repeat r of prompt i at row r*B + i) and
+    the metadata repeated accordingly plus ``repeat`` (the repeat index per row); it returns per-sample
+    tensors with ``"total"`` the reward to maximise.
+    """
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, reward_fn: RewardFn, cfg: RewardConfig):
+        super().__init__()
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self.__dict__["reward_fn"] = reward_fn  # not a submodule: the critic stays out of state_dict / optimizer
+        vae.requires_grad_(False)
+        text_encoder.requires_grad_(False)
+        unet.set_attn_processor(AttnProcessor2_0())
+        self.sched = make_scheduler(scheduler, cfg.scheduler, cfg.sample_steps)
+        self.train_sched = scheduler  # the training noise schedule for L_diff
+        self.checkpointing = False
+        self._uncond: torch.Tensor | None = None
+
+    # the loop saves/loads state_dict(); only the trainable (LoRA) weights belong in a checkpoint
+    def state_dict(self, *args, **kwargs):  # noqa: D102
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_state_dict(self, state, strict: bool = True, assign: bool = False):  # noqa: D102
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(set(params) - set(state))
+        unexpected = sorted(set(state) - set(params))
+        with torch.no_grad():
+            for n in set(params) & set(state):
+                params[n].copy_(state[n])
+        return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.checkpointing = True
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.eval()
+        self.text_encoder.eval()
+        return self
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Token states [B, L, D]: each distinct prompt through the frozen text encoder once."""
+        from craft.models.diffusion import encode_text
+
+        uniq = list(dict.fromkeys(prompts))
+        states, _ = encode_text(self.tokenizer, self.text_encoder, uniq)
+        pos = {p: i for i, p in enumerate(uniq)}
+        return states[torch.tensor([pos[p] for p in prompts], device=states.device)]
+
+    def uncond(self, device) -> torch.Tensor:
+        if self._uncond is None or self._uncond.device != torch.device(device):
+            self._uncond = self.encode_prompts([""]).to(device)
+        return self._uncond
+
+    def _maybe_ckpt(self, fn, *args):
+        if self.checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        prompts = list(batch["prompt"])
+        b, n = len(prompts), cfg.n_repeats
+        dev = next(self.unet.parameters()).device
+        cond_b = self.encode_prompts(prompts)
+        uncond = self.uncond(dev)
+        cond = cond_b.repeat(n, 1, 1)  # row r*B + i = repeat r of prompt i: n repeats in one UNet batch
+        den = Denoiser(self.unet, cfg.guidance)
+        c = self.unet.config
+        z = torch.randn((n * b, c.in_channels, c.sample_size, c.sample_size), generator=generator).to(dev)
+        z = z * self.sched.init_noise_sigma
+        ts = self.sched.timesteps
+        split = len(ts) - cfg.k
+        with torch.no_grad():  # DRaFT-K: steps T .. K+1 without graph
+            for t in ts[:split]:
+                eps = den(self.sched.scale_model_input(z, t), t, cond, uncond)
+                z = _sched_step(self.sched, eps, t, z, generator, cfg.eta)
+        z = z.detach()
+        for t in ts[split:]:  # the last K steps keep the graph into the LoRA weights
+            zin = self.sched.scale_model_input(z, t)
+            eps = self._maybe_ckpt(lambda a, tt=t: den(a, tt, cond, uncond), zin)
+            z = _sched_step(self.sched, eps, t, z, generator, cfg.eta)
+        images = self._maybe_ckpt(lambda a: decode(self.vae, a), z)
+        meta = {k: _repeat(v, n) for k, v in batch.items() if k != "latents"}
+        meta["repeat"] = torch.arange(n, device=dev).repeat_interleave(b)
+        rewards = self.reward_fn(images, meta)
+        if "total" not in rewards or rewards["total"].shape != (n * b,):
+            raise ValueError(f"reward callable must return 'total' of shape [{n * b}], got "
+                             f"{ {k: tuple(v.shape) for k, v in rewards.items()} }")  # fmt: skip
+        per_prompt = rewards["total"].float().view(n, b).mean(0)  # eq. 6: average over the n repeats
+        reward = per_prompt.mean()
+        out = {f"reward_{k}": v.detach().float() for k, v in rewards.items() if k != "total"}
+        out["reward"] = reward.detach()
+        loss = -cfg.reward_scale * reward
+        if cfg.diffusion_weight > 0 and "latents" in batch:
+            l_diff = self.diffusion_loss(batch["latents"], cond_b, generator)
+            loss = loss + cfg.diffusion_weight * l_diff
+            out["l_diff"] = l_diff.detach()
+        out["loss"] = loss
+        return out
+
+    def diffusion_loss(self, z0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Standard epsilon-prediction loss on the paired real latent, conditioned on its enriched prompt (eq. 1)."""
+        b, dev = z0.shape[0], z0.device
+        noise = torch.randn(z0.shape, generator=generator).to(dev, torch.float32)
+        t = torch.randint(0, self.train_sched.config.num_train_timesteps, (b,), generator=generator).to(dev)
+        zt = self.train_sched.add_noise(z0.float(), noise, t)
+        dtype = next(self.unet.parameters()).dtype
+        pred = self._maybe_ckpt(
+            lambda a: self.unet(a.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float(), zt
+        )
+        return F.mse_loss(pred, noise)
+
+
+def _repeat(v: Any, n: int) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.repeat(n, *([1] * (v.ndim - 1)))
+    return list(v) * n
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def critic_reward(cam, weights: dict[str, float]) -> RewardFn:
+    """The CRAFT reward callable: CAM components (VDC, CCS, DD, SFS; eqs. 2-5) and their weighted sum (eq. 6)."""
+    from craft.losses import clinical_reward
+
+    def fn(images: torch.Tensor, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+        comps = cam(images, meta["label"], meta["prompt"], references=meta.get("reference"))
+        comps = {k: v for k, v in comps.items() if k in weights}
+        comps["total"] = clinical_reward(comps, weights)
+        return comps
+
+    return fn
+
+
+def paired_table(dataset_dir, annotations_dir, split: str, missing: str = "skip"):
+    """(meta, rows of ``split`` joined with their ok enriched prompts, number dropped)."""
+    import pandas as pd
+
+    from craft.data.manifest import read_manifest, read_meta
+
+    meta = read_meta(dataset_dir)
+    df = read_manifest(dataset_dir)
+    df = df[df["split"] == split].reset_index(drop=True)
+    if len(df) == 0:
+        raise ValueError(f"{dataset_dir}/manifest.parquet: no rows with split={split!r}")
+    ann_path = Path(annotations_dir) / "annotations.parquet"
+    if not ann_path.is_file():
+        raise FileNotFoundError(f"{ann_path}: missing (run the annotate stage first)")
+    ann = pd.read_parquet(ann_path)
+    for col in ("image_id", "enriched_prompt", "status"):
+        if col not in ann.columns:
+            raise ValueError(f"{ann_path}: no column {col!r}")
+    ok = ann[(ann["status"] == "ok") & ann["enriched_prompt"].notna()][["image_id", "enriched_prompt"]]
+    merged = df.merge(ok.drop_duplicates("image_id"), on="image_id", how="left")
+    lacking = merged["enriched_prompt"].isna()
+    if lacking.any() and missing == "error":
+        raise ValueError(f"{ann_path}: no ok enriched prompt for image_id={merged.loc[lacking, 'image_id'].iloc[0]!r}")
+    merged = merged[~lacking].reset_index(drop=True)
+    if len(merged) == 0:
+        raise ValueError(f"{ann_path}: no {split} image has an ok enriched prompt")
+    return meta, merged, int(lacking.sum())
+
+
+def _device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir, base, out_dir,
+         work_dir=None) -> dict[str, float]:  # fmt: skip
+    """Train the CRAFT LoRA on ``base`` against the critic and write the adapter to ``out_dir``; returns metrics."""
+    from craft.models.diffusion import load_pipeline, read_lineage
+    from craft.models.encoders import ClinicalAlignmentModule, load_encoder, load_probe
+    from craft.train.crafts import encode_latents, load_images
+
+    cfg.validate()
+    t0 = time.time()
+    if cfg.loop.threads > 0:
+        torch.set_num_threads(cfg.loop.threads)
+    dev = _device(cfg.device)
+    out_dir = Path(out_dir)
+    work = Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".work")
+    meta, df, dropped = paired_table(dataset_dir, annotations_dir, cfg.split, cfg.missing_prompt)
+    pipe = load_pipeline(base)
+    unet, vae, te = pipe.unet.to(dev), pipe.vae.to(dev), pipe.text_encoder.to(dev)
+    res = int(vae.config.sample_size if isinstance(vae.config.sample_size, int) else vae.config.sample_size[0])
+    pixels = load_images(dataset_dir, df, res)  # [-1, 1]
+    latents = encode_latents(vae, pixels.to(dev)).cpu()
+    critic = load_encoder(critic_dir, device=str(dev)).eval().requires_grad_(False)
+    probe = load_probe(probe_dir, critic)
+    checklists = json.loads((Path(annotations_dir) / "checklists.json").read_text())
+    cam = ClinicalAlignmentModule(critic, probe, checklists, cfg.checklist_mode, dd="loglik")
+    weights = dict(cfg.reward_weights)
+    if not cfg.use_sfs:
+        weights.pop("sfs", None)
+    data: dict[str, Any] = {"latents": latents, "prompt": df["enriched_prompt"].astype(str).tolist(),
+                            "label": df["label"].astype(str).tolist()}  # fmt: skip
+    if cfg.use_sfs:
+        data["reference"] = (pixels + 1) / 2  # the paired real image x_i in [0, 1] (eq. 5)
+    add_lora(unet, cfg.lora)
+    model = DraftObjective(unet, vae, te, pipe.tokenizer, pipe.scheduler, critic_reward(cam, weights), cfg)
+    result = train(model, data, cfg.loop, work / "draft")
+    metrics = {k: v for k, v in result.logs.items() if k != "lr"}
+    metrics.update(steps=float(result.step), train_seconds=time.time() - t0, dropped_rows=float(dropped))
+    lineage = {"stage": "reward", "kind": "lora", "base": str(base), "base_lineage": read_lineage(base),
+               "config": to_dict(cfg), "critic": str(critic_dir), "critic_identity": critic.identity,
+               "probe": str(probe_dir), "dataset": str(dataset_dir), "annotations": str(annotations_dir),
+               "metrics": metrics}  # fmt: skip
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_adapters(out_dir, unet=unet, lora=cfg.lora, info=lineage)
+    return metrics
+
+
+def step(dataset_dir, annotations_dir, critic_dir, probe_dir, base, model_dir, profile: str,
+         overrides: list[str]) -> dict[str, float]:  # fmt: skip
+    """Pipeline step: config from profile + overrides, then ``main`` (the KFP component calls this)."""
+    from craft.config import load_stage_config
+
+    cfg = load_stage_config("reward", profile, overrides)
+    return main(cfg, dataset_dir, annotations_dir, critic_dir, probe_dir, base, model_dir)

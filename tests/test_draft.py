@@ -1,0 +1,204 @@
+"""DRaFT-K reward finetuning (craft.train.reward): LoRA-only gradients, K graph steps, repeat averaging, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from craft.models.diffusion import ModelConfig, build_components
+from craft.train.loop import LoopConfig, train
+from craft.train.reward import (
+    DraftObjective,
+    LoraSettings,
+    RewardConfig,
+    add_lora,
+    load_adapters,
+    save_adapters,
+)
+
+torch.set_num_threads(2)
+PROMPTS = ["normal colon mucosa", "adenocarcinoma with crowded glands", "adenoma", "mucinous carcinoma"]
+
+
+def tiny(seed: int = 0):
+    mc = ModelConfig(preset="tiny", resolution=32, unet_channels=[8, 16], vae_channels=[8, 8], text_hidden=16,
+                     text_layers=1)  # fmt: skip
+    return build_components(mc, ["adenocarcinoma", "adenoma"], seed=seed)
+
+
+def cfg(**kw) -> RewardConfig:
+    base = dict(k=1, n_repeats=2, sample_steps=4, guidance=2.0, diffusion_weight=0.0)
+    base.update(kw)
+    c = RewardConfig(**base)
+    c.validate()
+    return c
+
+
+def mean_brightness(images, meta):
+    """A differentiable toy reward: mean pixel value per image."""
+    return {"total": images.mean(dim=(1, 2, 3)), "bright": images.mean(dim=(1, 2, 3))}
+
+
+def objective(c: RewardConfig, reward=mean_brightness, seed: int = 0):
+    comp = tiny(seed)
+    add_lora(comp.unet, c.lora)
+    return comp, DraftObjective(comp.unet, comp.vae, comp.text_encoder, comp.tokenizer, comp.scheduler, reward, c)
+
+
+def batch(b: int = 2, latents: bool = False):
+    out = {"prompt": PROMPTS[:b], "label": ["normal", "adenocarcinoma", "adenoma", "mucinous"][:b]}
+    if latents:
+        out["latents"] = torch.randn(b, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    return out
+
+
+def test_gradients_reach_lora_only():
+    comp, model = objective(cfg(diffusion_weight=1.0))
+    res = model(batch(2, latents=True), torch.Generator().manual_seed(0))
+    res["loss"].backward()
+    mods = {"unet": comp.unet, "vae": comp.vae, "text_encoder": comp.text_encoder}
+    lora_grads = 0
+    for mname, m in mods.items():
+        for n, p in m.named_parameters():
+            if "lora" in n:
+                assert p.grad is not None, f"{mname}.{n} got no gradient"
+                lora_grads += 1
+            else:
+                assert p.grad is None, f"frozen parameter {mname}.{n} received a gradient"
+    assert lora_grads > 0
+    # B starts at zero, so the reward gradient reaches lora_B (and lora_A only after B moves)
+    assert any(p.grad.abs().sum() > 0 for n, p in comp.unet.named_parameters() if "lora_B" in n)
+
+
+def _count_grad_unet_calls(model, c: RewardConfig, b: int = 2, latents: bool = False) -> tuple[int, int]:
+    calls = {"grad": 0, "nograd": 0}
+
+    def hook(mod, args, kwargs):
+        calls["grad" if torch.is_grad_enabled() else "nograd"] += 1
+
+    h = model.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(batch(b, latents=latents), torch.Generator().manual_seed(0))
+    finally:
+        h.remove()
+    return calls["grad"], calls["nograd"]
+
+
+def test_k_sets_number_of_unet_calls_in_graph():
+    for k in (1, 2):
+        c = cfg(k=k, sample_steps=4)
+        _, model = objective(c)
+        grad, nograd = _count_grad_unet_calls(model, c)
+        assert (grad, nograd) == (k, 4 - k), (k, grad, nograd)
+    # the diffusion loss on the paired real latent (eq. 1) is one more UNet call in the graph
+    c = cfg(k=1, sample_steps=4, diffusion_weight=1.0)
+    _, model = objective(c)
+    assert _count_grad_unet_calls(model, c, latents=True) == (2, 3)
+
+
+def test_n_repeats_are_batched_and_averaged():
+    seen = {}
+
+    def by_repeat(images, meta):
+        seen["n_images"] = images.shape[0]
+        seen["prompts"] = list(meta["prompt"])
+        # reward r+1 for repeat r (plus a zero-valued differentiable term)
+        return {"total": meta["repeat"].float() + 1.0 + 0.0 * images.mean(dim=(1, 2, 3))}
+
+    for n, expect in ((1, 1.0), (2, 1.5), (3, 2.0)):
+        _, model = objective(cfg(n_repeats=n), reward=by_repeat)
+        res = model(batch(2), torch.Generator().manual_seed(0))
+        assert seen["n_images"] == 2 * n
+        assert seen["prompts"] == PROMPTS[:2] * n
+        assert torch.isclose(res["loss"], torch.tensor(-expect)), (n, res["loss"])
+        assert torch.isclose(res["reward"], torch.tensor(expect))
+
+
+def test_repeats_are_different_trajectories():
+    imgs = {}
+
+    def keep(images, meta):
+        imgs["x"] = images.detach()
+        return {"total": images.mean(dim=(1, 2, 3))}
+
+    _, model = objective(cfg(n_repeats=2), reward=keep)
+    model(batch(1), torch.Generator().manual_seed(0))
+    assert not torch.allclose(imgs["x"][0], imgs["x"][1])
+
+
+def test_train_step_changes_lora_only(tmp_path):
+    comp, model = objective(cfg(diffusion_weight=1.0))
+    before = {f"{m}.{n}": p.detach().clone() for m, mod in (("unet", comp.unet), ("vae", comp.vae),
+              ("te", comp.text_encoder)) for n, p in mod.named_parameters()}  # fmt: skip
+    data = {"prompt": PROMPTS, "label": ["a", "b", "c", "d"], "latents": torch.randn(4, 4, 16, 16)}
+    loop = LoopConfig(steps=2, batch_size=4, lr=1e-2, threads=2, progress=False, log_every=1)
+    res = train(model, data, loop, tmp_path / "run")
+    after = {f"{m}.{n}": p.detach() for m, mod in (("unet", comp.unet), ("vae", comp.vae),
+             ("te", comp.text_encoder)) for n, p in mod.named_parameters()}  # fmt: skip
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed, "nothing changed"
+    assert all("lora" in k for k in changed), [k for k in changed if "lora" not in k][:3]
+    assert any("lora_B" in k for k in changed)
+    assert {"reward", "reward_bright", "l_diff", "loss"} <= set(res.logs)
+    # the checkpoint holds the LoRA weights only (the frozen base is not copied each time)
+    from safetensors.torch import load_file
+
+    sd = load_file(str(res.checkpoint / "model.safetensors"))
+    assert sd and all("lora" in k for k in sd)
+
+
+@pytest.mark.slow
+def test_resume_is_exact(tmp_path):
+    data = {"prompt": PROMPTS, "label": ["a", "b", "c", "d"], "latents": torch.randn(4, 4, 16, 16)}
+
+    def run(out, stop_after=None, resume=True):
+        comp, model = objective(cfg(diffusion_weight=1.0))
+        loop = LoopConfig(steps=3, batch_size=2, lr=1e-2, threads=2, progress=False, checkpoint_every=1)
+        train(model, data, loop, out, stop_after=stop_after, resume=resume)
+        return {n: p.detach().clone() for n, p in comp.unet.named_parameters() if "lora" in n}
+
+    full = run(tmp_path / "a")
+    run(tmp_path / "b", stop_after=2)
+    resumed = run(tmp_path / "b")
+    assert all(torch.allclose(full[k], resumed[k], atol=1e-6) for k in full)
+
+
+def test_save_load_into_base_pipeline_gives_same_samples(tmp_path):
+    from craft.sample import generate, to_array
+
+    c = cfg(lora=LoraSettings(rank=4, alpha=8.0))
+    comp = tiny()
+    base = comp.pipeline()
+    from craft.models.diffusion import save_pipeline
+
+    save_pipeline(base, tmp_path / "base", {"stage": "test"})
+    add_lora(comp.unet, c.lora)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in comp.unet.named_parameters():
+            if "lora" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    ref = to_array(generate(comp.pipeline(), ["adenoma", "normal"], steps=3, guidance=2.0, seed=5))
+    save_adapters(tmp_path / "lora", unet=comp.unet, lora=c.lora, info={"stage": "test"})
+    from craft.models.diffusion import load_pipeline
+
+    pipe = load_adapters(load_pipeline(tmp_path / "base"), tmp_path / "lora")
+    got = to_array(generate(pipe, ["adenoma", "normal"], steps=3, guidance=2.0, seed=5))
+    plain = to_array(generate(load_pipeline(tmp_path / "base"), ["adenoma", "normal"], steps=3, guidance=2.0, seed=5))
+    assert abs(plain.astype(int) - ref.astype(int)).max() > 5, "the LoRA perturbation should change samples"
+    # same adapted UNet: identical LoRA tensors and noise predictions; samples equal up to uint8 rounding
+    mine = sorted((n.replace(".default", ""), p) for n, p in comp.unet.named_parameters() if "lora" in n)
+    theirs = sorted((n.replace(".default_0", ""), p) for n, p in pipe.unet.named_parameters() if "lora" in n)
+    assert [n for n, _ in mine] == [n for n, _ in theirs]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(mine, theirs))
+    z, t, states = torch.randn(2, 4, 16, 16), torch.tensor(500), torch.randn(2, 32, 16)
+    with torch.no_grad():
+        assert torch.allclose(comp.unet(z, t, states).sample, pipe.unet(z, t, states).sample, atol=1e-5)
+    assert abs(got.astype(int) - ref.astype(int)).max() <= 3
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="k must be"):
+        RewardConfig(k=5, sample_steps=4).validate()
+    with pytest.raises(ValueError, match="unknown reward"):
+        RewardConfig(reward_weights={"vdc": 1.0, "fid": 1.0}).validate()
