@@ -149,3 +149,68 @@ def test_sqrtm_imaginary_guard():
     s = np.array([[1.0, 0.0], [0.0, 1.0]])
     assert M.frechet_distance([0, 0], s, [0, 0], s) == pytest.approx(0.0, abs=1e-10)
     assert np.allclose(scipy.linalg.sqrtm(s), s)
+
+
+# ----------------------------------------------------------------------------------------------
+# report.py
+
+
+def test_report_figures_are_pngs_and_pca_is_correct():
+    from PIL import Image
+
+    from craft.evaluate import report as R
+
+    rng = np.random.default_rng(0)
+    png = R.tail_cdf_png({"real": rng.random(50), "craft": rng.random(40)}, threshold=0.25)
+    assert Image.open(__import__("io").BytesIO(png)).size == (720, 420)
+    # PCA: points on a line along (1, 1, 0) -> first component carries everything
+    t = np.linspace(-1, 1, 9)
+    xy = R.pca_2d(np.stack([t, t, np.zeros_like(t)], 1) + 5)
+    assert np.allclose(np.abs(xy[:, 0]), np.abs(t) * np.sqrt(2)) and np.allclose(xy[:, 1], 0, atol=1e-9)
+    emb = R.embedding_map_png(rng.normal(size=(20, 5)), ["a", "b"] * 10, markers=[True] * 10 + [False] * 10)
+    grid = R.image_grid_png({"normal": [np.zeros((8, 8, 3), np.uint8)] * 3, "adenoma": [np.ones((8, 8))] * 2})
+    for data in (emb, grid):
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="empty or non-finite"):
+        R.tail_cdf_png({"x": []}, 0.1)
+
+
+def test_confusion_matrix_matches_sklearn():
+    from sklearn.metrics import confusion_matrix as sk_cm
+
+    from craft.evaluate import report as R
+
+    t, p = ["a", "b", "b", "c", "a"], ["a", "b", "a", "c", "c"]
+    assert np.array_equal(R.confusion_matrix(t, p, ["a", "b", "c"]), sk_cm(t, p, labels=["a", "b", "c"]))
+    html = R.confusion_table_html(R.confusion_matrix(t, p, ["a", "b", "c"]), ["a", "b", "c"])
+    assert html.count("<tr>") == 4
+    with pytest.raises(ValueError, match="y_pred: 'z' is not one of"):
+        R.confusion_matrix(["a"], ["z"], ["a"])
+
+
+def test_build_report_is_self_contained_and_writes_outputs(tmp_path):
+    import json
+
+    from craft.evaluate import report as R
+
+    per = pd.DataFrame({"variant": ["real", "craft"], "vdc": [0.1, 0.2], "ccs": 0.1, "dd": 1.0, "sfs": [1.0, 0.5]})
+    png = R.tail_cdf_png({"craft": [0.3, 0.4]}, 0.35)
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(R.image_grid_png({"x": [np.zeros((8, 8), np.uint8)]}))
+    out = R.build_report(
+        tmp_path / "rep",
+        {"Table 1": M.variant_table(per), "Confusion": R.confusion_table_html(np.eye(2, dtype=int), ["a", "b"])},
+        {"Tail": png},
+        {"Grid": grid},
+        notes=["<b>not html</b>"],
+        metrics={"fid": float("nan"), "cas": np.float32(0.5)},
+        per_image=per,
+    )
+    text = out.read_text()
+    assert text.count("data:image/png;base64,") == 2 and "&lt;b&gt;not html&lt;/b&gt;" in text
+    assert 'src="http' not in text and "Table 1" in text
+    assert json.loads((tmp_path / "rep" / "metrics.json").read_text()) == {"cas": 0.5, "fid": None}
+    assert pd.read_parquet(tmp_path / "rep" / "per_image.parquet").equals(per)
+    assert not [p for p in (tmp_path / "rep").iterdir() if ".tmp" in p.name]
+    with pytest.raises(ValueError, match="expected PNG bytes"):
+        R.build_report(tmp_path / "bad", {}, {"x": b"GIF89a"})
