@@ -205,6 +205,39 @@ def show_config(
 # --- stage commands (added by each stage) ---
 
 
+@train_app.command("encoder")
+def train_encoder_cmd(
+    dataset_dir: Annotated[Path, typer.Argument(help="Dataset directory; only its train split is used.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Encoder directory to write (HF layout).")],
+    role: Annotated[str, typer.Option(help="critic, evaluator or evaluator2 (each has its own arch and seed).")],
+    annotations: Annotated[
+        Path | None, typer.Option(help="annotations.parquet (or its folder): enriched prompts as texts.")
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Train a small dual encoder contrastively for one role (demo stand-in for MedSigLIP / SigLIP)."""
+    from craft.train import encoder
+
+    cfg = stage_config("encoder", config, overrides)
+    _echo_json(encoder.main(cfg, role, dataset_dir, out, annotations))
+
+
+@train_app.command("probe")
+def train_probe_cmd(
+    encoder_dir: Annotated[str, typer.Argument(help="Frozen encoder: local directory or s3:// prefix.")],
+    dataset_dir: Annotated[Path, typer.Argument(help="Dataset directory; the probe sees real train images only.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for probe.safetensors + probe.json.")],
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Train the DD linear probe (CRAFT A.2) on one frozen encoder's embeddings; print train/test accuracy."""
+    from craft.train import probe
+
+    cfg = stage_config("probe", config, overrides)
+    _echo_json(probe.main(cfg, encoder_dir, dataset_dir, out))
+
+
 @data_app.command("import-paired")
 def data_import_paired(
     layout: Annotated[str, typer.Argument(help="consep, glysac, instance (masks) | hemit, shift, pairs (folders)")],
