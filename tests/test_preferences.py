@@ -83,3 +83,15 @@ def test_checklist_audit_pass_rates():
     assert t.loc["zs", "pass_rate"] == 0.0 and t.loc["craft", "n_images"] == 2
     with pytest.raises(ValueError, match="no verdict for attribute 'air'"):
         P.checklist_audit(items, checklists, lambda img, target, cl: {"opacity": True})
+
+
+def test_rankings_from_score_table_and_json_block():
+    import pandas as pd
+
+    wide = pd.DataFrame({"a": [0.9, 0.1, np.nan], "b": [0.5, 0.2, 0.3], "c": [0.1, 0.3, 0.6]})
+    r = P.rankings_from_scores(wide)
+    assert r == [["a", "b", "c"], ["c", "b", "a"], ["c", "b"]]  # NaN: a left out of case 3
+    block = P.bradley_terry_bootstrap(r, ["a", "b", "c"], n_boot=50, seed=0)
+    assert block["order"][0] == "c" and block["n_cases"] == 3
+    assert set(block["variants"]["a"]) == {"bt_score", "ci_low", "ci_high", "rank1_share"}
+    assert block["variants"]["c"]["rank1_share"] == pytest.approx(2 / 3)

@@ -101,6 +101,21 @@ def rank_by_scores(scores: Mapping[str, Mapping[str, float]]) -> list[list[str]]
     return [sorted(s, key=lambda v: -float(s[v])) for s in scores.values()]
 
 
+def rankings_from_scores(scores: pd.DataFrame | Mapping[str, Mapping[str, float]]) -> list[list[str]]:
+    """Rankings from a score table: rows = cases, columns = variants (e.g. CAS), highest first.
+
+    A DataFrame cell that is NaN leaves that variant out of that case (a partial ranking still gives
+    the pairwise wins among the variants present). Ties keep column order.
+    """
+    if isinstance(scores, pd.DataFrame):
+        out = []
+        for _, row in scores.iterrows():
+            row = row.dropna()
+            out.append([str(v) for v in sorted(row.index, key=lambda v: -float(row[v]))])
+        return out
+    return rank_by_scores(scores)
+
+
 def pairwise_wins(rankings: Sequence[Sequence[str]], variants: Sequence[str]) -> np.ndarray:
     """W[i, j] = number of times variant i was ranked above variant j (each ranking gives all its pairs)."""
     pos = {v: i for i, v in enumerate(variants)}
@@ -216,3 +231,28 @@ def checklist_audit(
             "all_pass_rate": g["all"].mean(),
         }
     ).reset_index()
+
+
+def bradley_terry_bootstrap(
+    rankings: Sequence[Sequence[str]],
+    variants: Sequence[str],
+    *,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    prior: float = 0.1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``preference_table`` as a JSON-ready dict for metrics.json: {variant: {bt_score, ci_low, ci_high,
+    rank1_share}} under "variants", plus n_cases, n_boot, ci and prior."""
+    t = preference_table(rankings, variants, n_boot=n_boot, ci=ci, prior=prior, seed=seed)
+    return {
+        "variants": {
+            r.variant: {k: float(getattr(r, k)) for k in ("bt_score", "ci_low", "ci_high", "rank1_share")}
+            for r in t.itertuples()
+        },  # fmt: skip
+        "order": t["variant"].tolist(),
+        "n_cases": len(rankings),
+        "n_boot": n_boot,
+        "ci": ci,
+        "prior": prior,
+    }
