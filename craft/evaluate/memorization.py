@@ -210,13 +210,13 @@ def max_ssim_to_reference(gen_images, ref_images, top_k: int | None = None, chun
     ranks in the top-k is found exactly, but the returned max for a NON-duplicate image can be lower
     than the exhaustive max (see the module docstring).
     """
-    g_pil, r_pil = _to_pil_list(gen_images), _to_pil_list(ref_images)
-    g, r = as_image_tensor(g_pil), as_image_tensor(r_pil)
+    g, r = as_image_tensor(gen_images), as_image_tensor(ref_images)  # float inputs stay unquantised
     if g.shape[1:] != r.shape[1:]:
         raise ValueError(f"ref_images: shape {tuple(r.shape[1:])} differs from gen_images' {tuple(g.shape[1:])}")
     if top_k is None or top_k >= len(r):
         cand = np.broadcast_to(np.arange(len(r)), (len(g), len(r)))
     else:
+        g_pil, r_pil = _to_pil_list(gen_images), _to_pil_list(ref_images)
         tg, tr = torch.from_numpy(_thumb_vectors(g_pil)), torch.from_numpy(_thumb_vectors(r_pil))
         cand = np.concatenate(
             [torch.topk(tg[s : s + chunk] @ tr.T, top_k, dim=1).indices.numpy() for s in range(0, len(g), chunk)]
