@@ -15,6 +15,16 @@
   frozen, L2-normalised image embeddings); trained by ``craft.train.probe``.
 - ``ClinicalAlignmentModule``: critic + probe + checklists -> the four reward tensors of CRAFT
   eqs. 2-5 for a batch of generated images (DRaFT), or the evaluator's primitives (evaluation).
+
+Use in a DRaFT-K step (critic) and in evaluation (evaluator)::
+
+    enc = load_role_encoders(cfg, critic=critic_dir, evaluator=evaluator_dir)  # refuses the same model twice
+    cam = ClinicalAlignmentModule(enc["critic"], load_probe(critic_probe_dir, enc["critic"]), checklists)
+    ref = cam.reference_embeddings(real_images)                   # [B, D], no grad, once per batch
+    r = cam(vae_decoded_in_01, labels, enriched_prompts, reference_emb=ref)   # {"vdc","ccs","dd","sfs"}: [B]
+    loss = -craft.losses.clinical_reward(r).mean()                # gradients reach the pixels, not the critic
+    ev = ClinicalAlignmentModule(enc["evaluator"], load_probe(eval_probe_dir, enc["evaluator"]), checklists,
+                                 dd="accuracy")                   # CAS primitives; DD = probe accuracy
 """
 
 from __future__ import annotations
