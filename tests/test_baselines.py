@@ -1,0 +1,132 @@
+"""Baselines (craft.train.baselines): TI changes only new token rows, DPO loss and step, adapters reload."""
+
+from __future__ import annotations
+
+import torch
+
+from craft.models.diffusion import ModelConfig, build_components, load_pipeline, save_pipeline
+from craft.train.baselines import (
+    DPOObjective,
+    LoRADiffusionObjective,
+    TIObjective,
+    add_class_tokens,
+    diffusion_dpo_loss,
+    make_pairs,
+)
+from craft.train.loop import LoopConfig, train
+from craft.train.reward import LoraSettings, add_lora, load_adapters, save_adapters
+
+torch.set_num_threads(2)
+
+
+def tiny(seed: int = 0):
+    mc = ModelConfig(preset="tiny", resolution=32, unet_channels=[8, 16], vae_channels=[8, 8], text_hidden=16,
+                     text_layers=1)  # fmt: skip
+    return build_components(mc, ["adenocarcinoma", "adenoma"], seed=seed)
+
+
+def params(comp) -> dict[str, torch.Tensor]:
+    return {f"{m}.{n}": p.detach().clone() for m, mod in (("unet", comp.unet), ("vae", comp.vae),
+            ("te", comp.text_encoder)) for n, p in mod.named_parameters()}  # fmt: skip
+
+
+def loop(**kw) -> LoopConfig:
+    base = dict(steps=2, batch_size=2, lr=1e-2, threads=2, progress=False, log_every=1)
+    base.update(kw)
+    return LoopConfig(**base)
+
+
+def test_ti_changes_only_new_token_rows(tmp_path):
+    comp = tiny()
+    n_before = len(comp.tokenizer)
+    ids = add_class_tokens(comp.tokenizer, comp.text_encoder, {"<adenoma>": "adenoma", "<normal>": "normal"})
+    assert sorted(ids) == [n_before, n_before + 1]
+    before = params(comp)
+    model = TIObjective(comp.unet, comp.text_encoder, comp.tokenizer, comp.scheduler, ids)
+    data = {"latents": torch.randn(4, 4, 16, 16), "prompt": ["<adenoma>", "<normal>", "an <adenoma>", "<normal>"]}
+    train(model, data, loop(weight_decay=0.1), tmp_path / "ti")  # decay would move every row if not held
+    model.restore()
+    after = params(comp)
+    key = next(k for k in before if k.startswith("te.") and "token_embedding" in k)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == [key]
+    rows = (before[key] != after[key]).any(dim=1).nonzero().flatten().tolist()
+    assert rows == sorted(ids)
+
+
+def test_dpo_loss_matches_hand_computed_case():
+    # pair 1: model improves on w vs ref -> inside = -0.5*10*((0.5-0.7)-(0.6-0.6)) = 1.0
+    # pair 2: inside = -0.5*10*((0.4-0.3)-(0.4-0.4)) = -0.5
+    loss, acc = diffusion_dpo_loss(torch.tensor([0.5, 0.4]), torch.tensor([0.7, 0.3]), torch.tensor([0.6, 0.4]),
+                                   torch.tensor([0.6, 0.4]), beta=10.0)  # fmt: skip
+    import math
+
+    expect = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(0.5))) / 2
+    assert abs(float(loss) - expect) < 1e-6
+    assert float(acc) == 0.5
+
+
+def test_dpo_step_changes_lora_only_and_starts_at_log2(tmp_path):
+    import copy
+
+    comp = tiny()
+    add_lora(comp.unet, LoraSettings(cross_attention_only=True))
+    ref = copy.deepcopy(comp.unet)
+    ref_before = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    model = DPOObjective(comp.unet, ref, comp.text_encoder, comp.tokenizer, comp.scheduler, beta=100.0)
+    data = {"z_w": torch.randn(4, 4, 16, 16), "z_l": torch.randn(4, 4, 16, 16), "prompt": ["adenoma", "normal"] * 2}
+    out = model(data, torch.Generator().manual_seed(0))
+    assert abs(float(out["loss"]) - 0.6931472) < 1e-5  # model == reference -> -log sigmoid(0)
+    before = params(comp)
+    train(model, data, loop(), tmp_path / "dpo")
+    after = params(comp)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all("lora" in k and "attn2" in k for k in changed)
+    assert all(torch.equal(ref_before[n], p) for n, p in ref.named_parameters())
+
+
+def test_make_pairs_prefers_higher_score():
+    comp = tiny()
+
+    def bright(images, meta):
+        return {"total": images.mean(dim=(1, 2, 3))}
+
+    pairs = make_pairs(comp.unet, comp.vae, comp.text_encoder, comp.tokenizer, comp.scheduler, ["adenoma", "normal"],
+                       {"label": ["adenoma", "normal"]}, seed=0, steps=2, guidance=1.0, score=bright)  # fmt: skip
+    from craft.train.reward import decode
+
+    with torch.no_grad():
+        sw = decode(comp.vae, pairs["z_w"]).mean(dim=(1, 2, 3))
+        sl = decode(comp.vae, pairs["z_l"]).mean(dim=(1, 2, 3))
+    assert (sw >= sl).all() and not torch.equal(pairs["z_w"], pairs["z_l"])
+
+    def judge_b(case):  # a blinded judge that always prefers the darker candidate
+        return sorted(case.candidates, key=lambda L: sum(case.candidates[L].convert("L").getdata()))
+
+    pj = make_pairs(comp.unet, comp.vae, comp.text_encoder, comp.tokenizer, comp.scheduler, ["adenoma", "normal"],
+                    {"label": ["adenoma", "normal"]}, seed=0, steps=2, guidance=1.0, judge=judge_b)  # fmt: skip
+    assert torch.equal(pj["z_w"], pairs["z_l"]) and torch.equal(pj["z_l"], pairs["z_w"])
+
+
+def test_ti_lora_save_load_into_base_pipeline(tmp_path):
+    from craft.sample import generate, to_array
+
+    comp = tiny()
+    save_pipeline(comp.pipeline(), tmp_path / "base", {"stage": "test"})
+    ids = add_class_tokens(comp.tokenizer, comp.text_encoder, {"<adenoma>": "adenoma"})
+    with torch.no_grad():
+        comp.text_encoder.get_input_embeddings().weight[ids[0]] += 0.5
+    settings = LoraSettings(cross_attention_only=True)
+    add_lora(comp.unet, settings)
+    model = LoRADiffusionObjective(comp.unet, comp.text_encoder, comp.tokenizer, comp.scheduler)
+    train(model, {"latents": torch.randn(2, 4, 16, 16), "prompt": ["<adenoma>", "<adenoma> glands"]}, loop(),
+          tmp_path / "lora")  # fmt: skip
+    emb = {"<adenoma>": comp.text_encoder.get_input_embeddings().weight[ids[0]].detach().clone()}
+    save_adapters(tmp_path / "adapter", unet=comp.unet, lora=settings, embeddings=emb, info={"stage": "test"})
+    ref = to_array(generate(comp.pipeline(), ["<adenoma>"], steps=3, guidance=2.0, seed=1))
+    pipe = load_adapters(load_pipeline(tmp_path / "base"), tmp_path / "adapter")
+    got = to_array(generate(pipe, ["<adenoma>"], steps=3, guidance=2.0, seed=1))
+    assert pipe.tokenizer.tokenize("<adenoma>") == ["<adenoma>"]
+    assert abs(got.astype(int) - ref.astype(int)).max() <= 3
+    base = to_array(generate(load_pipeline(tmp_path / "base"), ["<adenoma>"], steps=3, guidance=2.0, seed=1))
+    assert abs(base.astype(int) - ref.astype(int)).max() > 5
