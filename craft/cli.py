@@ -205,6 +205,56 @@ def show_config(
 # --- stage commands (added by each stage) ---
 
 
+@train_app.command("pretrain")
+def train_pretrain_cmd(
+    data: Annotated[Path, typer.Option("--data", help="Dataset directory (weak captions in the manifest).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write (diffusers layout).")],
+    base: Annotated[
+        str | None, typer.Option(help="Start from this model (dir or s3://); default: train from scratch.")
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """CRAFTS stage 1: weak-caption pretraining with L_corr (first-stage autoencoder too when no --base)."""
+    from craft.train import crafts
+
+    cfg = stage_config("pretrain", config, overrides)
+    _echo_json(crafts.pretrain(cfg, data, out, base))
+
+
+@train_app.command("finetune")
+def train_finetune_cmd(
+    data: Annotated[Path, typer.Option("--data", help="Dataset directory with labels.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write (diffusers layout).")],
+    base: Annotated[str | None, typer.Option(help="Stage-1 model (dir or s3://); default: from scratch.")] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """CRAFTS stage 2: labelled fine-tuning ("<class phrase>, <caption>") with L_corr + L_cate."""
+    from craft.train import crafts
+
+    cfg = stage_config("finetune", config, overrides)
+    _echo_json(crafts.finetune(cfg, data, out, base))
+
+
+@app.command("sample")
+def sample_cmd(
+    model_dir: Annotated[str, typer.Argument(help="Model directory or s3:// prefix (diffusers layout).")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt (repeat for several).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for PNGs + grid.png.")],
+    n: Annotated[int, typer.Option("--n", help="Images per prompt.")] = 4,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (<= 1: none).")] = 4.0,
+    scheduler: Annotated[str, typer.Option(help="ddim or ddpm.")] = "ddim",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Sample images from a text-to-image model (DDIM/DDPM, classifier-free guidance, seeded)."""
+    from craft.sample import sample
+
+    path = sample(model_dir, list(prompt), n, out, steps=steps, guidance=guidance, scheduler=scheduler, seed=seed)
+    typer.echo(f"wrote {path}/grid.png")
+
+
 @train_app.command("encoder")
 def train_encoder_cmd(
     dataset_dir: Annotated[Path, typer.Argument(help="Dataset directory; only its train split is used.")],

@@ -40,6 +40,8 @@ STAGES: dict[str, str] = {
     "gates": "craft.promote:GatesConfig",
     "retrain": "craft.retrain:RetrainConfig",
     "import_paired": "craft.data.paired:PairedImportConfig",
+    "pretrain": "craft.train.crafts:PretrainConfig",
+    "finetune": "craft.train.crafts:FinetuneConfig",
 }
 
 # Top-level profile keys that are not stages.

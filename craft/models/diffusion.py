@@ -1,0 +1,316 @@
+"""Stable-Diffusion-style components: size presets built in code, or real checkpoints loaded offline.
+
+- ``build_components(ModelConfig(preset=...), class_phrases)``: UNet2DConditionModel, AutoencoderKL,
+  CLIPTextModel, an offline CLIPTokenizer and a DDPM noise scheduler with random weights.
+  ``tiny`` is for tests and the CPU demo; ``sd15`` / ``sd21`` have the architecture sizes of
+  Stable Diffusion 1.5 / 2.1 (for benchmarks; weights are random, nothing is downloaded).
+- ``load_pipeline(dir_or_s3_uri)``: a diffusers ``StableDiffusionPipeline`` directory (safetensors
+  only, ``local_files_only``), from disk or from an ``s3://`` prefix. The same loader reads real
+  checkpoints (SD 2.1 converted to diffusers layout) and the ones this package saves.
+- ``save_pipeline(pipe, dir, lineage)``: the same layout plus ``lineage.json``, written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import string
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from craft.io import atomic_dir, atomic_write_json
+
+LINEAGE = "lineage.json"
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# Words the offline tokenizer has BPE merges for (they tokenize into a few pieces; unknown words into
+# characters). Covers the
+# demo captions and common pathology / radiology report vocabulary; class phrases are added per model.
+WORDS = """
+a an the of and or with without in on at to from by for is are no not as this that these there
+image tile patch slide photo picture view scan x-ray xray radiograph chest frontal lateral pa ap
+h&e he stained stain staining hematoxylin eosin histology histopathology pathology tissue sample
+microscopy magnification high low medium mild moderate severe marked minimal focal diffuse
+normal abnormal benign malignant tumor tumour cancer carcinoma adenoma adenocarcinoma mucinous
+colon colorectal colonic mucosa glands gland glandular crypts crypt epithelium epithelial stroma
+stromal lumen luminal mucin pools pool nuclei nucleus nuclear cells cell cellular cytoplasm
+pink purple blue dark light pale bright dense sparse large small round oval irregular regular
+crowded crowding elongated stratified atypia atypical pleomorphic pleomorphism mitoses mitotic
+architecture structure pattern texture complex cribriform villous tubular invasion invasive
+inflammatory inflammation lymphocytes necrosis fibrosis fat vessels vessel blood
+lung lungs heart cardiac cardiomegaly enlarged enlargement silhouette pleural effusion fluid
+pneumonia consolidation opacity opacities airspace lobe lobes upper lower left right bilateral
+unilateral base bases costophrenic angle angles blunting blunted clear clearly finding findings
+acute chronic disease evidence suggestive consistent likely possible shows showing seen visible
+rib ribs clavicle spine diaphragm mediastinum hilar hila field fields margin margins border
+grade well poorly differentiated moderately shape size color colour intensity contrast noise
+""".split()
+
+
+@dataclass
+class ModelConfig:
+    """Which diffusion model to build when no base checkpoint is given."""
+
+    preset: Literal["tiny", "sd15", "sd21"] = "tiny"  # architecture size; weights are random
+    resolution: int = 64  # image side in pixels (the UNet works at resolution / VAE factor)
+    unet_channels: list[int] | None = None  # override the preset's UNet block_out_channels
+    layers_per_block: int | None = None  # override the preset's UNet layers per block
+    vae_channels: list[int] | None = None  # override the preset's AutoencoderKL block_out_channels
+    text_hidden: int | None = None  # override the text encoder width (= UNet cross-attention dim)
+    text_layers: int | None = None  # override the number of text-encoder layers
+    max_length: int | None = None  # tokenizer model_max_length (preset: 32 tiny, 77 sd*)
+    beta_schedule: Literal["linear", "scaled_linear"] | None = None  # None: preset (tiny: linear, eq. 2)
+
+    def validate(self) -> None:
+        if self.resolution < 8:
+            raise ValueError(f"resolution must be >= 8, got {self.resolution}")
+        for name in ("unet_channels", "vae_channels"):
+            v = getattr(self, name)
+            if v is not None and (len(v) < 2 or any(c <= 0 for c in v)):
+                raise ValueError(f"{name} must list >= 2 positive channel counts, got {v}")
+
+
+# preset -> sizes. sd15/sd21 follow the published model configs (UNet 860M / 865M parameters).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        unet_channels=[32, 64, 128], layers_per_block=1, heads=4, linear_proj=False,
+        vae_channels=[16, 32, 64], text_hidden=64, text_layers=2, text_heads=4, text_ff=128,
+        max_length=32, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, act="quick_gelu",
+        norm_groups=8, scaling_factor=1.0,
+    ),
+    "sd15": dict(
+        unet_channels=[320, 640, 1280, 1280], layers_per_block=2, heads=8, linear_proj=False,
+        vae_channels=[128, 256, 512, 512], text_hidden=768, text_layers=12, text_heads=12, text_ff=3072,
+        max_length=77, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, act="quick_gelu",
+        norm_groups=32, scaling_factor=0.18215,
+    ),
+    "sd21": dict(
+        unet_channels=[320, 640, 1280, 1280], layers_per_block=2, heads=[5, 10, 20, 20], linear_proj=True,
+        vae_channels=[128, 256, 512, 512], text_hidden=1024, text_layers=23, text_heads=16, text_ff=4096,
+        max_length=77, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, act="gelu",
+        norm_groups=32, scaling_factor=0.18215,
+    ),
+}  # fmt: skip
+
+
+def build_tokenizer(extra_words: list[str] = (), max_length: int = 32):
+    """An offline CLIPTokenizer: BPE merges learned from ``WORDS`` + ``extra_words``, characters otherwise.
+
+    CLIP's BPE marks word ends with ``</w>``; each known word adds a left-to-right chain of merges
+    whose every result is in the vocabulary, so any text tokenizes. Merges of different words
+    compete by rank, so a known word may come out as a few pieces rather than one token; the
+    text encoder is trained from scratch on these ids, so only determinism matters. ``model_max_length`` is always set: its default (about 1e30) would make
+    the pipeline pad to it.
+    """
+    from transformers import CLIPTokenizer
+
+    chars = list(string.ascii_lowercase + string.digits + ".,;:-'()/%&+<>=")
+    vocab: dict[str, int] = {}
+    for ch in chars:
+        vocab.setdefault(ch, len(vocab))
+    for ch in chars:
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    words: list[str] = []
+    for phrase in list(WORDS) + list(extra_words):
+        for w in phrase.lower().replace("_", " ").split():
+            w = "".join(ch for ch in w if ch in chars)
+            if len(w) >= 2 and w not in words:
+                words.append(w)
+    for w in words:
+        cur = w[0]
+        for i, ch in enumerate(w[1:], 1):
+            nxt = ch + ("</w>" if i == len(w) - 1 else "")
+            pair = (cur, nxt)
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(pair)
+            cur = cur + nxt
+            vocab.setdefault(cur, len(vocab))
+    for sp in (BOS, EOS):
+        vocab.setdefault(sp, len(vocab))
+    return CLIPTokenizer(
+        vocab=vocab, merges=merges, model_max_length=max_length, unk_token=EOS, bos_token=BOS, eos_token=EOS,
+        pad_token=EOS,
+    )  # fmt: skip
+
+
+@dataclass
+class Components:
+    """The parts of a text-to-image latent diffusion model."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def pipeline(self):
+        """A ``StableDiffusionPipeline`` over these parts (no safety checker)."""
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=self.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+
+    @classmethod
+    def from_pipeline(cls, pipe) -> Components:
+        return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+
+
+def _unet_blocks(n: int) -> tuple[list[str], list[str]]:
+    # Cross-attention at the two lowest resolutions (where global, tissue-level cues live, CRAFTS
+    # eq. 7 discussion); the full-size presets put it at every level but the lowest, as SD does.
+    if n >= 4:
+        down = ["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"]
+    else:
+        down = ["DownBlock2D"] * (n - 2) + ["CrossAttnDownBlock2D"] * 2
+    up = [d.replace("Down", "Up") for d in reversed(down)]
+    return down, up
+
+
+def build_components(cfg: ModelConfig | None = None, class_phrases: list[str] = (), seed: int = 0) -> Components:
+    """Random-weight components for ``cfg.preset`` (seeded), with ``class_phrases`` in the tokenizer."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = cfg or ModelConfig()
+    cfg.validate()
+    p = dict(PRESETS[cfg.preset])
+    for key in ("unet_channels", "layers_per_block", "vae_channels", "text_hidden", "text_layers", "max_length",
+                "beta_schedule"):  # fmt: skip
+        if getattr(cfg, key) is not None:
+            p[key] = getattr(cfg, key)
+    tok = build_tokenizer(class_phrases, p["max_length"])
+    torch.manual_seed(seed)
+    vch = list(p["vae_channels"])
+    factor = 2 ** (len(vch) - 1)
+    if cfg.resolution % factor:
+        raise ValueError(f"resolution {cfg.resolution} is not divisible by the VAE factor {factor}")
+    groups = min(p["norm_groups"], *vch)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=vch, layers_per_block=1 if
+        cfg.preset == "tiny" else 2, down_block_types=["DownEncoderBlock2D"] * len(vch),
+        up_block_types=["UpDecoderBlock2D"] * len(vch), norm_num_groups=groups, sample_size=cfg.resolution,
+        scaling_factor=p["scaling_factor"],
+    )  # fmt: skip
+    uch = list(p["unet_channels"])
+    down, up = _unet_blocks(len(uch))
+    heads = p["heads"]
+    unet = UNet2DConditionModel(
+        sample_size=cfg.resolution // factor, in_channels=4, out_channels=4, block_out_channels=uch,
+        layers_per_block=p["layers_per_block"], down_block_types=down, up_block_types=up,
+        cross_attention_dim=p["text_hidden"], attention_head_dim=heads, use_linear_projection=p["linear_proj"],
+        norm_num_groups=min(p["norm_groups"], *uch),
+    )  # fmt: skip
+    text_cfg = CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=p["text_hidden"], intermediate_size=p["text_ff"] if cfg.text_hidden is None
+        else 2 * p["text_hidden"], num_hidden_layers=p["text_layers"], num_attention_heads=p["text_heads"] if
+        p["text_hidden"] % p["text_heads"] == 0 else 1, max_position_embeddings=p["max_length"],
+        hidden_act=p["act"], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, projection_dim=p["text_hidden"],
+    )  # fmt: skip
+    text_encoder = CLIPTextModel(text_cfg)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule=p["beta_schedule"], beta_start=p["beta_start"],
+        beta_end=p["beta_end"], clip_sample=False, prediction_type="epsilon", steps_offset=1,
+    )  # fmt: skip  # clip_sample=False: clipping to [-1, 1] wrecks scaled latents (ENVIRONMENT.md)
+    for part in (unet, vae, text_encoder):
+        part.eval()  # like from_pretrained; trainers switch to train mode themselves
+    return Components(unet, vae, text_encoder, tok, scheduler)
+
+
+def encode_text(tokenizer, text_encoder, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token states [B, L, D] for cross-attention, pooled features [B, D]) of ``prompts``."""
+    ids = tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(text_encoder.device)  # fmt: skip
+    out = text_encoder(ids)
+    return out.last_hidden_state, out.pooler_output
+
+
+def code_version() -> str:
+    """The git commit of the checked-out code (+ ``-dirty``), or the package version outside git."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+            text=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return "craft " + version("craft")
+        except PackageNotFoundError:
+            return "unknown"
+
+
+def save_pipeline(pipe, out_dir: str | os.PathLike, lineage: dict[str, Any] | None = None) -> Path:
+    """Write ``pipe`` in diffusers layout (safetensors) plus ``lineage.json``, atomically replacing ``out_dir``.
+
+    ``lineage`` should name dataset version, config and parent; ``code_version`` is added when absent.
+    """
+    lineage = dict(lineage or {})
+    lineage.setdefault("code_version", code_version())
+    with atomic_dir(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        atomic_write_json(Path(tmp) / LINEAGE, lineage)
+    return Path(out_dir)
+
+
+def read_lineage(model_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(model_dir) / LINEAGE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _fetch(uri: str, cache_dir: str | os.PathLike | None) -> Path:
+    from craft.storage.objectstore import ObjectStore
+
+    root = Path(cache_dir or os.environ.get("CRAFT_MODEL_CACHE", Path.home() / ".cache" / "craft" / "models"))
+    local = root / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    ObjectStore.from_env().download_dir(uri, local)
+    return local
+
+
+def resolve_model_dir(path_or_uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A local model directory: ``path_or_uri`` itself, or an ``s3://`` prefix downloaded into the cache."""
+    s = str(path_or_uri)
+    if s.startswith("s3://"):
+        return _fetch(s, cache_dir)
+    p = Path(s)
+    if not (p / "model_index.json").is_file():
+        raise FileNotFoundError(f"{p}: not a diffusers pipeline directory (no model_index.json)")
+    return p
+
+
+def load_pipeline(path_or_uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None, dtype=None):
+    """A ``StableDiffusionPipeline`` from a local directory or an ``s3://`` prefix; safetensors only, offline."""
+    from diffusers import StableDiffusionPipeline
+
+    d = resolve_model_dir(path_or_uri, cache_dir)
+    bins = [str(f.relative_to(d)) for f in d.rglob("*") if f.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    if bins:
+        raise ValueError(f"{d}: refusing pickle weight files {bins[:3]} (safetensors only)")
+    kwargs = dict(local_files_only=True, use_safetensors=True, safety_checker=None, feature_extractor=None,
+                  requires_safety_checker=False)  # fmt: skip
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    pipe = StableDiffusionPipeline.from_pretrained(str(d), **kwargs)
+    if getattr(pipe.tokenizer, "model_max_length", 0) > 10_000:
+        raise ValueError(f"{d}/tokenizer: model_max_length is unset ({pipe.tokenizer.model_max_length})")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,411 @@
+"""CRAFTS two-stage foundation training (seed 004, Methods): stage 1 ``pretrain``, stage 2 ``finetune``.
+
+- Stage 1 (pretrain): denoising on weakly paired image-caption data (the manifest's ``caption``)
+  plus the semantic consistency loss L_corr (eqs. 8-10).
+- Stage 2 (finetune): clean labelled captions ``"<class phrase>, <caption details>"`` plus
+  L_corr and the category guidance loss L_cate (eqs. 11-13), with mu, sigma of eq. 12 computed
+  once over the whole fine-tuning set before training.
+
+Both are latent diffusion (eqs. 1-6): a frozen first-stage AutoencoderKL maps images to latents,
+a UNet with cross-attention at several resolutions (eq. 7) predicts the noise. Without a base
+checkpoint, stage 1 first trains the autoencoder on the training images (``autoencoder`` section;
+the demo's documented choice: no pretrained VAE can be downloaded here).
+
+Which latent the CRAFTS losses see: the model's own estimate of the clean latent,
+x0_hat = (z_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t), flattened per sample. The paper asks for
+"latent variables in the image generation process"; the data latent z0 has no trainable parameters
+(its loss gradient would be zero), while x0_hat is a function of the UNet output, so the relational
+constraint reaches the denoiser and shapes what it generates. Cosine similarity is scale-free, so
+the 1/sqrt(abar_t) blow-up at high noise does not inflate these losses. The text features t are the
+text encoder's pooled output for the caption, c the pooled output for the class-phrase prompt; both
+are detached: they are the target structure, the image side is what these losses move.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from craft.config import to_dict
+from craft.data.manifest import DatasetMeta, read_manifest, read_meta
+from craft.losses import category_guidance_loss, semantic_consistency_loss, typicality_stats
+from craft.models.diffusion import Components, ModelConfig, build_components, load_pipeline, save_pipeline
+from craft.train.loop import LoopConfig, apply_ema, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AutoencoderConfig:
+    """First-stage AutoencoderKL trained on the training images when no base checkpoint is given."""
+
+    steps: int = 400  # optimizer steps (0 = keep the random-init VAE: only for tests)
+    batch_size: int = 32  # images per step
+    lr: float = 2e-3  # AdamW learning rate
+    kl_weight: float = 1e-6  # weight of the KL term (small: we want a near-deterministic code)
+
+
+@dataclass
+class CraftsConfig:
+    """Settings shared by both CRAFTS stages; the stages differ in defaults only."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)  # architecture when no base checkpoint
+    loop: LoopConfig = field(default_factory=LoopConfig)  # optimisation, checkpoints, EMA, precision
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)  # first stage (no base only)
+    captions: Literal["weak", "class", "class+weak"] = "weak"  # text per image: manifest caption, class
+    # phrase, or "<class phrase>, <caption>"
+    class_prompt: str = "{phrase}"  # category text c_k of L_cate (eq. 11); {phrase} = class phrase
+    corr_weight: float = 0.1  # weight of L_corr (eqs. 8-10); 0 switches it off
+    cate_weight: float = 0.0  # weight of L_cate (eqs. 11-13); 0 switches it off
+    train_text_encoder: bool = True  # train the text encoder with the UNet (tiny presets start random)
+    cond_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance training)
+    split: str = "train"  # manifest split used for training
+    sample_per_class: int = 4  # validation samples per class (0 = none)
+    sample_steps: int = 20  # DDIM steps for validation samples
+    sample_guidance: float = 4.0  # classifier-free guidance scale for validation samples
+
+    def validate(self) -> None:
+        if self.corr_weight < 0 or self.cate_weight < 0:
+            raise ValueError("corr_weight and cate_weight must be >= 0")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        if "{phrase}" not in self.class_prompt:
+            raise ValueError(f"class_prompt must contain {{phrase}}, got {self.class_prompt!r}")
+
+
+@dataclass
+class PretrainConfig(CraftsConfig):
+    """Stage 1 of CRAFTS: weak captions, L_corr on, L_cate off (no reliable labels in weak data)."""
+
+    captions: Literal["weak", "class", "class+weak"] = "weak"  # stage 1 learns from weak captions
+    cate_weight: float = 0.0  # L_cate belongs to stage 2 (the paper applies it during fine-tuning)
+
+
+@dataclass
+class FinetuneConfig(CraftsConfig):
+    """Stage 2 of CRAFTS: clean labelled captions "<class phrase>, <caption>", L_corr + L_cate on."""
+
+    captions: Literal["weak", "class", "class+weak"] = "class+weak"  # labelled captions
+    cate_weight: float = 0.1  # L_cate (eqs. 11-13) on in stage 2
+
+
+# ---------------------------------------------------------------- data
+
+
+def caption_for(row: Any, meta: DatasetMeta, mode: str) -> str:
+    """The training text of one manifest row for caption mode ``weak`` / ``class`` / ``class+weak``."""
+    phrase = meta.phrase(str(row["label"]))
+    cap = row["caption"]
+    has_cap = cap is not None and not (isinstance(cap, float) and np.isnan(cap)) and str(cap).strip() != ""
+    if mode == "class":
+        return phrase
+    if mode == "weak":
+        if not has_cap:
+            raise ValueError(f"manifest row image_id={row['image_id']}: no caption (stage 1 needs weak captions; "
+                             f"set captions=class or class+weak to use labels)")  # fmt: skip
+        return str(cap)
+    return f"{phrase}, {cap}" if has_cap else phrase
+
+
+def load_images(dataset_dir: str | os.PathLike, df, resolution: int) -> torch.Tensor:
+    """Images of ``df`` as a float tensor [N, 3, R, R] in [-1, 1] (grey images repeated to RGB)."""
+    from PIL import Image
+
+    out = np.empty((len(df), resolution, resolution, 3), dtype=np.uint8)
+    for i, rel in enumerate(df["image_path"].tolist()):
+        path = Path(dataset_dir) / rel
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                if im.size != (resolution, resolution):
+                    im = im.resize((resolution, resolution), Image.BICUBIC)
+                out[i] = np.asarray(im)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot read image ({e})") from e
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def training_table(dataset_dir, cfg: CraftsConfig):
+    meta = read_meta(dataset_dir)
+    df = read_manifest(dataset_dir)
+    df = df[df["split"] == cfg.split].reset_index(drop=True)
+    if len(df) == 0:
+        raise ValueError(f"{dataset_dir}/manifest.parquet: no rows with split={cfg.split!r}")
+    unknown = sorted(set(df["label"]) - set(meta.classes))
+    if unknown:
+        raise ValueError(f"{dataset_dir}/manifest.parquet: label {unknown[0]!r} is not in dataset.yaml classes")
+    return meta, df
+
+
+# ---------------------------------------------------------------- models trained by the loop
+
+
+class AutoencoderObjective(torch.nn.Module):
+    """L1 reconstruction + small KL: the first-stage model of the latent diffusion backbone (CRAFTS eqs. 1-6)."""
+
+    def __init__(self, vae, kl_weight: float):
+        super().__init__()
+        self.vae = vae
+        self.kl_weight = kl_weight
+
+    def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        x = batch["pixels"]
+        post = self.vae.encode(x).latent_dist
+        eps = torch.randn(post.mean.shape, generator=generator).to(x.device, post.mean.dtype)
+        z = post.mean + post.std * eps
+        rec = self.vae.decode(z).sample
+        l1 = (rec.float() - x.float()).abs().mean()
+        kl = post.kl().mean() / z[0].numel()
+        return {"loss": l1 + self.kl_weight * kl, "l1": l1.detach(), "kl": kl.detach()}
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.vae.enable_gradient_checkpointing()
+
+
+class DenoiserObjective(torch.nn.Module):
+    """L_diff (eq. 5) + corr_weight * L_corr (eq. 10) + cate_weight * L_cate (eq. 13) on one batch."""
+
+    def __init__(
+        self, unet, text_encoder, tokenizer, scheduler, cfg: CraftsConfig, mu: float = 0.0, sigma: float = 1.0
+    ):
+        super().__init__()
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.mu, self.sigma = mu, sigma
+        unet.set_attn_processor(AttnProcessor2_0())  # SDPA attention (torch scaled_dot_product_attention)
+        unet.requires_grad_(True)
+        text_encoder.requires_grad_(cfg.train_text_encoder)
+        self.num_t = scheduler.config.num_train_timesteps
+        # abar_t of eq. 3 for the scheduler's beta schedule (linear, eq. 2, for the tiny preset)
+        self.register_buffer("abar", scheduler.alphas_cumprod.clone().float(), persistent=False)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+        if self.cfg.train_text_encoder:
+            self.text_encoder.gradient_checkpointing_enable()
+
+    def _ids(self, prompts: list[str], device) -> torch.Tensor:
+        return self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)  # fmt: skip
+
+    def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        z0 = batch["latents"]
+        b, dev = z0.shape[0], z0.device
+        captions = list(batch["caption"])
+        keep = torch.rand(b, generator=generator) >= self.cfg.cond_dropout  # CFG: drop the condition
+        prompts = [c if k else "" for c, k in zip(captions, keep.tolist())]
+        out = self.text_encoder(self._ids(prompts, dev))
+        states, pooled = out.last_hidden_state, out.pooler_output
+        noise = torch.randn(z0.shape, generator=generator).to(dev, z0.dtype)
+        t = torch.randint(0, self.num_t, (b,), generator=generator).to(dev)
+        abar = self.abar.to(dev)[t].view(b, 1, 1, 1)
+        zt = abar.sqrt() * z0 + (1 - abar).sqrt() * noise  # eq. 3-4 (the paper's eq. 4 drops the sqrt; eq. 3 has it)
+        eps_hat = self.unet(zt, t, encoder_hidden_states=states).sample
+        l_diff = F.mse_loss(eps_hat.float(), noise.float())  # eq. 5
+        res = {"l_diff": l_diff.detach()}
+        loss = l_diff
+        keep = keep.to(dev)
+        use_aux = (self.cfg.corr_weight > 0 or self.cfg.cate_weight > 0) and int(keep.sum()) >= 2
+        if use_aux:
+            # x0_hat: the model's clean-latent estimate (see module docstring for why this latent)
+            x0_hat = (zt.float() - (1 - abar).sqrt() * eps_hat.float()) / abar.sqrt()
+            z = x0_hat.flatten(1)[keep]
+            tfeat = pooled.detach().float()[keep]
+            if self.cfg.corr_weight > 0:
+                l_corr = semantic_consistency_loss(z, tfeat)
+                loss = loss + self.cfg.corr_weight * l_corr
+                res["l_corr"] = l_corr.detach()
+            if self.cfg.cate_weight > 0:
+                with torch.no_grad():
+                    phrases = [p for p, k in zip(batch["class_prompt"], keep.tolist()) if k]
+                    cfeat = self.text_encoder(self._ids(phrases, dev)).pooler_output.float()
+                l_cate = category_guidance_loss(z, tfeat, cfeat, self.mu, self.sigma)
+                loss = loss + self.cfg.cate_weight * l_cate
+                res["l_cate"] = l_cate.detach()
+        res["loss"] = loss
+        return res
+
+
+# ---------------------------------------------------------------- stages
+
+
+def _threads(cfg: CraftsConfig) -> None:
+    if cfg.loop.threads > 0:
+        torch.set_num_threads(cfg.loop.threads)
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Scaled posterior means of ``pixels`` (the frozen first stage's deterministic code)."""
+    vae.eval()
+    outs = []
+    for i in range(0, len(pixels), batch):
+        outs.append(vae.encode(pixels[i : i + batch]).latent_dist.mean * vae.config.scaling_factor)
+    return torch.cat(outs)
+
+
+def train_autoencoder(vae, pixels: torch.Tensor, cfg: CraftsConfig, work_dir: Path) -> dict[str, float]:
+    """Train the first-stage VAE on ``pixels`` with the shared loop; set its latent scaling factor."""
+    ae = cfg.autoencoder
+    if ae.steps > 0:
+        loop = LoopConfig(
+            steps=ae.steps, batch_size=min(ae.batch_size, len(pixels)), lr=ae.lr, seed=cfg.loop.seed,
+            checkpoint_every=cfg.loop.checkpoint_every, threads=cfg.loop.threads, progress=cfg.loop.progress,
+            mixed_precision=cfg.loop.mixed_precision, upload_uri=cfg.loop.upload_uri and cfg.loop.upload_uri + "/ae",
+            warmup_steps=min(20, ae.steps // 10), lr_schedule="cosine",
+        )  # fmt: skip
+        vae.requires_grad_(True)
+        res = train(AutoencoderObjective(vae, ae.kl_weight), {"pixels": pixels}, loop, work_dir / "autoencoder")
+        logs = {f"ae_{k}": v for k, v in res.logs.items() if k in ("l1", "kl")}
+    else:
+        logs = {}
+    vae.requires_grad_(False)
+    vae.eval()
+    vae.register_to_config(scaling_factor=1.0)
+    lat = encode_latents(vae, pixels)
+    # Like SD's 0.18215: scale latents to unit variance so the noise schedule fits them.
+    vae.register_to_config(scaling_factor=float(1.0 / lat.float().std().clamp_min(1e-6)))
+    with torch.no_grad():
+        rec = vae.decode(lat[:64].to(pixels.dtype)).sample
+        logs["ae_recon_mse"] = float(F.mse_loss(rec, pixels[:64]) / 4.0)  # MSE in [0, 1] units
+    return logs
+
+
+def _components(cfg: CraftsConfig, meta: DatasetMeta, base: str | None) -> Components:
+    if base:
+        return Components.from_pipeline(load_pipeline(base))
+    return build_components(cfg.model, [meta.phrase(c) for c in meta.classes], seed=cfg.loop.seed)
+
+
+def _per_class_validation(comp: Components, meta: DatasetMeta, cfg: CraftsConfig):
+    """Callback for the loop: a grid of samples per class prompt into WORK/samples/step-N/ and TensorBoard."""
+
+    def run(model: DenoiserObjective, step: int, out: Path, writer) -> None:
+        if cfg.sample_per_class <= 0:
+            return
+        from craft.sample import generate, save_grid
+
+        pipe = Components(model.unet, comp.vae, model.text_encoder, comp.tokenizer, comp.scheduler).pipeline()
+        folder = out / "samples" / f"step-{step:07d}"
+        for label in meta.classes:
+            prompt = cfg.class_prompt.format(phrase=meta.phrase(label))
+            imgs = generate(pipe, [prompt] * cfg.sample_per_class, steps=cfg.sample_steps,
+                            guidance=cfg.sample_guidance, seed=cfg.loop.seed)  # fmt: skip
+            grid = save_grid(imgs, folder / f"{label}.png")
+            if writer is not None:
+                writer.add_image(f"samples/{label}", np.asarray(grid).transpose(2, 0, 1), step)
+
+    return run
+
+
+def run_stage(
+    stage: str, cfg: CraftsConfig, dataset_dir, out_dir, base: str | None = None, work_dir=None
+) -> dict[str, float]:
+    """Train one CRAFTS stage on ``dataset_dir`` and write the pipeline to ``out_dir``; returns metrics."""
+    import time
+
+    t0 = time.time()
+    _threads(cfg)
+    out_dir = Path(out_dir)
+    work = Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".work")
+    meta, df = training_table(dataset_dir, cfg)
+    comp = _components(cfg, meta, base)
+    res_px = comp.vae.config.sample_size if base else cfg.model.resolution
+    res_px = int(res_px if isinstance(res_px, int) else res_px[0])
+    pixels = load_images(dataset_dir, df, res_px)
+    metrics: dict[str, float] = {}
+    if base is None:
+        metrics.update(train_autoencoder(comp.vae, pixels, cfg, work))
+    comp.vae.requires_grad_(False)
+    comp.vae.eval()
+    latents = encode_latents(comp.vae, pixels)
+    captions = [caption_for(r, meta, cfg.captions) for _, r in df.iterrows()]
+    class_prompts = [cfg.class_prompt.format(phrase=meta.phrase(str(lab))) for lab in df["label"]]
+    mu, sigma = 0.0, 1.0
+    if cfg.cate_weight > 0:
+        mu, sigma = _typicality(comp, captions, class_prompts)  # once, over the whole set (eq. 12)
+        metrics.update({"typicality_mu": mu, "typicality_sigma": sigma})
+    model = DenoiserObjective(comp.unet, comp.text_encoder, comp.tokenizer, comp.scheduler, cfg, mu, sigma)
+    data = {"latents": latents, "caption": captions, "class_prompt": class_prompts}
+    result = train(model, data, cfg.loop, work / "denoiser", validate=_per_class_validation(comp, meta, cfg))
+    if result.ema is not None:
+        apply_ema(model, result.ema)
+    metrics.update({k: v for k, v in result.logs.items() if k != "lr"})
+    metrics["steps"] = float(result.step)
+    metrics["train_seconds"] = time.time() - t0
+    if _is_main():
+        lineage = {
+            "stage": stage, "dataset": _dataset_version(dataset_dir), "config": to_dict(cfg),
+            "parent": str(base) if base else None, "metrics": metrics, "classes": meta.classes,
+            "class_phrases": {c: meta.phrase(c) for c in meta.classes}, "modality": meta.modality,
+        }  # fmt: skip
+        comp.unet.eval()
+        comp.text_encoder.eval()
+        save_pipeline(comp.pipeline(), out_dir, lineage)
+    return metrics
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@torch.no_grad()
+def _typicality(comp: Components, captions: list[str], class_prompts: list[str]) -> tuple[float, float]:
+    """mu, sigma of s_i + s_j over the whole fine-tuning set, s_k = cos(c_k, t_k) (eqs. 11-12)."""
+    from craft.models.diffusion import encode_text
+
+    comp.text_encoder.eval()
+    ss = []
+    for i in range(0, len(captions), 128):
+        _, t = encode_text(comp.tokenizer, comp.text_encoder, captions[i : i + 128])
+        _, c = encode_text(comp.tokenizer, comp.text_encoder, class_prompts[i : i + 128])
+        ss.append(F.cosine_similarity(c.float(), t.float(), dim=1))
+    return typicality_stats(torch.cat(ss))
+
+
+def _dataset_version(dataset_dir) -> dict[str, Any]:
+    from craft.io import sha256_file
+
+    meta = read_meta(dataset_dir)
+    return {
+        "path": str(dataset_dir),
+        "name": meta.name,
+        "manifest_sha256": sha256_file(Path(dataset_dir) / "manifest.parquet"),
+    }
+
+
+def pretrain(cfg: PretrainConfig, dataset_dir, out_dir, base: str | None = None, work_dir=None) -> dict[str, float]:
+    """CRAFTS stage 1: weak-caption pretraining (from ``base`` or from scratch incl. the autoencoder)."""
+    return run_stage("pretrain", cfg, dataset_dir, out_dir, base, work_dir)
+
+
+def finetune(cfg: FinetuneConfig, dataset_dir, out_dir, base: str | None = None, work_dir=None) -> dict[str, float]:
+    """CRAFTS stage 2: labelled fine-tuning with L_corr + L_cate, usually from the stage-1 model."""
+    return run_stage("finetune", cfg, dataset_dir, out_dir, base, work_dir)
+
+
+def main(cfg: CraftsConfig, dataset_dir, out_dir, base: str | None = None, work_dir=None) -> dict[str, float]:
+    """Run the stage that ``cfg``'s type names (PretrainConfig -> stage 1, FinetuneConfig -> stage 2)."""
+    stage = "finetune" if isinstance(cfg, FinetuneConfig) else "pretrain"
+    return run_stage(stage, cfg, dataset_dir, out_dir, base, work_dir)
+
+
+def step(stage: str, dataset_dir, model_dir, profile: str, overrides: list[str], base: str = "") -> dict[str, float]:
+    """Pipeline step: load ``stage``'s config from the profile + overrides and train (KFP components call this)."""
+    from craft.config import load_stage_config
+
+    cfg = load_stage_config(stage, profile, overrides)
+    return run_stage(stage, cfg, dataset_dir, model_dir, base or None)
