@@ -75,6 +75,8 @@ class EncoderTrainConfig:
     weight_decay: float = 0.05  # AdamW weight decay
     class_weight: float = 1.0  # weight of the image -> class-phrase term relative to the image <-> text term
     class_template: str = "{phrase}"  # class text; {phrase} is the dataset's human class name
+    checklist: str = ""  # checklist items as extra class texts: bundled name or checklists.json path; "" = the
+    # annotations folder's checklists.json when present, else none (CCS, CRAFT eq. 3, then has a trained meaning)
     min_word_count: int = 2  # words seen this often in the training texts become whole tokens
     threads: int = 2  # torch CPU threads
 
@@ -166,6 +168,15 @@ def vocabulary(texts: list[str], phrases: list[str], min_count: int) -> list[str
     return list(phrases) + sorted(w for w, c in counts.items() if c >= min_count)
 
 
+def _checklist(source: str, annotations: str | Path | None, meta: DatasetMeta) -> dict[str, list[dict]]:
+    """The class checklists used as extra class texts ({} when none is configured or found)."""
+    from craft.annotate.checklists import load_checklist
+
+    if not source and annotations and Path(annotations).is_dir() and (Path(annotations) / "checklists.json").is_file():
+        source = str(Path(annotations) / "checklists.json")
+    return load_checklist(source, list(meta.classes), meta.modality) if source else {}
+
+
 # ----------------------------------------------------------------------------------------------
 # model
 
@@ -233,11 +244,16 @@ def contrastive_loss(
 class _Batcher:
     """Images + texts + class indices; the loss of one batch for a tiny dual encoder under training."""
 
-    def __init__(self, model, tokenizer, arch: str, pre: dict, max_length: int, class_texts: list[str]):
+    def __init__(
+        self, model, tokenizer, arch: str, pre: dict, max_length: int, class_texts: list[str],
+        class_of_text: list[int],
+    ):  # fmt: skip
         self.model, self.tok, self.arch, self.max_length = model, tokenizer, arch, max_length
         self.mean = torch.tensor(pre["image_mean"]).view(1, 3, 1, 1)
         self.std = torch.tensor(pre["image_std"]).view(1, 3, 1, 1)
-        self.class_ids = self.ids(class_texts)
+        self.class_ids = self.ids(class_texts)  # class phrases first (one per class), then checklist items
+        self.class_of_text = torch.tensor(class_of_text)
+        self.n_classes = int(self.class_of_text.max()) + 1
 
     def ids(self, texts: list[str]) -> dict[str, torch.Tensor]:
         enc = self.tok(list(texts), padding="max_length", max_length=self.max_length, truncation=True,
@@ -263,7 +279,7 @@ class _Batcher:
         loss = contrastive_loss(img, txt, pos, self.arch, scale, bias)
         if class_weight > 0:
             cls = self.embed_texts(self.class_ids)
-            cpos = F.one_hot(y, cls.shape[0]).bool()
+            cpos = y[:, None] == self.class_of_text[None, :]
             loss = loss + class_weight * contrastive_loss(img, cls, cpos, self.arch, scale, bias, symmetric=False)
         return loss
 
@@ -273,7 +289,7 @@ def zero_shot_accuracy(batcher: _Batcher, images: torch.Tensor, y: torch.Tensor)
     """Share of images whose nearest class-phrase embedding is their own class."""
     if len(y) == 0:
         return float("nan")
-    cls = batcher.embed_texts(batcher.class_ids)
+    cls = batcher.embed_texts({k: v[: batcher.n_classes] for k, v in batcher.class_ids.items()})
     pred = torch.cat([(batcher.embed_images(images[i : i + 256]) @ cls.T).argmax(1) for i in range(0, len(y), 256)])
     return float((pred == y).float().mean())
 
@@ -290,6 +306,7 @@ def train_encoder(
 
     ``max_steps`` stops early (tests). The saved directory loads with ``craft.models.encoders.load_encoder``.
     """
+    from craft.annotate.checklists import checklist_text
     from craft.models.diffusion import build_tokenizer
     from craft.models.encoders import save_encoder
 
@@ -309,11 +326,17 @@ def train_encoder(
     y = torch.tensor([classes.index(lbl) for lbl in rows["label"]])
     images = load_images(dataset_dir, rows, cfg.image_size)
     class_texts = [cfg.class_template.format(phrase=meta.phrase(c)) for c in classes]
+    class_of_text = list(range(len(classes)))
+    checklist = _checklist(cfg.checklist, annotations, meta)
+    for c, items in checklist.items():
+        for item in items:
+            class_texts.append(checklist_text([item]))  # one item per text, as the CAM embeds them
+            class_of_text.append(classes.index(c))
     tok = build_tokenizer(vocabulary(texts + class_texts, [meta.phrase(c) for c in classes], cfg.min_word_count),
                           cfg.max_length)  # fmt: skip
     model, pre = build_model(spec, cfg.image_size, tok, cfg.max_length)
     model.train()
-    batcher = _Batcher(model, tok, spec.arch, pre, cfg.max_length, class_texts)
+    batcher = _Batcher(model, tok, spec.arch, pre, cfg.max_length, class_texts, class_of_text)
     n = len(rows)
     bs = min(cfg.batch_size, n)
     steps_per_epoch = max(1, n // bs)
@@ -359,6 +382,7 @@ def train_encoder(
         "zero_shot_test_acc": test_acc,
         "n_train": float(n),
         "n_enriched_prompts": float(sum(str(i) in prompts for i in rows["image_id"])),
+        "n_checklist_texts": float(len(class_texts) - len(classes)),
         "train_seconds": time.perf_counter() - t0,
     }
     from craft.config import to_dict
