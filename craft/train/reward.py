@@ -132,7 +132,11 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    names = list(getattr(unet, "peft_config", {}))
+    if len(names) != 1:
+        raise ValueError(f"expected exactly one LoRA adapter on the UNet, found {names}")
+    # "default" when added here, "default_0" when loaded with load_lora_weights (DPO continues that one)
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=names[0]))
 
 
 def save_adapters(

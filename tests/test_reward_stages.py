@@ -1,0 +1,55 @@
+"""End to end on tiny pieces: demo data -> critic + probe -> `reward`, `ti`, `ti_lora`, `dpo` stage mains (slow)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def test_stage_mains_end_to_end(tmp_path):
+    from craft.config import load_stage_config
+    from craft.data.demo import DemoConfig, generate
+    from craft.data.manifest import read_manifest
+    from craft.models.diffusion import ModelConfig, build_components, load_pipeline, save_pipeline
+    from craft.train import baselines, encoder, probe, reward
+
+    torch.set_num_threads(2)
+    data = tmp_path / "data"
+    generate(DemoConfig(modality="histo", n=16, seed=0, resolution=32, images_per_patient=2), data)
+    df = read_manifest(data)
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    pd.DataFrame({"image_id": df["image_id"], "enriched_prompt": [f"{lab} tissue with glands" for lab in df["label"]],
+                  "status": "ok"}).to_parquet(ann / "annotations.parquet")  # fmt: skip
+    shutil.copy(
+        Path(reward.__file__).parents[1] / "annotate" / "checklists" / "demo-histo.json", ann / "checklists.json"
+    )
+    ecfg = load_stage_config("encoder", None, ["epochs=1", "batch_size=8"])
+    encoder.main(ecfg, "critic", data, tmp_path / "critic", ann)
+    probe.main(load_stage_config("probe", None, ["epochs=2"]), tmp_path / "critic", data, tmp_path / "probe")
+    mc = ModelConfig(preset="tiny", resolution=32, unet_channels=[8, 16], vae_channels=[8, 8], text_hidden=16,
+                     text_layers=1)  # fmt: skip
+    comp = build_components(mc, ["adenocarcinoma", "adenoma", "normal", "mucinous carcinoma"])
+    save_pipeline(comp.pipeline(), tmp_path / "base", {"stage": "test"})
+    small = ["loop.steps=1", "loop.batch_size=2", "loop.threads=2", "loop.progress=false"]
+    m = reward.main(load_stage_config("reward", None, small + ["sample_steps=2"]), data, ann, tmp_path / "critic",
+                    tmp_path / "probe", tmp_path / "base", tmp_path / "craft")  # fmt: skip
+    assert {"reward", "reward_vdc", "reward_ccs", "reward_dd", "reward_sfs", "l_diff"} <= set(m)
+    baselines.ti_main(load_stage_config("ti", None, small), data, tmp_path / "base", tmp_path / "ti")
+    baselines.ti_lora_main(load_stage_config("ti_lora", None, small), data, tmp_path / "base", tmp_path / "tilora",
+                           ti_dir=tmp_path / "ti")  # fmt: skip
+    d = baselines.dpo_main(load_stage_config("dpo", None, small + ["n_pairs=2", "sample_steps=2"]), data, ann,
+                           tmp_path / "critic", tmp_path / "probe", tmp_path / "base", tmp_path / "dpo",
+                           start_dir=tmp_path / "tilora")  # fmt: skip
+    assert "implicit_acc" in d
+    for name in ("craft", "ti", "tilora", "dpo"):
+        pipe = reward.load_adapters(load_pipeline(tmp_path / "base"), tmp_path / name)
+        assert pipe is not None
+        assert json.loads((tmp_path / name / "adapter.json").read_text())["metrics"]["steps"] == 1.0
