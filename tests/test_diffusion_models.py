@@ -78,3 +78,17 @@ def test_sample_cli_function_writes_pngs_and_grid(tmp_path):
     from PIL import Image
 
     assert Image.open(out / "grid.png").size == (2 * 32, 2 * 32)
+
+
+def test_load_pipeline_from_s3_prefix(s3_env, tmp_path):
+    from craft.storage.objectstore import ObjectStore
+
+    comp = D.build_components(tiny_model_config(), CLASSES, seed=4)
+    D.save_pipeline(comp.pipeline(), tmp_path / "m", {"parent": None})
+    bucket = s3_env.make_bucket()
+    uri = f"s3://{bucket}/models/tiny"
+    ObjectStore.from_env().upload_dir(tmp_path / "m", uri)
+    a = generate(D.load_pipeline(tmp_path / "m"), ["normal"], steps=2, seed=1)
+    b = generate(D.load_pipeline(uri, cache_dir=tmp_path / "cache"), ["normal"], steps=2, seed=1)
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    assert D.read_lineage(next((tmp_path / "cache").iterdir()))["parent"] is None
