@@ -126,3 +126,19 @@ def test_weak_captions_required_for_stage_one(tmp_path):
     cfg.autoencoder.steps = 0
     with pytest.raises(ValueError, match="image_id=img003: no caption"):
         crafts.pretrain(cfg, data, tmp_path / "pre")
+
+
+def test_checkpoints_mirror_to_object_store_with_gradient_checkpointing(s3_env, tmp_path):
+    from craft.storage.objectstore import ObjectStore
+
+    bucket = s3_env.make_bucket()
+    uri = f"s3://{bucket}/runs/r1"
+    cfg = _cfg(steps=2, checkpoint_every=1, ema_decay=0.0, gradient_checkpointing=True, upload_uri=uri)
+    comp, model = _objective(cfg)
+    res = train(model, _data(), cfg.loop, tmp_path)
+    assert res.step == 2 and torch.isfinite(torch.tensor(res.logs["loss"]))
+    store = ObjectStore.from_env()
+    for step in (1, 2):
+        assert store.is_committed(f"{uri}/checkpoints/step-{step:07d}")
+    got = store.download_dir(f"{uri}/checkpoints/step-0000002", tmp_path / "dl")
+    assert json.loads((got / "state.json").read_text())["step"] == 2
