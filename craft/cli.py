@@ -247,9 +247,25 @@ def sample_cmd(
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (<= 1: none).")] = 4.0,
     scheduler: Annotated[str, typer.Option(help="ddim or ddpm.")] = "ddim",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    controlnet: Annotated[
+        str | None, typer.Option(help="ControlNet dir (craft train controlnet); needs --condition.")
+    ] = None,
+    condition: Annotated[
+        Path | None, typer.Option(help="Condition image for --controlnet (instance-mask PNG or fluorescence image).")
+    ] = None,
 ) -> None:
     """Sample images from a text-to-image model (DDIM/DDPM, classifier-free guidance, seeded)."""
     from craft.sample import sample
+
+    if controlnet or condition:  # ControlNet sampling; --prompt "" = the prompt it was trained with
+        from craft.train.controlnet import sample_controlnet
+
+        if not (controlnet and condition) or len(prompt) != 1:
+            raise CliError("--controlnet and --condition go together, with one --prompt")
+        path = sample_controlnet(model_dir, controlnet, condition, out, n=n, prompt=prompt[0], steps=steps,
+                                 guidance=guidance, seed=seed, scheduler=scheduler)  # fmt: skip
+        typer.echo(f"wrote {path}/grid.png")
+        return
 
     path = sample(model_dir, list(prompt), n, out, steps=steps, guidance=guidance, scheduler=scheduler, seed=seed)
     typer.echo(f"wrote {path}/grid.png")
@@ -301,6 +317,51 @@ def data_import_paired(
 
     cfg = stage_config("import_paired", config, overrides, layout=layout)
     typer.echo(f"wrote {paired.main(cfg, src, out)}")
+
+
+@train_app.command("controlnet")
+def train_controlnet_cmd(
+    base: Annotated[str, typer.Argument(help="Frozen base pipeline (stage-2 model, or stage-1 for the baseline).")],
+    dataset_dir: Annotated[Path, typer.Argument(help="Dataset with mask_path / condition_path columns.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="ControlNet directory to write.")],
+    condition: Annotated[str | None, typer.Option(help="mask (nuclear instance mask) or fluorescence.")] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Train a ControlNet on the frozen base model: nuclear mask / fluorescence -> H&E (CRAFTS Fig. 4)."""
+    from craft.train import controlnet
+
+    cfg = stage_config("controlnet", config, overrides, condition=condition)
+    _echo_json(controlnet.main(cfg, dataset_dir, base, out))
+
+
+@app.command("compare-controlnets")
+def compare_controlnets_cmd(
+    dataset_dir: Annotated[Path, typer.Argument(help="Dataset with the paired test images.")],
+    runs: Annotated[list[str], typer.Option("--run", help="NAME=CONTROLNET_DIR:BASE_DIR (repeat).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (table, triplet grids, report.html).")],
+    evaluator: Annotated[str, typer.Option(help='Evaluator encoder dir for the domain FID ("" = none).')] = "",
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Score ControlNets against the paired real images (SSIM/MSE/NCC/PSNR, FID, mask adherence)."""
+    from craft.evaluate import controlnet_eval
+
+    parsed = {}
+    for r in runs:
+        name, sep, dirs = r.partition("=")
+        cn, sep2, base = dirs.partition(":")
+        if not (sep and sep2 and name and cn and base):
+            raise CliError(f"--run {r!r}: expected NAME=CONTROLNET_DIR:BASE_DIR")
+        parsed[name] = (cn, base)
+    cfg = stage_config("controlnet", config, overrides)
+    table = controlnet_eval.compare(
+        parsed, dataset_dir, out, split=cfg.eval_split, n=cfg.eval_images, evaluator=evaluator or None,
+        steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=cfg.loop.seed,
+        conditioning_scale=cfg.conditioning_scale,
+    )  # fmt: skip
+    typer.echo((out / "table.md").read_text())
+    typer.echo(f"wrote {out}/report.html ({len(table)} runs)")
 
 
 @app.command("annotate")

@@ -39,6 +39,7 @@ STAGES: dict[str, str] = {
     "registry": "craft.storage.registry:RegistryConfig",
     "gates": "craft.promote:GatesConfig",
     "retrain": "craft.retrain:RetrainConfig",
+    "controlnet": "craft.train.controlnet:ControlNetConfig",
     "import_paired": "craft.data.paired:PairedImportConfig",
     "pretrain": "craft.train.crafts:PretrainConfig",
     "finetune": "craft.train.crafts:FinetuneConfig",

@@ -1,0 +1,33 @@
+"""KFP components for ControlNet on the foundation model (CRAFTS, "Structure-controllable image generation")."""
+
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+
+from components.images import gpu_component
+
+
+@gpu_component()
+def controlnet_op(
+    base: Input[Model], dataset: Input[Dataset], condition: str, profile: str, overrides: list,
+    controlnet: Output[Model], metrics: Output[Metrics],
+):  # fmt: skip
+    """Train a ControlNet (mask or fluorescence -> H&E) on the frozen base model."""
+    from craft.train.controlnet import step
+
+    for key, value in step(dataset.path, base.path, controlnet.path, condition, profile, overrides).items():
+        metrics.log_metric(key, value)
+
+
+@gpu_component()
+def controlnet_eval_op(
+    crafts_controlnet: Input[Model], crafts_base: Input[Model], base_controlnet: Input[Model],
+    plain_base: Input[Model], dataset: Input[Dataset], profile: str, overrides: list, triplets: Output[HTML],
+    metrics: Output[Metrics], evaluator: Input[Model] = None,
+):  # fmt: skip
+    """Compare the CRAFTS ControlNet with the one on the plain base: paired metrics, FID, mask adherence, triplets."""
+    from craft.evaluate.controlnet_eval import compare_step
+
+    for key, value in compare_step(
+        crafts_controlnet.path, crafts_base.path, base_controlnet.path, plain_base.path, dataset.path,
+        triplets.path, profile, overrides, evaluator.path if evaluator is not None else "",
+    ).items():  # fmt: skip
+        metrics.log_metric(key, value)

@@ -1,0 +1,506 @@
+"""ControlNet on the foundation model (CRAFTS, "Structure-controllable image generation based on CRAFTS").
+
+``craft train controlnet BASE_DIR DATASET_DIR --out DIR --condition mask|fluorescence`` trains a diffusers
+``ControlNetModel`` initialised from the base model's UNet (``ControlNetModel.from_unet``: the encoder half
+and middle block copied, zero convolutions on every residual) on (condition, image, prompt) triples of
+the dataset, with the whole base frozen: UNet, VAE and text encoder have ``requires_grad=False`` and only
+the ControlNet's parameters enter the optimizer. The loss is the latent diffusion loss (CRAFTS eq. 5)
+with the ControlNet's residuals added to the frozen UNet's skip connections and middle block.
+
+Conditions (what the ControlNet sees, float [3, H, W] in [0, 1] at the image resolution):
+
+- ``mask``: the nuclear instance mask (``mask_path``, uint16, 0 = background) encoded in 3 channels:
+  channel 0 = foreground (any nucleus), channel 1 = instance boundaries (a nuclear pixel whose
+  4-neighbour belongs to another instance or to background), channel 2 = 0. The boundary channel keeps
+  touching nuclei apart, which a binary mask would merge (the paper's GLySAC / CoNSeP masks are
+  instance maps).
+- ``fluorescence``: the grayscale nuclei channel (``condition_path``, e.g. DAPI) replicated to 3 channels.
+
+The ControlNet's conditioning embedding must bring the condition from pixel to latent resolution: its
+``conditioning_embedding_out_channels`` has one level per stride-2 step plus one, i.e.
+log2(VAE factor) + 1 levels (``conditioning_channels``); a mismatch is refused before training.
+
+Which base: the function takes the base pipeline directory, so the same code trains the CRAFTS ControlNet
+(base = stage-2 ``finetune`` model) and the baseline (base = stage-1 ``pretrain`` model, the "plain base
+without CRAFTS stage 2", standing in for the paper's Stable Diffusion comparison). The output directory
+holds ``config.json`` + ``diffusion_pytorch_model.safetensors`` (``ControlNetModel.save_pretrained``) and
+``lineage.json`` naming the base, its stage, the condition and the dataset version.
+
+Training uses the shared loop (``craft.train.loop``): mixed precision, gradient checkpointing, EMA,
+checkpoint/resume, NaN detection and TensorBoard event files come from there. Adapter note: the loop
+checkpoints ``model.state_dict()``, so the frozen base is held OUTSIDE the trained module's registered
+children (``ControlNetObjective._frozen``) and moved to the training device on first use; checkpoints
+therefore contain only the ControlNet. Validation writes condition / real / generated triplet grids.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from craft.config import to_dict
+from craft.data.manifest import read_manifest
+from craft.io import atomic_dir, atomic_write_json
+from craft.models.diffusion import LINEAGE, Components, load_pipeline, read_lineage
+from craft.train.loop import LoopConfig, apply_ema, train
+
+log = logging.getLogger(__name__)
+
+CONDITIONS = ("mask", "fluorescence")
+# The paper's instruction prompts (CRAFTS, "Structure-controllable image generation"), in our own words.
+PROMPTS = {
+    "mask": "turn this nuclear segmentation mask into a realistic h&e stained histology image: "
+    "hematoxylin purple nuclei exactly where the mask marks them, pink eosin cytoplasm and stroma around them",
+    "fluorescence": "turn this nuclear fluorescence image into a realistic h&e stained histology image: "
+    "hematoxylin purple nuclei where the fluorescence is bright, pink eosin cytoplasm and stroma elsewhere",
+}
+
+
+@dataclass
+class ControlNetConfig:
+    """Stage ``controlnet``: a ControlNet trained on a frozen foundation model (CRAFTS, Fig. 4)."""
+
+    enabled: bool = False  # pipeline switch: train + evaluate ControlNets in this profile (dsl.If on it)
+    conditions: list[str] = field(default_factory=lambda: ["mask", "fluorescence"])  # what the pipeline trains
+    condition: Literal["mask", "fluorescence"] = "mask"  # what this run conditions on (see module docstring)
+    prompt: str = ""  # text prompt for every triple; "" = the built-in instruction prompt of the condition
+    loop: LoopConfig = field(default_factory=LoopConfig)  # optimisation, checkpoints, EMA, precision
+    conditioning_channels: list[int] = field(default_factory=list)  # conditioning-embedding widths;
+    # [] = derived from the VAE factor (SD's (16, 32, 96, 256) for factor 8)
+    cond_dropout: float = 0.1  # share of prompts replaced by "" (keeps classifier-free guidance usable)
+    split: str = "train"  # manifest split used for training
+    eval_split: str = "test"  # split whose pairs validation triplets and evaluation use
+    val_images: int = 4  # validation triplets written at each validation (0 = none)
+    sample_steps: int = 20  # DDIM steps for validation / evaluation samples
+    sample_guidance: float = 3.0  # classifier-free guidance for validation / evaluation samples
+    conditioning_scale: float = 1.0  # multiplier on the ControlNet residuals when sampling
+    eval_images: int = 32  # test pairs evaluated by ``craft.evaluate.controlnet_eval`` (0 = all)
+
+    def validate(self) -> None:
+        bad = [c for c in self.conditions if c not in CONDITIONS]
+        if bad:
+            raise ValueError(f"conditions: {bad[0]!r} is not one of {', '.join(CONDITIONS)}")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        if any(c <= 0 for c in self.conditioning_channels):
+            raise ValueError(f"conditioning_channels must be positive, got {self.conditioning_channels}")
+        if self.val_images < 0 or self.eval_images < 0 or self.sample_steps < 1:
+            raise ValueError("val_images and eval_images must be >= 0, sample_steps >= 1")
+
+    def text(self) -> str:
+        return self.prompt or PROMPTS[self.condition]
+
+
+# ---------------------------------------------------------------- conditions
+
+
+def encode_mask(inst: np.ndarray) -> np.ndarray:
+    """Instance mask [H, W] (0 = background) -> uint8 [H, W, 3]: foreground, instance boundaries, 0 (x255).
+
+    >>> m = np.zeros((4, 4), np.uint16); m[1:3, 1:3] = 1
+    >>> encode_mask(m)[..., 0].sum() // 255, encode_mask(m)[..., 1].sum() // 255
+    (4, 4)
+    """
+    inst = np.asarray(inst)
+    if inst.ndim != 2:
+        raise ValueError(f"instance mask must be 2-D, got shape {inst.shape}")
+    fg = inst > 0
+    pad = np.pad(inst, 1, mode="edge")
+    h, w = inst.shape
+    edge = np.zeros_like(fg)
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        edge |= pad[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] != inst
+    out = np.zeros((h, w, 3), np.uint8)
+    out[..., 0] = fg * 255
+    out[..., 1] = (edge & fg) * 255
+    return out
+
+
+def read_condition(dataset_dir: str | os.PathLike, row: Any, kind: str, resolution: int) -> np.ndarray:
+    """The condition image of one manifest row as uint8 [R, R, 3] (see the module docstring)."""
+    from PIL import Image
+
+    col = "mask_path" if kind == "mask" else "condition_path"
+    rel = row[col]
+    if rel is None or (isinstance(rel, float) and math.isnan(rel)) or str(rel) in ("", "<NA>"):
+        raise ValueError(f"manifest row image_id={row['image_id']}: no {col} (condition={kind} needs it)")
+    path = Path(dataset_dir) / str(rel)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if kind == "mask":
+                arr = np.asarray(im)
+                if arr.ndim == 3:
+                    raise ValueError(f"instance mask must be single-channel, got mode {im.mode}")
+                if arr.shape != (resolution, resolution):  # NEAREST keeps instance ids intact
+                    arr = np.asarray(Image.fromarray(arr.astype(np.int32)).resize((resolution, resolution),
+                                                                                   Image.NEAREST))  # fmt: skip
+                return encode_mask(arr)
+            g = im.convert("L")
+            if g.size != (resolution, resolution):
+                g = g.resize((resolution, resolution), Image.BICUBIC)
+            return np.repeat(np.asarray(g)[..., None], 3, axis=2)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read {col} ({e})") from e
+
+
+def load_conditions(dataset_dir, df, kind: str, resolution: int) -> torch.Tensor:
+    """Conditions of ``df`` as float [N, 3, R, R] in [0, 1] (the range diffusers' ControlNet expects)."""
+    if kind not in CONDITIONS:
+        raise ValueError(f"condition must be one of {', '.join(CONDITIONS)}, got {kind!r}")
+    arr = np.stack([read_condition(dataset_dir, r, kind, resolution) for _, r in df.iterrows()])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255.0)
+
+
+def condition_from_file(path: str | os.PathLike, kind: str, resolution: int) -> torch.Tensor:
+    """One condition image file -> float [1, 3, R, R] in [0, 1] (for ``craft sample --condition``)."""
+    col = "mask_path" if kind == "mask" else "condition_path"
+    p = Path(path)
+    return load_conditions(p.parent, _one_row(p.name, col), kind, resolution)
+
+
+def _one_row(name: str, col: str):
+    import pandas as pd
+
+    return pd.DataFrame([{"image_id": name, col: name}])
+
+
+# ---------------------------------------------------------------- the model
+
+
+def vae_factor(vae) -> int:
+    """Pixel-to-latent downsampling of an AutoencoderKL (2 ** (levels - 1))."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def conditioning_channels(factor: int, requested: list[int] | tuple[int, ...] = ()) -> tuple[int, ...]:
+    """Conditioning-embedding widths for a VAE factor: log2(factor) + 1 levels (each later one is stride 2).
+
+    >>> conditioning_channels(8)
+    (16, 32, 96, 256)
+    >>> conditioning_channels(4)
+    (16, 32, 64)
+    """
+    if factor < 1 or factor & (factor - 1):
+        raise ValueError(f"VAE factor must be a power of two, got {factor}")
+    levels = int(math.log2(factor)) + 1
+    if requested:
+        if len(requested) != levels:
+            raise ValueError(
+                f"conditioning_channels {list(requested)} has {len(requested)} levels; the VAE downsamples by "
+                f"{factor}, which needs {levels} (one per stride-2 step plus the input level)"
+            )
+        return tuple(int(c) for c in requested)
+    if factor == 8:
+        return (16, 32, 96, 256)  # the ControlNet paper's / diffusers' default for SD
+    return tuple(16 * 2**i for i in range(levels))
+
+
+def build_controlnet(unet, vae, channels: list[int] | tuple[int, ...] = ()):
+    """A ControlNetModel copied from ``unet`` whose conditioning embedding lands on ``vae``'s latent grid."""
+    from diffusers import ControlNetModel
+
+    ch = conditioning_channels(vae_factor(vae), channels)
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=ch)
+
+
+class ControlNetObjective(torch.nn.Module):
+    """L_diff (CRAFTS eq. 5) of the frozen UNet + trainable ControlNet residuals (ControlNet, Zhang et al. 2023).
+
+    Only ``self.controlnet`` is a registered child: the loop optimises and checkpoints just it.
+    """
+
+    def __init__(self, controlnet, unet, text_encoder, tokenizer, scheduler, cond_dropout: float = 0.1):
+        super().__init__()
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.controlnet = controlnet
+        for m in (unet, text_encoder):
+            m.requires_grad_(False)
+            m.eval()
+        unet.set_attn_processor(AttnProcessor2_0())
+        controlnet.set_attn_processor(AttnProcessor2_0())
+        controlnet.requires_grad_(True)
+        # Not registered as children (plain dict): excluded from state_dict, parameters() and the optimizer.
+        object.__setattr__(self, "_frozen", {"unet": unet, "text_encoder": text_encoder})
+        self.tokenizer = tokenizer
+        self.cond_dropout = cond_dropout
+        self.num_t = scheduler.config.num_train_timesteps
+        self.register_buffer("abar", scheduler.alphas_cumprod.clone().float(), persistent=False)
+
+    @property
+    def unet(self):
+        return self._frozen["unet"]
+
+    @property
+    def text_encoder(self):
+        return self._frozen["text_encoder"]
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.controlnet.enable_gradient_checkpointing()
+        self.unet.enable_gradient_checkpointing()  # activations of the frozen UNet still sit on the grad path
+
+    def _to(self, device) -> None:
+        for m in self._frozen.values():
+            if next(m.parameters()).device != device:
+                m.to(device)
+
+    def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        z0, cond = batch["latents"], batch["cond"]
+        b, dev = z0.shape[0], z0.device
+        self._to(dev)
+        keep = torch.rand(b, generator=generator) >= self.cond_dropout
+        prompts = [p if k else "" for p, k in zip(batch["prompt"], keep.tolist())]
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(dev)  # fmt: skip
+        with torch.no_grad():
+            states = self.text_encoder(ids).last_hidden_state
+        noise = torch.randn(z0.shape, generator=generator).to(dev, z0.dtype)
+        t = torch.randint(0, self.num_t, (b,), generator=generator).to(dev)
+        abar = self.abar.to(dev)[t].view(b, 1, 1, 1)
+        zt = abar.sqrt() * z0 + (1 - abar).sqrt() * noise  # eq. 3
+        down, mid = self.controlnet(zt, t, encoder_hidden_states=states, controlnet_cond=cond, return_dict=False)
+        eps_hat = self.unet(zt, t, encoder_hidden_states=states, down_block_additional_residuals=down,
+                            mid_block_additional_residual=mid).sample  # fmt: skip
+        loss = F.mse_loss(eps_hat.float(), noise.float())  # eq. 5
+        return {"loss": loss, "l_diff": loss.detach()}
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def controlnet_pipeline(comp: Components, controlnet):
+    """``StableDiffusionControlNetPipeline`` over the base components and ``controlnet`` (no safety checker)."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    pipe = StableDiffusionControlNetPipeline(
+        vae=comp.vae, text_encoder=comp.text_encoder, tokenizer=comp.tokenizer, unet=comp.unet,
+        controlnet=controlnet, scheduler=comp.scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate_controlnet(pipe, conditions: torch.Tensor, prompts: list[str], steps: int = 20, guidance: float = 3.0,
+                        seed: int = 0, conditioning_scale: float = 1.0, scheduler: str = "ddim", batch: int = 16):  # fmt: skip
+    """PIL images, one per (condition [N, 3, H, W] in [0, 1], prompt); the same seed gives the same images."""
+    from craft.sample import set_scheduler
+
+    if conditions.ndim != 4 or conditions.shape[1] != 3:
+        raise ValueError(f"conditions must be [N, 3, H, W], got {tuple(conditions.shape)}")
+    if len(prompts) != len(conditions):
+        raise ValueError(f"{len(prompts)} prompts for {len(conditions)} conditions")
+    set_scheduler(pipe, scheduler)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    h, w = conditions.shape[-2:]
+    f = vae_factor(pipe.vae)
+    images = []
+    for i in range(0, len(prompts), batch):
+        c = conditions[i : i + batch]
+        shape = (len(c), pipe.unet.config.in_channels, h // f, w // f)
+        latents = torch.randn(shape, generator=gen).to(pipe.device, pipe.unet.dtype)
+        out = pipe(
+            list(prompts[i : i + batch]), image=c.to(pipe.device, pipe.unet.dtype), height=h, width=w,
+            num_inference_steps=steps, guidance_scale=guidance, generator=gen, latents=latents,
+            controlnet_conditioning_scale=conditioning_scale, output_type="pil",
+            **({"eta": 0.0} if scheduler == "ddim" else {}),
+        )  # fmt: skip
+        images.extend(out.images)
+    return images
+
+
+def load_controlnet(path: str | os.PathLike, dtype=None):
+    """A ControlNetModel saved by ``save_controlnet`` (safetensors only, offline)."""
+    from diffusers import ControlNetModel
+
+    d = Path(path)
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"{d}: not a ControlNet directory (no config.json)")
+    kwargs: dict[str, Any] = dict(local_files_only=True, use_safetensors=True)
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    return ControlNetModel.from_pretrained(str(d), **kwargs)
+
+
+def save_controlnet(controlnet, out_dir: str | os.PathLike, lineage: dict[str, Any]) -> Path:
+    """``ControlNetModel.save_pretrained`` (safetensors) + ``lineage.json``, atomically replacing ``out_dir``."""
+    from craft.models.diffusion import code_version
+
+    lineage = dict(lineage)
+    lineage.setdefault("code_version", code_version())
+    with atomic_dir(out_dir) as tmp:
+        controlnet.save_pretrained(tmp, safe_serialization=True)
+        atomic_write_json(Path(tmp) / LINEAGE, lineage)
+    return Path(out_dir)
+
+
+def sample_controlnet(model_dir: str, controlnet_dir: str, condition: str | os.PathLike, out_dir: str | os.PathLike,
+                      n: int = 4, prompt: str = "", kind: str = "", steps: int = 20, guidance: float = 3.0,
+                      seed: int = 0, conditioning_scale: float = 1.0, scheduler: str = "ddim") -> Path:  # fmt: skip
+    """``craft sample MODEL --controlnet CN --condition IMAGE``: ``n`` images following the condition image.
+
+    ``kind`` (mask | fluorescence) and ``prompt`` default to what the ControlNet was trained with
+    (its lineage). Writes ``OUT/000.png ...``, ``OUT/grid.png`` (condition first) and ``samples.json``.
+    """
+    from PIL import Image
+
+    from craft.sample import _png_bytes, save_grid
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    lin = read_lineage(controlnet_dir)
+    kind = kind or lin.get("condition", "")
+    if kind not in CONDITIONS:
+        raise ValueError(f"{controlnet_dir}: condition kind unknown (lineage has none); pass mask or fluorescence")
+    prompt = prompt or lin.get("prompt") or PROMPTS[kind]
+    pipe = load_pipeline(model_dir)
+    res = _resolution(pipe.vae)
+    cond = condition_from_file(condition, kind, res)
+    cpipe = controlnet_pipeline(Components.from_pipeline(pipe), load_controlnet(controlnet_dir))
+    imgs = generate_controlnet(cpipe, cond.repeat(n, 1, 1, 1), [prompt] * n, steps=steps, guidance=guidance,
+                               seed=seed, conditioning_scale=conditioning_scale, scheduler=scheduler)  # fmt: skip
+    out = Path(out_dir)
+    from craft.io import atomic_write_bytes
+
+    for k, im in enumerate(imgs):
+        atomic_write_bytes(out / f"{k:03d}.png", _png_bytes(im))
+    cond_img = Image.fromarray((cond[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    save_grid([cond_img] + imgs, out / "grid.png")
+    atomic_write_json(out / "samples.json", {
+        "model": str(model_dir), "controlnet": str(controlnet_dir), "condition": str(condition), "kind": kind,
+        "prompt": prompt, "n": n, "steps": steps, "guidance": guidance, "seed": seed,
+        "conditioning_scale": conditioning_scale, "scheduler": scheduler,
+    })  # fmt: skip
+    return out
+
+
+def _resolution(vae) -> int:
+    s = vae.config.sample_size
+    return int(s if isinstance(s, int) else s[0])
+
+
+# ---------------------------------------------------------------- training
+
+
+def pair_table(dataset_dir, split: str, kind: str):
+    """Rows of ``split`` that carry the condition column ``kind`` needs; refuses an empty result."""
+    df = read_manifest(dataset_dir)
+    df = df[df["split"] == split].reset_index(drop=True)
+    if len(df) == 0:
+        raise ValueError(f"{dataset_dir}/manifest.parquet: no rows with split={split!r}")
+    return df
+
+
+def _triplet_validation(comp: Components, cfg: ControlNetConfig, val: dict[str, Any]):
+    """Loop callback: condition / real / generated triplets of ``val`` into OUT/samples/step-N/ and TensorBoard."""
+
+    def run(model: ControlNetObjective, step: int, out: Path, writer) -> None:
+        if cfg.val_images <= 0 or len(val["cond"]) == 0:
+            return
+        from craft.evaluate.controlnet_eval import triplet_grid
+        from craft.sample import save_grid
+
+        model._to(next(model.controlnet.parameters()).device)
+        pipe = controlnet_pipeline(comp, model.controlnet)
+        gen = generate_controlnet(pipe, val["cond"], [cfg.text()] * len(val["cond"]), steps=cfg.sample_steps,
+                                  guidance=cfg.sample_guidance, seed=cfg.loop.seed,
+                                  conditioning_scale=cfg.conditioning_scale)  # fmt: skip
+        rows = triplet_grid(val["cond"], val["real"], gen)
+        grid = save_grid(rows, out / "samples" / f"step-{step:07d}" / "triplets.png", cols=1)
+        if writer is not None:
+            writer.add_image("triplets", np.asarray(grid).transpose(2, 0, 1), step)
+
+    return run
+
+
+def train_controlnet(cfg: ControlNetConfig, dataset_dir, base_dir, out_dir, work_dir=None) -> dict[str, float]:
+    """Train a ControlNet for ``cfg.condition`` on the frozen ``base_dir`` pipeline; write it to ``out_dir``."""
+    from craft.train.crafts import _dataset_version, encode_latents, load_images
+
+    t0 = time.time()
+    cfg.validate()
+    if cfg.loop.threads > 0:
+        torch.set_num_threads(cfg.loop.threads)
+    out_dir = Path(out_dir)
+    work = Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".work")
+    base = load_pipeline(base_dir)
+    comp = Components.from_pipeline(base)
+    res = _resolution(comp.vae)
+    for m in (comp.unet, comp.vae, comp.text_encoder):
+        m.requires_grad_(False)
+        m.eval()
+    df = pair_table(dataset_dir, cfg.split, cfg.condition)
+    cond = load_conditions(dataset_dir, df, cfg.condition, res)
+    latents = encode_latents(comp.vae, load_images(dataset_dir, df, res))
+    torch.manual_seed(cfg.loop.seed)
+    controlnet = build_controlnet(comp.unet, comp.vae, cfg.conditioning_channels)
+    model = ControlNetObjective(controlnet, comp.unet, comp.text_encoder, comp.tokenizer, comp.scheduler,
+                                cfg.cond_dropout)  # fmt: skip
+    val: dict[str, Any] = {"cond": torch.zeros(0, 3, res, res), "real": []}
+    if cfg.val_images > 0:
+        vdf = pair_table(dataset_dir, cfg.eval_split, cfg.condition).head(cfg.val_images)
+        val = {"cond": load_conditions(dataset_dir, vdf, cfg.condition, res),
+               "real": _pil_images(dataset_dir, vdf, res)}  # fmt: skip
+    data = {"latents": latents, "cond": cond, "prompt": [cfg.text()] * len(df)}
+    result = train(model, data, cfg.loop, work / "controlnet", validate=_triplet_validation(comp, cfg, val))
+    if result.ema is not None:
+        apply_ema(model, result.ema)
+    metrics = {k: v for k, v in result.logs.items() if k != "lr"}
+    metrics["steps"] = float(result.step)
+    metrics["train_seconds"] = time.time() - t0
+    metrics["trainable_params"] = float(sum(p.numel() for p in controlnet.parameters()))
+    if int(os.environ.get("RANK", "0")) == 0:
+        base_lin = read_lineage(base_dir)
+        lineage = {
+            "stage": "controlnet", "condition": cfg.condition, "prompt": cfg.text(), "base": str(base_dir),
+            "base_stage": base_lin.get("stage"), "parent": str(base_dir), "dataset": _dataset_version(dataset_dir),
+            "config": to_dict(cfg), "metrics": metrics, "resolution": res,
+            "conditioning_channels": list(controlnet.config.conditioning_embedding_out_channels),
+        }  # fmt: skip
+        controlnet.eval()
+        save_controlnet(controlnet.to("cpu"), out_dir, lineage)
+    log.info("controlnet (%s) on %s: %s", cfg.condition, base_dir, metrics)
+    return metrics
+
+
+def _pil_images(dataset_dir, df, res: int) -> list:
+    from PIL import Image
+
+    out = []
+    for rel in df["image_path"].tolist():
+        with Image.open(Path(dataset_dir) / rel) as im:
+            im = im.convert("RGB")
+            out.append(im.resize((res, res), Image.BICUBIC) if im.size != (res, res) else im.copy())
+    return out
+
+
+def main(cfg: ControlNetConfig, dataset_dir, base_dir, out_dir, work_dir=None) -> dict[str, float]:
+    """Stage entry point (``craft train controlnet``): see ``train_controlnet``."""
+    return train_controlnet(cfg, dataset_dir, base_dir, out_dir, work_dir)
+
+
+def step(dataset_dir, base_dir, out_dir, condition: str, profile: str, overrides: list[str]) -> dict[str, float]:
+    """Pipeline step (KFP ``controlnet_op``): the profile's ``controlnet`` section + overrides, for ``condition``."""
+    from craft.config import load_stage_config
+
+    cfg = load_stage_config("controlnet", profile, list(overrides) + [f"controlnet.condition={condition}"])
+    return train_controlnet(cfg, dataset_dir, base_dir, out_dir)
+
+
+def pipeline_plan(profile: str, overrides: list[str] = ()) -> dict[str, Any]:
+    """What the pipeline wires for this profile: ``{"enabled": bool, "conditions": [...]}`` (read at compile time)."""
+    from craft.config import load_stage_config
+
+    cfg = load_stage_config("controlnet", profile, list(overrides))
+    return {"enabled": bool(cfg.enabled), "conditions": list(cfg.conditions)}
