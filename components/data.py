@@ -1,6 +1,6 @@
 """KFP components for the data stages: prepare (demo / download / import) and validate."""
 
-from kfp.dsl import HTML, Dataset, Input, Metrics, Output
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
 from components.images import cpu_component
 
@@ -24,4 +24,13 @@ def validate_op(
     from craft.steps import validate_dataset
 
     for key, value in validate_dataset(dataset.path, report.path, profile, overrides).items():
+        metrics.log_metric(key, value)
+
+
+@cpu_component()
+def import_model_op(uri: str, model: Output[Model], metrics: Output[Metrics]):
+    """Bring an existing checkpoint (folder or s3:// prefix) into the run as a model artifact."""
+    from craft.steps import import_model
+
+    for key, value in import_model(uri, model.path).items():
         metrics.log_metric(key, value)

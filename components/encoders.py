@@ -2,10 +2,10 @@
 
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components.images import cpu_component
+from components.images import gpu_component
 
 
-@cpu_component()
+@gpu_component()
 def encoder_op(
     dataset: Input[Dataset],
     role: str,
@@ -23,7 +23,7 @@ def encoder_op(
         metrics.log_metric(key, value)
 
 
-@cpu_component()
+@gpu_component()
 def probe_op(
     encoder: Input[Model], dataset: Input[Dataset], profile: str, overrides: list, probe: Output[Model],
     metrics: Output[Metrics],

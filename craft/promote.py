@@ -265,3 +265,114 @@ def main(
             )
             promoted = True
     return PromotionOutcome(model, version, prod_version, promoted, decision)
+
+
+# ------------------------------------------------------------------------------------------ pipeline steps
+
+
+def candidate_metrics(results_dir: str | os.PathLike) -> dict[str, Any]:
+    """The gate's view of an evaluation: metrics.json's ``candidate`` block, or the file itself when flat."""
+    data = read_metrics(Path(results_dir) / "metrics.json")
+    block = data.get("candidate")
+    return block if isinstance(block, dict) else data
+
+
+def _gate_html(decision: GateDecision, model: str, production: str | None) -> str:
+    import html
+
+    rows = "".join(
+        f"<tr><td>{html.escape(r.name)}</td><td>{'PASS' if r.passed else 'FAIL'}</td>"
+        f"<td>{html.escape(str(r.candidate))}</td><td>{html.escape(str(r.production))}</td>"
+        f"<td>{html.escape(str(r.threshold))}</td><td>{html.escape(r.message)}</td></tr>"
+        for r in decision.results
+    )
+    verdict = "passed: the candidate will be registered and promoted" if decision.passed else "REJECTED"
+    return (
+        f"<html><body><h1>Promotion gate for {html.escape(model)}</h1>"
+        f"<p>Production before: {html.escape(production or '(none)')}. Decision: <b>{verdict}</b>.</p>"
+        "<table border=1 cellpadding=4><tr><th>gate</th><th>result</th><th>candidate</th><th>production</th>"
+        f"<th>threshold</th><th>note</th></tr>{rows}</table></body></html>"
+    )
+
+
+def gate_step(
+    results_dir: str | os.PathLike, html_path: str | os.PathLike, profile: str, overrides: list[str], model: str
+):
+    """Pipeline gate: candidate (evaluation results) versus the registry's production model; moves nothing.
+
+    Returns (passed, metrics for the UI). The register step re-checks under a compare-and-swap, so a
+    production move between the two steps cannot promote a candidate that no longer passes.
+    """
+    from craft.config import load_stage_config
+    from craft.io import atomic_write_text
+    from craft.storage.registry import open_registry
+
+    cfg = load_stage_config("gates", profile, overrides)
+    registry = open_registry(
+        load_stage_config("registry", profile, overrides), load_stage_config("storage", profile, overrides)
+    )
+    production = registry.get_production(model)
+    prod_version = production["version"] if production else None
+    prod_metrics = registry.get_version(model, prod_version)["metrics"] if prod_version else None
+    decision = evaluate_gates(candidate_metrics(results_dir), prod_metrics, cfg)
+    atomic_write_text(html_path, _gate_html(decision, model, prod_version))
+    ui = {"passed": float(decision.passed), "n_failing_gates": float(len(decision.failures))}
+    for r in decision.results:
+        if isinstance(r.candidate, (int, float)):
+            ui[f"candidate_{r.name}"] = float(r.candidate)
+    return decision.passed, ui
+
+
+def export_model(
+    base_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None, out_dir: str | os.PathLike
+) -> Path:
+    """A self-contained pipeline directory for the registry: the base with the adapter merged in.
+
+    LoRA is fused into the UNet weights and textual-inversion tokens are saved with the tokenizer
+    and text encoder, so production consumers load it with ``load_pipeline`` alone.
+    """
+    from craft.models.diffusion import load_pipeline, read_lineage, save_pipeline
+
+    pipe = load_pipeline(base_dir)
+    lineage = {"stage": "export", "base_lineage": read_lineage(base_dir)}
+    if adapter_dir:
+        from craft.train.reward import LORA_FILE, load_adapters
+
+        load_adapters(pipe, adapter_dir)
+        if (Path(adapter_dir) / LORA_FILE).is_file():
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()
+        lineage["adapter_lineage"] = read_lineage(adapter_dir)
+    return save_pipeline(pipe, out_dir, lineage)
+
+
+def register_step(
+    base_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike | None,
+    results_dir: str | os.PathLike,
+    profile: str,
+    overrides: list[str],
+    model: str,
+) -> dict[str, float]:
+    """Pipeline register: export the candidate, register it and move production (gates re-checked under CAS)."""
+    import tempfile
+
+    from craft.config import load_stage_config
+    from craft.io import atomic_write_json
+    from craft.storage.registry import open_registry
+
+    cfg = load_stage_config("gates", profile, overrides)
+    registry = open_registry(
+        load_stage_config("registry", profile, overrides), load_stage_config("storage", profile, overrides)
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = export_model(base_dir, adapter_dir, Path(tmp) / "model")
+        metrics_file = atomic_write_json(Path(tmp) / "metrics.json", candidate_metrics(results_dir))
+        outcome = main(cfg, str(metrics_file), model, registry, register_dir=model_dir, actor="pipeline")
+    if not outcome.decision.passed:
+        failing = "; ".join(f"{r.name} ({r.message})" for r in outcome.decision.failures)
+        raise RuntimeError(
+            f"{model}: production moved since the gate step and the candidate no longer passes: {failing}"
+        )
+    print(f"{model}: production {outcome.production_before or '(none)'} -> {outcome.version}")
+    return {"promoted": float(outcome.promoted)}

@@ -69,3 +69,14 @@ def validate_dataset(dataset_dir: str | Path, html_path: str | Path, profile: st
         lines = "\n".join(f"  - {f.check}: {f.message}" for f in report.failures[:50])
         raise StepFailed(f"dataset {dataset_dir} is not valid ({len(report.failures)} failures):\n{lines}")
     return {"n_rows": float(report.n_rows), "n_failures": float(len(report.failures))}
+
+
+def import_model(uri: str, out_dir: str | Path) -> dict:
+    """Materialise an existing checkpoint (a local folder or an s3:// prefix) as a pipeline model artifact."""
+    from craft.io import copy_tree
+    from craft.models.diffusion import resolve_model_dir
+
+    src = resolve_model_dir(uri)
+    copy_tree(src, out_dir)
+    n_files = sum(1 for p in Path(out_dir).rglob("*") if p.is_file())
+    return {"n_files": float(n_files)}

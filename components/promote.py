@@ -1,0 +1,35 @@
+"""KFP components for the last steps: the promotion gate and registration (craft/promote.py)."""
+
+from typing import NamedTuple
+
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+
+from components.images import cpu_component
+
+
+@cpu_component()
+def gate_op(
+    results: Input[Dataset], profile: str, overrides: list, model_name: str, decision: Output[HTML],
+    metrics: Output[Metrics],
+) -> NamedTuple("GateOutput", [("passed", bool)]):  # fmt: skip
+    """Compare the candidate's evaluation with the production model's under the profile's gates."""
+    from collections import namedtuple
+
+    from craft.promote import gate_step
+
+    passed, ui = gate_step(results.path, decision.path, profile, overrides, model_name)
+    for key, value in ui.items():
+        metrics.log_metric(key, value)
+    return namedtuple("GateOutput", ["passed"])(passed)
+
+
+@cpu_component()
+def register_op(
+    base: Input[Model], adapter: Input[Model], results: Input[Dataset], profile: str, overrides: list,
+    model_name: str, metrics: Output[Metrics],
+):  # fmt: skip
+    """Register the gated candidate (base with its adapter merged) and move the production pointer."""
+    from craft.promote import register_step
+
+    for key, value in register_step(base.path, adapter.path, results.path, profile, overrides, model_name).items():
+        metrics.log_metric(key, value)
