@@ -195,6 +195,8 @@ def evaluate(controlnet_dir, base_dir, dataset_dir, split: str = "test", n: int 
     cond = load_conditions(dataset_dir, df, kind, res)
     reals = _pil_images(dataset_dir, df, res)
     cpipe = controlnet_pipeline(Components.from_pipeline(pipe), load_controlnet(controlnet_dir))
+    if torch.cuda.is_available():
+        cpipe.to("cuda")
     gen = generate_controlnet(cpipe, cond, [prompt] * len(df), steps=steps, guidance=guidance, seed=seed,
                               conditioning_scale=conditioning_scale, batch=batch)  # fmt: skip
     real_a = np.stack([np.asarray(r) for r in reals])

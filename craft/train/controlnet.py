@@ -367,7 +367,7 @@ def sample_controlnet(model_dir: str, controlnet_dir: str, condition: str | os.P
     pipe = load_pipeline(model_dir)
     res = _resolution(pipe.vae)
     cond = condition_from_file(condition, kind, res)
-    cpipe = controlnet_pipeline(Components.from_pipeline(pipe), load_controlnet(controlnet_dir))
+    cpipe = controlnet_pipeline(Components.from_pipeline(pipe), load_controlnet(controlnet_dir)).to(_device())
     imgs = generate_controlnet(cpipe, cond.repeat(n, 1, 1, 1), [prompt] * n, steps=steps, guidance=guidance,
                                seed=seed, conditioning_scale=conditioning_scale, scheduler=scheduler)  # fmt: skip
     out = Path(out_dir)
@@ -411,7 +411,9 @@ def _triplet_validation(comp: Components, cfg: ControlNetConfig, val: dict[str, 
         from craft.evaluate.controlnet_eval import triplet_grid
         from craft.sample import save_grid
 
-        model._to(next(model.controlnet.parameters()).device)
+        dev = next(model.controlnet.parameters()).device
+        model._to(dev)
+        comp.vae.to(dev)  # the frozen VAE decodes the samples on the training device
         pipe = controlnet_pipeline(comp, model.controlnet)
         gen = generate_controlnet(pipe, val["cond"], [cfg.text()] * len(val["cond"]), steps=cfg.sample_steps,
                                   guidance=cfg.sample_guidance, seed=cfg.loop.seed,
@@ -426,7 +428,7 @@ def _triplet_validation(comp: Components, cfg: ControlNetConfig, val: dict[str, 
 
 def train_controlnet(cfg: ControlNetConfig, dataset_dir, base_dir, out_dir, work_dir=None) -> dict[str, float]:
     """Train a ControlNet for ``cfg.condition`` on the frozen ``base_dir`` pipeline; write it to ``out_dir``."""
-    from craft.train.crafts import _dataset_version, encode_latents, load_images
+    from craft.train.crafts import _dataset_version, load_images
 
     t0 = time.time()
     cfg.validate()
@@ -442,7 +444,8 @@ def train_controlnet(cfg: ControlNetConfig, dataset_dir, base_dir, out_dir, work
         m.eval()
     df = pair_table(dataset_dir, cfg.split, cfg.condition)
     cond = load_conditions(dataset_dir, df, cfg.condition, res)
-    latents = encode_latents(comp.vae, load_images(dataset_dir, df, res))
+    comp.vae.to(_device())
+    latents = _encode(comp.vae, load_images(dataset_dir, df, res))
     torch.manual_seed(cfg.loop.seed)
     controlnet = build_controlnet(comp.unet, comp.vae, cfg.conditioning_channels)
     model = ControlNetObjective(controlnet, comp.unet, comp.text_encoder, comp.tokenizer, comp.scheduler,
@@ -472,6 +475,19 @@ def train_controlnet(cfg: ControlNetConfig, dataset_dir, base_dir, out_dir, work
         save_controlnet(controlnet.to("cpu"), out_dir, lineage)
     log.info("controlnet (%s) on %s: %s", cfg.condition, base_dir, metrics)
     return metrics
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@torch.no_grad()
+def _encode(vae, pixels: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Scaled posterior means of ``pixels`` computed on the VAE's device, returned on the CPU."""
+    from craft.train.crafts import encode_latents
+
+    dev = next(vae.parameters()).device
+    return torch.cat([encode_latents(vae, pixels[i : i + batch].to(dev)).cpu() for i in range(0, len(pixels), batch)])
 
 
 def _pil_images(dataset_dir, df, res: int) -> list:
