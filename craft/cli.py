@@ -205,6 +205,36 @@ def show_config(
 # --- stage commands (added by each stage) ---
 
 
+@app.command("evaluate")
+def evaluate_cmd(
+    dataset_dir: Annotated[Path, typer.Argument(help="Dataset directory; its test split drives the protocol.")],
+    annotations: Annotated[Path, typer.Option(help="Annotate output (annotations.parquet, checklists.json).")],
+    variant: Annotated[
+        list[str], typer.Option("--variant", help="name=MODEL_DIR[:ADAPTER_DIR], repeatable ('real' is added).")
+    ],
+    evaluator: Annotated[str, typer.Option(help="Evaluator encoder directory (never the critic).")],
+    evaluator_probe: Annotated[Path, typer.Option("--evaluator-probe", help="DD probe trained on the evaluator.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics.json, per_image.parquet, report.html.")],
+    critic: Annotated[str | None, typer.Option(help="Training critic: refused as evaluator.")] = None,
+    evaluator2: Annotated[str | None, typer.Option(help="Optional out-of-family second evaluator.")] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Score every variant on the held-out prompts with the evaluator; print the candidate's gate metrics."""
+    from craft.evaluate import run as ev
+    from craft.models.encoders import load_encoder
+
+    cfg = stage_config("evaluate", config, overrides)
+    try:
+        variants = dict(ev.parse_variant(v) for v in variant)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    critic_id = load_encoder(critic).identity if critic else None
+    metrics = ev.main(cfg, dataset_dir, annotations, variants, evaluator, evaluator_probe, out, critic_id, evaluator2,
+                      critic_dir=critic)  # fmt: skip
+    _echo_json({"candidate": metrics["candidate"], "out": str(out)})
+
+
 @train_app.command("pretrain")
 def train_pretrain_cmd(
     data: Annotated[Path, typer.Option("--data", help="Dataset directory (weak captions in the manifest).")],

@@ -41,6 +41,7 @@ STAGES: dict[str, str] = {
     "retrain": "craft.retrain:RetrainConfig",
     "controlnet": "craft.train.controlnet:ControlNetConfig",
     "import_paired": "craft.data.paired:PairedImportConfig",
+    "evaluate": "craft.evaluate.run:EvaluateConfig",
     "pretrain": "craft.train.crafts:PretrainConfig",
     "finetune": "craft.train.crafts:FinetuneConfig",
 }
