@@ -260,3 +260,28 @@ def test_textual_inversion_prompts_carry_the_class_token():
     assert ev.variant_prompt("crowded glands", "adenoma", {"lora": {"rank": 4}}) == "crowded glands"
     with pytest.raises(ValueError, match="class_tokens"):
         ev.variant_prompt("x", "adenoma", {"tokens": ["<adenoma>"]})
+
+
+def test_samples_are_cached_per_model_content(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "w.safetensors").write_bytes(b"1")
+    calls = []
+
+    def make():
+        calls.append(1)
+        return np.full((2, 4, 4, 3), len(calls), np.uint8)
+
+    spec = ev.VariantSpec(str(model))
+    a = ev._cached_samples(tmp_path / "work", "v", {"spec": spec.key()}, make)
+    b = ev._cached_samples(tmp_path / "work", "v", {"spec": spec.key()}, make)
+    assert len(calls) == 1 and np.array_equal(a, b)  # resumed, not redone
+    (model / "w.safetensors").write_bytes(b"22")  # the model was rewritten in place
+    c = ev._cached_samples(tmp_path / "work", "v", {"spec": spec.key()}, make)
+    assert len(calls) == 2 and c[0, 0, 0, 0] == 2
+
+
+def test_a_generator_may_not_be_called_real(world, tmp_path):
+    w = world
+    with pytest.raises(ValueError, match="reserved"):
+        ev.main(cfg(w["tmp"]), w["ds"], w["ann"], {"real": str(w["base"])}, w["evaluator"], w["probe"], tmp_path)

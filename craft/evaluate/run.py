@@ -123,7 +123,7 @@ class EvaluateConfig:
     checklist_mode: Literal["mean_items", "joined"] = "mean_items"  # checklist text embedding (encoders module)
     embed_batch: int = 64  # images per evaluator forward pass
     grid_per_class: int = 4  # images per class and variant in the report's grids
-    device: str = "cpu"  # torch device: cpu, cuda, auto
+    device: str = "auto"  # torch device: auto (cuda when there is one), cpu, cuda
     threads: int = 2  # torch CPU threads
     memorization: MemorizationSettings = field(default_factory=MemorizationSettings)
     downstream: DownstreamSettings = field(default_factory=DownstreamSettings)
@@ -154,7 +154,20 @@ class VariantSpec:
     adapter: str = ""
 
     def key(self) -> str:
-        return f"{self.model}|{self.adapter}"
+        """Paths plus a fingerprint of the files under them, so a model rewritten in place is sampled again."""
+        return f"{self.model}|{self.adapter}|{_fingerprint(self.model)}|{_fingerprint(self.adapter)}"
+
+
+def _fingerprint(where: str) -> str:
+    """sha256 over (relative path, size, mtime) of every file under a local folder; "" for none / s3://."""
+    p = Path(where) if where and not where.startswith("s3://") else None
+    if p is None or not p.is_dir():
+        return ""
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def parse_variant(text: str) -> tuple[str, VariantSpec | str]:
@@ -512,6 +525,8 @@ def main(
     if not variants:
         raise ValueError("variants: give at least one model variant")
     specs = {str(n): _as_spec(str(n), s) for n, s in variants.items()}
+    if specs.get(REAL, REAL) != REAL:
+        raise ValueError(f"variant name {REAL!r} is reserved for the held-out images themselves")
     specs.setdefault(REAL, REAL)  # the real images always anchor the tail threshold and the Real row
     gen_names = [n for n, s in specs.items() if s != REAL]
     if cfg.candidate and cfg.candidate not in specs:
