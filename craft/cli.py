@@ -170,12 +170,15 @@ def pipeline_compile(
     output: Annotated[Path, typer.Option("--output", "-o", help="Pipeline YAML to write.")] = Path(
         "craft_pipeline.yaml"
     ),
+    profile: Annotated[
+        str, typer.Option(help="Profile whose `pipeline` plan sets the tasks (runs may pass another profile).")
+    ] = "demo-histo",
 ) -> None:
     """Compile the KFP pipeline to YAML (the file you upload to Kubeflow)."""
     from pipelines.craft_pipeline import compile_pipeline
 
-    compile_pipeline(output)
-    typer.echo(f"wrote {output}")
+    compile_pipeline(output, profile)
+    typer.echo(f"wrote {output} (plan of profile {profile})")
 
 
 @app.command("demo")
@@ -235,6 +238,74 @@ def evaluate_cmd(
     _echo_json({"candidate": metrics["candidate"], "out": str(out)})
 
 
+DataOpt = Annotated[Path, typer.Option("--data", help="Dataset directory.")]
+BaseOpt = Annotated[str, typer.Option("--base", help="Base pipeline (dir or s3://) the adapter is trained on.")]
+AdapterOut = Annotated[Path, typer.Option("--out", "-o", help="Adapter directory to write (safetensors).")]
+
+
+@train_app.command("reward")
+def train_reward_cmd(
+    data: DataOpt,
+    annotations: Annotated[Path, typer.Option(help="Annotate output (annotations.parquet, checklists.json).")],
+    critic: Annotated[str, typer.Option(help="Critic encoder directory (frozen).")],
+    probe: Annotated[Path, typer.Option(help="Linear probe directory trained on the critic (frozen).")],
+    base: BaseOpt,
+    out: AdapterOut,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """CRAFT: LoRA reward finetuning with DRaFT-K against the frozen critic (VDC, CCS, DD, SFS)."""
+    from craft.train import reward
+
+    cfg = stage_config("reward", config, overrides)
+    _echo_json(reward.main(cfg, data, annotations, critic, probe, base, out))
+
+
+@train_app.command("ti")
+def train_ti_cmd(data: DataOpt, base: BaseOpt, out: AdapterOut, config: ConfigOpt = None,
+                 overrides: Overrides = None) -> None:  # fmt: skip
+    """Baseline: textual inversion, one learned token per class."""
+    from craft.train import baselines
+
+    _echo_json(baselines.ti_main(stage_config("ti", config, overrides), data, base, out))
+
+
+@train_app.command("ti-lora")
+def train_ti_lora_cmd(
+    data: DataOpt,
+    base: BaseOpt,
+    out: AdapterOut,
+    ti: Annotated[Path | None, typer.Option(help="TI output to start from (default: train TI first).")] = None,
+    annotations: Annotated[Path | None, typer.Option(help="Annotate output (for prompts=enriched).")] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Baseline: TI tokens, then LoRA on the UNet cross-attention with the diffusion loss."""
+    from craft.train import baselines
+
+    cfg = stage_config("ti_lora", config, overrides)
+    _echo_json(baselines.ti_lora_main(cfg, data, base, out, ti_dir=ti, annotations_dir=annotations))
+
+
+@train_app.command("dpo")
+def train_dpo_cmd(
+    data: DataOpt,
+    annotations: Annotated[Path, typer.Option(help="Annotate output (annotations.parquet, checklists.json).")],
+    critic: Annotated[str, typer.Option(help="Critic encoder directory (judges the pairs).")],
+    probe: Annotated[Path, typer.Option(help="Linear probe directory trained on the critic.")],
+    base: BaseOpt,
+    out: AdapterOut,
+    start: Annotated[Path | None, typer.Option(help="TI+LoRA adapter to start from (and reference).")] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Baseline: Diffusion-DPO on critic-judged pairs of two seed-varied samples per prompt."""
+    from craft.train import baselines
+
+    cfg = stage_config("dpo", config, overrides)
+    _echo_json(baselines.dpo_main(cfg, data, annotations, critic, probe, base, out, start_dir=start))
+
+
 @train_app.command("pretrain")
 def train_pretrain_cmd(
     data: Annotated[Path, typer.Option("--data", help="Dataset directory (weak captions in the manifest).")],
@@ -277,6 +348,9 @@ def sample_cmd(
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (<= 1: none).")] = 4.0,
     scheduler: Annotated[str, typer.Option(help="ddim or ddpm.")] = "ddim",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    adapter: Annotated[
+        str | None, typer.Option(help="Adapter dir (TI tokens / LoRA from craft train reward|ti|ti-lora|dpo).")
+    ] = None,
     controlnet: Annotated[
         str | None, typer.Option(help="ControlNet dir (craft train controlnet); needs --condition.")
     ] = None,
@@ -290,48 +364,15 @@ def sample_cmd(
     if controlnet or condition:  # ControlNet sampling; --prompt "" = the prompt it was trained with
         from craft.train.controlnet import sample_controlnet
 
-        if not (controlnet and condition) or len(prompt) != 1:
-            raise CliError("--controlnet and --condition go together, with one --prompt")
+        if not (controlnet and condition) or adapter or len(prompt) != 1:
+            raise CliError("--controlnet and --condition go together, with one --prompt and no --adapter")
         path = sample_controlnet(model_dir, controlnet, condition, out, n=n, prompt=prompt[0], steps=steps,
                                  guidance=guidance, seed=seed, scheduler=scheduler)  # fmt: skip
         typer.echo(f"wrote {path}/grid.png")
         return
-
-    path = sample(model_dir, list(prompt), n, out, steps=steps, guidance=guidance, scheduler=scheduler, seed=seed)
+    path = sample(model_dir, list(prompt), n, out, steps=steps, guidance=guidance, scheduler=scheduler, seed=seed,
+                  adapter=adapter)  # fmt: skip
     typer.echo(f"wrote {path}/grid.png")
-
-
-@train_app.command("encoder")
-def train_encoder_cmd(
-    dataset_dir: Annotated[Path, typer.Argument(help="Dataset directory; only its train split is used.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Encoder directory to write (HF layout).")],
-    role: Annotated[str, typer.Option(help="critic, evaluator or evaluator2 (each has its own arch and seed).")],
-    annotations: Annotated[
-        Path | None, typer.Option(help="annotations.parquet (or its folder): enriched prompts as texts.")
-    ] = None,
-    config: ConfigOpt = None,
-    overrides: Overrides = None,
-) -> None:
-    """Train a small dual encoder contrastively for one role (demo stand-in for MedSigLIP / SigLIP)."""
-    from craft.train import encoder
-
-    cfg = stage_config("encoder", config, overrides)
-    _echo_json(encoder.main(cfg, role, dataset_dir, out, annotations))
-
-
-@train_app.command("probe")
-def train_probe_cmd(
-    encoder_dir: Annotated[str, typer.Argument(help="Frozen encoder: local directory or s3:// prefix.")],
-    dataset_dir: Annotated[Path, typer.Argument(help="Dataset directory; the probe sees real train images only.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for probe.safetensors + probe.json.")],
-    config: ConfigOpt = None,
-    overrides: Overrides = None,
-) -> None:
-    """Train the DD linear probe (CRAFT A.2) on one frozen encoder's embeddings; print train/test accuracy."""
-    from craft.train import probe
-
-    cfg = stage_config("probe", config, overrides)
-    _echo_json(probe.main(cfg, encoder_dir, dataset_dir, out))
 
 
 @data_app.command("import-paired")
@@ -392,6 +433,39 @@ def compare_controlnets_cmd(
     )  # fmt: skip
     typer.echo((out / "table.md").read_text())
     typer.echo(f"wrote {out}/report.html ({len(table)} runs)")
+
+
+@train_app.command("encoder")
+def train_encoder_cmd(
+    dataset_dir: Annotated[Path, typer.Argument(help="Dataset directory; only its train split is used.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Encoder directory to write (HF layout).")],
+    role: Annotated[str, typer.Option(help="critic, evaluator or evaluator2 (each has its own arch and seed).")],
+    annotations: Annotated[
+        Path | None, typer.Option(help="annotations.parquet (or its folder): enriched prompts as texts.")
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Train a small dual encoder contrastively for one role (demo stand-in for MedSigLIP / SigLIP)."""
+    from craft.train import encoder
+
+    cfg = stage_config("encoder", config, overrides)
+    _echo_json(encoder.main(cfg, role, dataset_dir, out, annotations))
+
+
+@train_app.command("probe")
+def train_probe_cmd(
+    encoder_dir: Annotated[str, typer.Argument(help="Frozen encoder: local directory or s3:// prefix.")],
+    dataset_dir: Annotated[Path, typer.Argument(help="Dataset directory; the probe sees real train images only.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for probe.safetensors + probe.json.")],
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Train the DD linear probe (CRAFT A.2) on one frozen encoder's embeddings; print train/test accuracy."""
+    from craft.train import probe
+
+    cfg = stage_config("probe", config, overrides)
+    _echo_json(probe.main(cfg, encoder_dir, dataset_dir, out))
 
 
 @app.command("annotate")

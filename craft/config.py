@@ -28,6 +28,7 @@ import yaml
 
 # Stage name -> "module:Dataclass". Imported lazily so that reading a profile never pulls torch.
 STAGES: dict[str, str] = {
+    "pipeline": "craft.plan:PipelinePlan",
     "data": "craft.data.demo:DemoConfig",
     "import": "craft.data.importers:ImportConfig",
     "validate": "craft.data.validate:ValidateConfig",
@@ -44,6 +45,10 @@ STAGES: dict[str, str] = {
     "evaluate": "craft.evaluate.run:EvaluateConfig",
     "pretrain": "craft.train.crafts:PretrainConfig",
     "finetune": "craft.train.crafts:FinetuneConfig",
+    "reward": "craft.train.reward:RewardConfig",
+    "ti": "craft.train.baselines:TIConfig",
+    "ti_lora": "craft.train.baselines:TILoRAConfig",
+    "dpo": "craft.train.baselines:DPOConfig",
 }
 
 # Top-level profile keys that are not stages.

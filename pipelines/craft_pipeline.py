@@ -2,9 +2,12 @@
 
 No `from __future__ import annotations` in this file or components/: KFP reads the real annotations.
 
-validate -> annotate -> [pretrain -> finetune] -> encoders -> probe -> {baselines, CRAFT}
--> [ControlNet] -> evaluate -> gate -> register. Each stage adds its task here; every task takes
-the profile name and the pipeline-wide overrides (``stage.key=value``) so one UI form drives all.
+    data -> validate -> annotate -> [pretrain -> finetune] -> encoders (critic, evaluator) -> probes
+    -> {CRAFT, TI, TI+LoRA, DPO} -> [ControlNet] -> evaluate -> gate -> (if passed) register
+
+Every task takes the profile name and the pipeline-wide overrides (``stage.key=value``) so one UI form
+drives all of them. Which optional tasks exist is the profile's ``pipeline`` section (craft.plan), read
+when the pipeline is built: ``craft pipeline compile --profile P`` or ``craft demo --profile P``.
 """
 
 from pathlib import Path
@@ -12,41 +15,167 @@ from pathlib import Path
 from kfp import compiler, dsl
 
 from components.annotate import annotate_op
-from components.data import prepare_data_op, validate_op
+from components.controlnet import controlnet_eval_op, controlnet_op
+from components.crafts import finetune_op, pretrain_op
+from components.data import import_model_op, prepare_data_op, validate_op
+from components.encoders import encoder_op, probe_op
+from components.evaluate import evaluate_op
+from components.promote import gate_op, register_op
+from components.reward import dpo_op, reward_op, ti_lora_op, ti_op
+from craft.plan import PipelinePlan
 from pipelines.resources import apply_resources, settings_for
 
 PIPELINE_NAME = "craft"
+DEFAULT_PROFILE = "demo-histo"
 
 
-@dsl.pipeline(
-    name=PIPELINE_NAME,
-    description="CRAFTS foundation training + CRAFT clinical reward finetuning, evaluation and gated promotion.",
-)
-def craft_pipeline(profile: str = "demo-histo", overrides: list = [], dataset_uri: str = ""):  # noqa: B006
-    """Run every stage the profile enables.
-
-    Args:
-        profile: bundled profile name (demo-histo, demo-cxr, chexpert, ...) or a YAML path in the image.
-        overrides: pipeline-wide config overrides, each "stage.key=value" (e.g. "data.n=800").
-        dataset_uri: empty for the profile's demo data; s3://bucket/prefix of a committed dataset;
-            or a local folder (kfp.local) holding a dataset or a collection to import.
-    """
-
-    def step(task, name: str):
-        """Name the task and give it its step's Kubernetes settings (pipelines/resources.py)."""
-        task.set_display_name(name)
-        apply_resources(task, name, settings_for(name))
-        return task
-
-    data = step(prepare_data_op(profile=profile, overrides=overrides, dataset_uri=dataset_uri), "data")
-    validate = step(validate_op(profile=profile, overrides=overrides, dataset=data.outputs["dataset"]), "validate")
-    annotate = step(annotate_op(profile=profile, overrides=overrides, dataset=data.outputs["dataset"]), "annotate")
-    annotate.after(validate)  # never spend MLLM requests on a dataset that failed validation
+def _step(task, name: str, resources: str | None = None):
+    """Name the task and give it its step's Kubernetes settings (pipelines/resources.py)."""
+    task.set_display_name(name)
+    apply_resources(task, resources or name, settings_for(resources or name))
+    return task
 
 
-def compile_pipeline(output: str | Path) -> Path:
-    """Compile the pipeline to a YAML file for upload to Kubeflow Pipelines."""
+def build_pipeline(plan: PipelinePlan | None = None, controlnet_conditions: tuple[str, ...] = ()):
+    """The pipeline function for ``plan`` (which optional tasks exist); compile it or call it under kfp.local."""
+    plan = plan or PipelinePlan()
+    plan.validate()
+    if controlnet_conditions and plan.foundation != "train":
+        raise ValueError("controlnet: the comparison with the plain base needs the stage-1 model (foundation: train)")
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="CRAFTS foundation training + CRAFT clinical reward finetuning, evaluation and gated promotion.",
+    )
+    def craft_pipeline(
+        profile: str = DEFAULT_PROFILE,
+        overrides: list = [],  # noqa: B006  (KFP parameter default)
+        dataset_uri: str = "",
+        base_uri: str = "",
+        model_name: str = "",
+    ):
+        """Run every stage of the plan.
+
+        Args:
+            profile: bundled profile name (demo-histo, demo-cxr, chexpert, ...) or a YAML path in the image.
+            overrides: pipeline-wide config overrides, each "stage.key=value" (e.g. "data.n=800").
+            dataset_uri: empty for the profile's demo data; s3://bucket/prefix of a committed dataset;
+                or a local folder (kfp.local) holding a dataset or a collection to import.
+            base_uri: foundation checkpoint (folder or s3:// prefix): the start of stage 1, or with
+                pipeline.foundation=import the foundation model itself; empty = train from scratch.
+            model_name: registry name gated and promoted by this run; empty = the profile's name.
+        """
+        common = {"profile": profile, "overrides": overrides}
+        data = _step(prepare_data_op(dataset_uri=dataset_uri, **common), "data")
+        dataset = data.outputs["dataset"]
+        validate = _step(validate_op(dataset=dataset, **common), "validate")
+        annotate = _step(annotate_op(dataset=dataset, **common), "annotate")
+        annotate.after(validate)  # never spend MLLM requests on a dataset that failed validation
+        annotations = annotate.outputs["annotations"]
+
+        stage1 = None
+        if plan.foundation == "train":
+            pretrain = _step(pretrain_op(base_uri=base_uri, dataset=dataset, **common), "pretrain")
+            pretrain.after(validate)
+            stage1 = pretrain.outputs["model"]
+            finetune = _step(finetune_op(dataset=dataset, base=stage1, **common), "finetune")
+            base = finetune.outputs["model"]
+        else:
+            base = _step(import_model_op(uri=base_uri), "import-foundation", "data").outputs["model"]
+
+        if plan.encoders == "train":
+            roles = {
+                role: _step(
+                    encoder_op(dataset=dataset, role=role, annotations=annotations, **common), role, "encoders"
+                )
+                for role in ("critic", "evaluator")
+            }
+            critic, evaluator = (roles[r].outputs["encoder"] for r in ("critic", "evaluator"))
+        else:
+            critic = _step(import_model_op(uri=plan.critic_uri), "import-critic", "data").outputs["model"]
+            evaluator = _step(import_model_op(uri=plan.evaluator_uri), "import-evaluator", "data").outputs["model"]
+        critic_probe = _step(probe_op(encoder=critic, dataset=dataset, **common), "critic-probe", "probe")
+        eval_probe = _step(probe_op(encoder=evaluator, dataset=dataset, **common), "evaluator-probe", "probe")
+
+        craft = _step(
+            reward_op(base=base, dataset=dataset, annotations=annotations, critic=critic,
+                      probe=critic_probe.outputs["probe"], **common),
+            "craft",
+        )  # fmt: skip
+        variants = {}
+        if "ti" in plan.baselines:
+            ti = _step(ti_op(base=base, dataset=dataset, **common), "ti", "baselines")
+            variants["ti"] = ti.outputs["model"]
+        if "ti_lora" in plan.baselines:
+            ti_lora = _step(
+                ti_lora_op(base=base, dataset=dataset, annotations=annotations, ti=variants["ti"], **common),
+                "ti-lora",
+                "baselines",
+            )
+            variants["ti_lora"] = ti_lora.outputs["model"]
+        if "dpo" in plan.baselines:
+            dpo = _step(
+                dpo_op(base=base, dataset=dataset, annotations=annotations, critic=critic,
+                       probe=critic_probe.outputs["probe"], start=variants["ti_lora"], **common),
+                "dpo",
+                "baselines",
+            )  # fmt: skip
+            variants["dpo"] = dpo.outputs["model"]
+
+        if stage1 is not None:
+            variants["stage1"] = stage1  # CRAFTS stage 1 alone, evaluated beside stage 2 (the zero-shot base)
+        for condition in controlnet_conditions:
+            on_crafts = _step(controlnet_op(base=base, dataset=dataset, condition=condition, **common),
+                              f"controlnet-{condition}", "controlnet")  # fmt: skip
+            on_plain = _step(controlnet_op(base=stage1, dataset=dataset, condition=condition, **common),
+                             f"controlnet-{condition}-plain-base", "controlnet")  # fmt: skip
+            _step(
+                controlnet_eval_op(crafts_controlnet=on_crafts.outputs["controlnet"], crafts_base=base,
+                                   base_controlnet=on_plain.outputs["controlnet"], plain_base=stage1,
+                                   dataset=dataset, evaluator=evaluator, **common),
+                f"controlnet-{condition}-eval",
+                "evaluate",
+            )  # fmt: skip
+
+        evaluate = _step(
+            evaluate_op(dataset=dataset, annotations=annotations, evaluator=evaluator,
+                        evaluator_probe=eval_probe.outputs["probe"], critic=critic, base=base,
+                        craft=craft.outputs["model"], **variants, **common),
+            "evaluate",
+        )  # fmt: skip
+        gate = _step(gate_op(results=evaluate.outputs["results"], model_name=model_name, **common), "gate")
+        with dsl.If(gate.outputs["passed"] == True, name="gates-passed"):  # noqa: E712  (KFP condition)
+            _step(
+                register_op(base=base, adapter=craft.outputs["model"], results=evaluate.outputs["results"],
+                            model_name=model_name, **common),
+                "register",
+            )  # fmt: skip
+
+    return craft_pipeline
+
+
+def pipeline_for_profile(profile: str | None):
+    """Build the pipeline from ``profile``'s plan (the ``pipeline`` and ``controlnet`` sections)."""
+    from craft.config import load_profile, load_stage_config
+
+    if not profile:
+        return build_pipeline()
+    plan = load_stage_config("pipeline", profile)
+    conditions: tuple[str, ...] = ()
+    if "controlnet" in load_profile(profile):
+        cn = load_stage_config("controlnet", profile)
+        conditions = tuple(cn.conditions) if cn.enabled else ()
+    return build_pipeline(plan, conditions)
+
+
+def compile_pipeline(output: str | Path, profile: str | None = DEFAULT_PROFILE) -> Path:
+    """Compile the pipeline built from ``profile``'s plan to a YAML file for upload to Kubeflow Pipelines."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(craft_pipeline, str(output))
+    compiler.Compiler().compile(pipeline_for_profile(profile), str(output))
     return output
+
+
+# The default pipeline (the demo-histo plan: every stage, both ControlNets), for `kfp` tooling that
+# imports a module-level pipeline function.
+craft_pipeline = pipeline_for_profile(DEFAULT_PROFILE)

@@ -2,33 +2,73 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 
+@contextlib.contextmanager
+def object_store(root: Path) -> Iterator[str]:
+    """The object store for a local run: the configured one (CRAFT_S3_ENDPOINT), else a SeaweedFS on loopback.
+
+    The loopback store keeps its data in ``root/store`` across runs (the demo's model registry and
+    production pointer) and hands its fresh keys to the pipeline's tasks through the environment.
+    """
+    if os.environ.get("CRAFT_S3_ENDPOINT"):
+        yield os.environ["CRAFT_S3_ENDPOINT"]
+        return
+    from craft.storage.seaweed import start_s3_server
+
+    server = start_s3_server(root / ".store-server", data_dir=root / "store")
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server.endpoint
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_local(profile: str, overrides: list[str], root: str | Path, dataset_uri: str = "") -> dict[str, Any]:
-    """Run ``craft_pipeline`` with kfp.local's SubprocessRunner; return a summary of every task.
+    """Run the pipeline built from ``profile``'s plan with kfp.local's SubprocessRunner; return a summary of every task.
 
     The summary holds the run folder, each task's status, duration and logged metrics, and the
-    path of the HTML report(s) the run wrote.
+    path of the HTML report(s) the run wrote. Tasks that need an object store (the model registry)
+    get the configured one or a loopback SeaweedFS (see ``object_store``).
     """
-    from kfp import local
-
-    from pipelines.craft_pipeline import craft_pipeline
-
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    with object_store(root) as endpoint:
+        summary = _run(profile, overrides, root, dataset_uri)
+    summary["object_store"] = endpoint
+    return summary
+
+
+def _run(profile: str, overrides: list[str], root: Path, dataset_uri: str) -> dict[str, Any]:
+    from kfp import local
+
+    from pipelines.craft_pipeline import pipeline_for_profile
+
     before = {p.name for p in root.iterdir()}
+    skip = {"store", ".store-server"}
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     start = time.time()
     error: Exception | None = None
     try:
-        craft_pipeline(profile=profile, overrides=list(overrides), dataset_uri=dataset_uri)
+        pipeline_for_profile(profile)(profile=profile, overrides=list(overrides), dataset_uri=dataset_uri)
     except Exception as e:  # summarise what ran, then re-raise below
         error = e
-    new = sorted((p for p in root.iterdir() if p.is_dir() and p.name not in before), key=lambda p: p.stat().st_mtime)
+    new = sorted(
+        (p for p in root.iterdir() if p.is_dir() and p.name not in before | skip), key=lambda p: p.stat().st_mtime
+    )
     summary = summarize_run(new[-1]) if new else {"run_dir": None, "tasks": []}
     summary.update(profile=profile, wall_s=round(time.time() - start, 1), ok=error is None)
     if error is not None:

@@ -1,4 +1,5 @@
-"""The KFP pipeline compiles, its spec has the expected tasks and edges, and it runs locally."""
+"""The KFP pipeline compiles from each profile's plan, its spec has the expected tasks, edges and pod
+settings, and the walking skeleton runs locally with kfp.local."""
 
 import json
 import subprocess
@@ -7,64 +8,104 @@ import sys
 import pytest
 import yaml
 
-from pipelines.craft_pipeline import compile_pipeline
+from craft.plan import PipelinePlan
+from pipelines.craft_pipeline import build_pipeline, compile_pipeline
+
+
+def _load(path):
+    docs = list(yaml.safe_load_all(path.read_text()))
+    return docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]  # spec, k8s settings
 
 
 @pytest.fixture(scope="module")
-def spec(tmp_path_factory):
+def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("compiled") / "craft_pipeline.yaml"
-    compile_pipeline(out)
-    return list(yaml.safe_load_all(out.read_text()))[0]  # the 2nd document is the Kubernetes platform spec
+    compile_pipeline(out, "demo-histo")
+    return _load(out) + (out.read_text(),)
 
 
-def test_compiles_with_parameters(spec):
-    params = spec["root"]["inputDefinitions"]["parameters"]
-    assert {"profile", "overrides", "dataset_uri"} <= set(params)
+def _tasks(spec):
+    return {t["taskInfo"]["name"]: t for t in spec["root"]["dag"]["tasks"].values()}
+
+
+def test_compiles_with_parameters(compiled):
+    params = compiled[0]["root"]["inputDefinitions"]["parameters"]
+    assert {"profile", "overrides", "dataset_uri", "base_uri", "model_name"} <= set(params)
     assert params["profile"]["defaultValue"] == "demo-histo"
 
 
-def test_task_graph(spec):
-    tasks = spec["root"]["dag"]["tasks"]
-    assert "prepare-data-op" in tasks and "validate-op" in tasks
-    assert tasks["validate-op"]["dependentTasks"] == ["prepare-data-op"]
-    assert set(tasks["annotate-op"]["dependentTasks"]) == {"prepare-data-op", "validate-op"}
-    art = tasks["validate-op"]["inputs"]["artifacts"]["dataset"]["taskOutputArtifact"]
-    assert art == {"outputArtifactKey": "dataset", "producerTask": "prepare-data-op"}
+def test_task_graph_follows_the_design(compiled):
+    tasks = _tasks(compiled[0])
+    by_key = {k: t["taskInfo"]["name"] for k, t in compiled[0]["root"]["dag"]["tasks"].items()}
+
+    def deps(name):
+        return {by_key[k] for k in tasks[name].get("dependentTasks", [])}
+
+    expected = {
+        "data", "validate", "annotate", "pretrain", "finetune", "critic", "evaluator", "critic-probe",
+        "evaluator-probe", "craft", "ti", "ti-lora", "dpo", "controlnet-mask", "controlnet-mask-plain-base",
+        "controlnet-fluorescence", "controlnet-fluorescence-plain-base", "controlnet-mask-eval",
+        "controlnet-fluorescence-eval", "evaluate", "gate", "gates-passed",
+    }  # fmt: skip
+    assert set(tasks) == expected
+    assert deps("validate") == {"data"}
+    assert {"validate"} <= deps("annotate") and {"validate"} <= deps("pretrain")
+    assert "pretrain" in deps("finetune")
+    assert {"finetune", "critic", "critic-probe", "annotate"} <= deps("craft")
+    assert "ti" in deps("ti-lora") and "ti-lora" in deps("dpo")
+    assert {"craft", "ti", "ti-lora", "dpo", "evaluator", "evaluator-probe", "pretrain"} <= deps("evaluate")
+    assert "critic-probe" not in deps("evaluate")  # metrics never use the critic's probe
+    assert deps("gate") == {"evaluate"}
+    cond = tasks["gates-passed"]
+    assert "gate-op" in json.dumps(cond["triggerPolicy"]) and "passed" in json.dumps(cond["triggerPolicy"])
 
 
-def test_components_use_pinned_image_and_install_nothing(spec):
-    from components.images import CPU_IMAGE
+def test_pod_settings(compiled):
+    spec, k8s, text = compiled
+    containers = {k: v["container"] for k, v in spec["deploymentSpec"]["executors"].items()}
+    for ex in ("exec-reward-op", "exec-pretrain-op", "exec-finetune-op", "exec-evaluate-op"):
+        res = containers[ex]["resources"]
+        assert res["accelerator"]["resourceType"] == "nvidia.com/gpu" and res["accelerator"]["resourceCount"] == "1"
+        assert "craft-gpu" in containers[ex]["image"]
+        assert k8s[ex]["pvcMount"][0]["constant"] == "craft-model-cache"
+    assert "accelerator" not in containers["exec-validate-op"].get("resources", {})
+    secret = k8s["exec-reward-op"]["secretAsEnv"][0]
+    assert secret["secretName"] == "mlpipeline-minio-artifact"
+    assert {e["envVar"] for e in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 
-    for name, ex in spec["deploymentSpec"]["executors"].items():
-        container = ex["container"]
-        assert container["image"] in (CPU_IMAGE,) or "craft-gpu" in container["image"], name
-        assert "pip install" not in json.dumps(container["command"]), f"{name} installs packages at run time"
+
+def test_components_install_nothing(compiled):
+    for name, ex in compiled[0]["deploymentSpec"]["executors"].items():
+        assert "pip install" not in json.dumps(ex["container"]["command"]), f"{name} installs packages at run time"
+
+
+def test_plan_drops_optional_tasks(tmp_path):
+    from kfp import compiler
+
+    out = tmp_path / "p.yaml"
+    plan = PipelinePlan(foundation="import", encoders="import", critic_uri="s3://m/medsiglip",
+                        evaluator_uri="s3://m/siglip", baselines=["ti"])  # fmt: skip
+    compiler.Compiler().compile(build_pipeline(plan), str(out))
+    names = set(_tasks(_load(out)[0]))
+    assert {"import-foundation", "import-critic", "import-evaluator", "ti", "craft", "evaluate"} <= names
+    assert not names & {"pretrain", "finetune", "critic", "ti-lora", "dpo", "controlnet-mask"}
+
+
+def test_plan_refuses_inconsistent_choices():
+    with pytest.raises(ValueError, match="dpo starts from the ti_lora"):
+        build_pipeline(PipelinePlan(baselines=["ti", "dpo"]))
+    with pytest.raises(ValueError, match="same model"):
+        build_pipeline(PipelinePlan(encoders="import", critic_uri="s3://m/x", evaluator_uri="s3://m/x"))
 
 
 def test_cli_compile(tmp_path):
     out = tmp_path / "p.yaml"
     r = subprocess.run(
-        [sys.executable, "-m", "craft.cli", "pipeline", "compile", "--output", str(out)], capture_output=True, text=True
+        [sys.executable, "-m", "craft.cli", "pipeline", "compile", "--output", str(out), "--profile", "demo-cxr"],
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 0, r.stderr
-    assert next(yaml.safe_load_all(out.read_text()))["pipelineInfo"]["name"] == "craft"
-
-
-def test_local_run_end_to_end(tmp_path):
-    """The walking skeleton: kfp.local runs the pipeline on a small demo dataset."""
-    from pipelines.local import run_local
-
-    summary = run_local("demo-histo", ["data.n=48", "validate.min_per_class=2"], tmp_path / "runs")
-    assert summary["ok"]
-    tasks = {t["task"]: t for t in summary["tasks"]}
-    assert tasks["prepare-data-op"]["metrics"]["n_images"] == 48
-    assert tasks["validate-op"]["metrics"]["n_failures"] == 0
-    assert any(r.endswith("report") or r.endswith(".html") for r in summary["reports"])
-
-
-def test_local_run_stops_on_invalid_dataset(tmp_path):
-    """An invalid dataset fails the validate task, so nothing downstream runs."""
-    from pipelines.local import run_local
-
-    with pytest.raises(RuntimeError):
-        run_local("demo-histo", ["data.n=48", "validate.min_per_class=1000"], tmp_path / "runs")
+    spec, _ = _load(out)
+    assert spec["pipelineInfo"]["name"] == "craft"
+    assert "controlnet-mask" not in _tasks(spec)  # demo-cxr has no ControlNet (no nuclei masks)
