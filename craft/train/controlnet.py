@@ -56,12 +56,11 @@ from craft.train.loop import LoopConfig, apply_ema, train
 log = logging.getLogger(__name__)
 
 CONDITIONS = ("mask", "fluorescence")
-# The paper's instruction prompts (CRAFTS, "Structure-controllable image generation"), in our own words.
+# The paper's instruction prompts (CRAFTS, "Structure-controllable image generation"), in our own words and
+# short enough for the tiny model's 32-token window (a longer prompt is truncated, with a warning).
 PROMPTS = {
-    "mask": "turn this nuclear segmentation mask into a realistic h&e stained histology image: "
-    "hematoxylin purple nuclei exactly where the mask marks them, pink eosin cytoplasm and stroma around them",
-    "fluorescence": "turn this nuclear fluorescence image into a realistic h&e stained histology image: "
-    "hematoxylin purple nuclei where the fluorescence is bright, pink eosin cytoplasm and stroma elsewhere",
+    "mask": "h&e stained image from a nuclear mask: purple hematoxylin nuclei in the mask, pink eosin stroma",
+    "fluorescence": "h&e stained image from nuclear fluorescence: purple hematoxylin nuclei where bright, pink eosin stroma",
 }
 
 
@@ -455,6 +454,10 @@ def train_controlnet(cfg: ControlNetConfig, dataset_dir, base_dir, out_dir, work
         vdf = pair_table(dataset_dir, cfg.eval_split, cfg.condition).head(cfg.val_images)
         val = {"cond": load_conditions(dataset_dir, vdf, cfg.condition, res),
                "real": _pil_images(dataset_dir, vdf, res)}  # fmt: skip
+    n_tok = len(comp.tokenizer(cfg.text()).input_ids)
+    if n_tok > comp.tokenizer.model_max_length:
+        log.warning("controlnet prompt has %d tokens; the text encoder keeps the first %d", n_tok,
+                    comp.tokenizer.model_max_length)  # fmt: skip
     data = {"latents": latents, "cond": cond, "prompt": [cfg.text()] * len(df)}
     result = train(model, data, cfg.loop, work / "controlnet", validate=_triplet_validation(comp, cfg, val))
     if result.ema is not None:
