@@ -312,8 +312,7 @@ def train(
             writer.flush()
             writer.close()
     acc.wait_for_everyone()
-    unwrapped = acc.unwrap_model(model)
-    del unwrapped  # weights live in the caller's module object (prepare wraps, not copies, on CPU/1 GPU)
+    # the trained weights live in the caller's module object: prepare() wraps it (DDP), it does not copy it
     return TrainResult(step, logs, last_good, ema, start, history)
 
 
