@@ -103,6 +103,11 @@ def test_missing_profile_lists_bundled():
         load_profile("no-such-profile")
 
 
+def test_comma_list_items_are_typed(toy_stage):
+    cfg = load_stage_config("toy", toy_stage, ["optim.betas=0.5,0.25"])
+    assert cfg.optim.betas == (0.5, 0.25)
+
+
 def test_from_dict_float_accepts_int():
     assert from_dict(Inner, {"lr": 1}).lr == 1.0
 
