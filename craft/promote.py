@@ -307,6 +307,7 @@ def gate_step(
     from craft.io import atomic_write_text
     from craft.storage.registry import open_registry
 
+    model = model or Path(profile).stem  # the registry name defaults to the profile's name
     cfg = load_stage_config("gates", profile, overrides)
     registry = open_registry(
         load_stage_config("registry", profile, overrides), load_stage_config("storage", profile, overrides)
@@ -361,6 +362,7 @@ def register_step(
     from craft.io import atomic_write_json
     from craft.storage.registry import open_registry
 
+    model = model or Path(profile).stem  # the registry name defaults to the profile's name
     cfg = load_stage_config("gates", profile, overrides)
     registry = open_registry(
         load_stage_config("registry", profile, overrides), load_stage_config("storage", profile, overrides)
