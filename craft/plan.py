@@ -29,8 +29,9 @@ class PipelinePlan:
     # baselines trained next to CRAFT (zero-shot, the foundation model itself, is always evaluated);
     # ti_lora needs ti and dpo needs ti_lora (each starts from the previous one, as in CRAFT sec. 4.1.2)
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
-    # registry name of the model this pipeline gates and promotes; "" = the profile's name
-    model_name: str = ""
+    # last stage in the DAG: "validate" or "annotate" build a data-preparation pipeline only
+    # (check and annotate a new collection without training); "all" is the whole system
+    until: Literal["validate", "annotate", "all"] = "all"
 
     def validate(self) -> None:
         unknown = sorted(set(self.baselines) - set(BASELINES))

@@ -69,9 +69,13 @@ def build_pipeline(plan: PipelinePlan | None = None, controlnet_conditions: tupl
         data = _step(prepare_data_op(dataset_uri=dataset_uri, **common), "data")
         dataset = data.outputs["dataset"]
         validate = _step(validate_op(dataset=dataset, **common), "validate")
+        if plan.until == "validate":
+            return
         annotate = _step(annotate_op(dataset=dataset, **common), "annotate")
         annotate.after(validate)  # never spend MLLM requests on a dataset that failed validation
         annotations = annotate.outputs["annotations"]
+        if plan.until == "annotate":
+            return
 
         stage1 = None
         if plan.foundation == "train":
@@ -154,16 +158,16 @@ def build_pipeline(plan: PipelinePlan | None = None, controlnet_conditions: tupl
     return craft_pipeline
 
 
-def pipeline_for_profile(profile: str | None):
-    """Build the pipeline from ``profile``'s plan (the ``pipeline`` and ``controlnet`` sections)."""
+def pipeline_for_profile(profile: str | None, overrides: list[str] = ()):
+    """Build the pipeline from ``profile``'s plan (the ``pipeline`` and ``controlnet`` sections + overrides)."""
     from craft.config import load_profile, load_stage_config
 
     if not profile:
         return build_pipeline()
-    plan = load_stage_config("pipeline", profile)
+    plan = load_stage_config("pipeline", profile, overrides)
     conditions: tuple[str, ...] = ()
-    if "controlnet" in load_profile(profile):
-        cn = load_stage_config("controlnet", profile)
+    if "controlnet" in load_profile(profile) and plan.until == "all":
+        cn = load_stage_config("controlnet", profile, overrides)
         conditions = tuple(cn.conditions) if cn.enabled else ()
     return build_pipeline(plan, conditions)
 

@@ -63,7 +63,7 @@ def _run(profile: str, overrides: list[str], root: Path, dataset_uri: str) -> di
     start = time.time()
     error: Exception | None = None
     try:
-        pipeline_for_profile(profile)(profile=profile, overrides=list(overrides), dataset_uri=dataset_uri)
+        pipeline_for_profile(profile, overrides)(profile=profile, overrides=list(overrides), dataset_uri=dataset_uri)
     except Exception as e:  # summarise what ran, then re-raise below
         error = e
     new = sorted(

@@ -109,3 +109,67 @@ def test_cli_compile(tmp_path):
     spec, _ = _load(out)
     assert spec["pipelineInfo"]["name"] == "craft"
     assert "controlnet-mask" not in _tasks(spec)  # demo-cxr has no ControlNet (no nuclei masks)
+
+
+SMALL = ["data.n=48", "validate.min_per_class=2"]
+
+
+def test_local_run_data_stages(tmp_path):
+    """The walking skeleton under kfp.local: data, validate and annotate on a small demo dataset."""
+    from pipelines.local import run_local
+
+    summary = run_local("demo-histo", ["pipeline.until=annotate", *SMALL], tmp_path / "runs")
+    assert summary["ok"]
+    tasks = {t["task"]: t for t in summary["tasks"]}
+    assert set(tasks) == {"prepare-data-op", "validate-op", "annotate-op"}
+    assert tasks["prepare-data-op"]["metrics"]["n_images"] == 48
+    assert tasks["validate-op"]["metrics"]["n_failures"] == 0
+    assert tasks["annotate-op"]["metrics"]["failed"] == 0 and tasks["annotate-op"]["metrics"]["done"] == 48
+
+
+def test_local_run_stops_on_invalid_dataset(tmp_path):
+    """An invalid dataset fails the validate task, so nothing downstream runs."""
+    from pipelines.local import run_local
+
+    with pytest.raises(RuntimeError):
+        run_local(
+            "demo-histo", ["pipeline.until=annotate", "data.n=48", "validate.min_per_class=1000"], tmp_path / "r"
+        )
+    run_dir = next(p for p in (tmp_path / "r").iterdir() if p.name.startswith("craft-"))
+    assert not (run_dir / "annotate-op").exists()
+
+
+TINY = [
+    "data.n=64", "validate.min_per_class=2", "pretrain.autoencoder.steps=10", "pretrain.loop.steps=4",
+    "pretrain.loop.checkpoint_every=2", "finetune.loop.steps=4", "finetune.loop.checkpoint_every=2",
+    "encoder.epochs=2", "probe.epochs=5", "reward.loop.steps=2", "reward.sample_steps=4", "ti.loop.steps=4",
+    "ti_lora.loop.steps=4", "dpo.loop.steps=2", "dpo.n_pairs=4", "dpo.sample_steps=4", "controlnet.loop.steps=2",
+    "controlnet.loop.checkpoint_every=2", "controlnet.eval_images=4", "evaluate.max_prompts=8", "evaluate.steps=4",
+    "evaluate.oracle.n=200", "evaluate.oracle.epochs=1", "evaluate.oracle.min_accuracy=0.0",
+    "evaluate.downstream.epochs=1", "evaluate.preferences.bootstrap=10",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_local_run_whole_pipeline_gates_and_registers(tmp_path):
+    """Every stage at toy size; a gate the toy model can pass registers it and moves production."""
+    import os
+
+    from craft.storage.registry import open_registry
+    from craft.storage.seaweed import start_s3_server
+    from pipelines.local import run_local
+
+    passable = ["gates.oracle_accuracy.absolute=0.0", "gates.low_alignment_rate.absolute=1.0"]
+    server = start_s3_server(tmp_path / "s3")
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        summary = run_local("demo-histo", [*TINY, *passable], tmp_path / "runs")
+        tasks = {t["task"]: t for t in summary["tasks"]}
+        assert tasks["gate-op"]["metrics"]["passed"] == 1.0
+        assert tasks["register-op"]["metrics"]["promoted"] == 1.0
+        assert open_registry().get_production("demo-histo") is not None
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
