@@ -19,9 +19,8 @@ $(BIN)/craft: pyproject.toml
 
 setup: $(BIN)/craft  ## create .venv and install craft with its test tools
 
-demo: setup  ## generate demo data and run the whole KFP pipeline locally (kfp.local)
-	$(BIN)/craft demo --profile demo-histo
-	$(BIN)/craft demo --profile demo-cxr
+demo: setup  ## generate demo data and run the whole KFP pipeline locally (kfp.local); PROFILE=demo-cxr for the other
+	$(BIN)/craft demo --profile $(PROFILE)
 
 test: setup  ## fast CPU tests (slow and gpu tests are deselected)
 	$(BIN)/pytest -q

@@ -27,11 +27,15 @@ from pipelines.resources import apply_resources, settings_for
 
 PIPELINE_NAME = "craft"
 DEFAULT_PROFILE = "demo-histo"
+# task display name -> its settings in pipelines/resources.py, where the two differ
+RESOURCE_STEP: dict[str, str] = {}
 
 
 def _step(task, name: str, resources: str | None = None):
     """Name the task and give it its step's Kubernetes settings (pipelines/resources.py)."""
     task.set_display_name(name)
+    if resources and resources != name:
+        RESOURCE_STEP[name] = resources
     apply_resources(task, resources or name, settings_for(resources or name))
     return task
 

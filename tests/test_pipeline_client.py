@@ -319,7 +319,7 @@ def _all_tasks(spec: dict):
 
 def test_real_pipeline_steps_carry_their_resources(tmp_path):
     """Each step of the real pipeline compiles with its DEFAULT_RESOURCES: requests, GPUs, secrets, PVC."""
-    from pipelines.craft_pipeline import craft_pipeline
+    from pipelines.craft_pipeline import RESOURCE_STEP, craft_pipeline
     from pipelines.resources import DEFAULT_RESOURCES
 
     spec, _ = _compile(craft_pipeline, tmp_path)
@@ -330,7 +330,7 @@ def test_real_pipeline_steps_carry_their_resources(tmp_path):
         comp = spec["components"][task["componentRef"]["name"]]
         if "executorLabel" not in comp:
             continue  # a group (dsl.If / ParallelFor), its tasks come from its own dag
-        step = task["taskInfo"]["name"]
+        step = RESOURCE_STEP.get(task["taskInfo"]["name"], task["taskInfo"]["name"])
         assert step in DEFAULT_RESOURCES, f"task {step!r} has no resource settings"
         want = settings_for(step)
         label = comp["executorLabel"]

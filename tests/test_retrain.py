@@ -179,7 +179,7 @@ def test_cli_runs_the_real_pipeline_locally_without_kfp_host(s3_env, tmp_path, m
     generate(DemoConfig(modality="histo", n=64, seed=0), data)
     version = dataset_version(data)
     args = ["retrain-if-new-data", "--model", "histo", "--dataset", str(data), "--registry", root,
-            "--root", str(tmp_path / "runs"), "validate.min_per_class=1"]  # fmt: skip
+            "--root", str(tmp_path / "runs"), "validate.min_per_class=1", "pipeline.until=validate"]  # fmt: skip
     res = CliRunner().invoke(app, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "started: histo: dataset" in res.output
