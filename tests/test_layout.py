@@ -34,4 +34,6 @@ def test_components_have_no_packages_to_install_and_future_annotations():
         text = path.read_text()
         assert not re.search(r"packages_to_install\s*=", text), path
         if "@dsl." in text:
-            assert not re.search(r"^from __future__ import annotations", text, re.M), f"{path}: KFP needs real annotations"
+            assert not re.search(r"^from __future__ import annotations", text, re.M), (
+                f"{path}: KFP needs real annotations"
+            )
