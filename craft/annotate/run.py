@@ -479,3 +479,25 @@ def annotate_step(dataset_dir: str | Path, out_dir: str | Path, profile: str | N
     summary = main(cfg, dataset_dir, out_dir)
     keys = ("images", "done", "failed", "skipped", "ok_total", "requests", "cost_usd", "elapsed_s")
     return {k: float(summary[k]) for k in keys}
+
+
+def with_enriched_prompts(dataset_dir, annotations_dir, split: str) -> tuple[DatasetMeta, pd.DataFrame, Path]:
+    """(meta, the manifest rows of ``split`` joined with their ok enriched prompt, annotations path).
+
+    Rows without an ok prompt keep a null ``enriched_prompt``: callers decide whether that is an
+    error (evaluation protocol) or a row to skip (training).
+    """
+    meta = read_meta(dataset_dir)
+    df = read_manifest(dataset_dir)
+    rows = df[df["split"] == split].reset_index(drop=True)
+    if rows.empty:
+        raise ValueError(f"{dataset_dir}/manifest.parquet: no rows with split={split!r}")
+    ann_path = Path(annotations_dir) / "annotations.parquet"
+    if not ann_path.is_file():
+        raise FileNotFoundError(f"{ann_path}: missing (run craft annotate first)")
+    ann = pd.read_parquet(ann_path)
+    for col in ("image_id", "enriched_prompt", "status"):
+        if col not in ann.columns:
+            raise ValueError(f"{ann_path}: no column {col!r}")
+    ok = ann[(ann["status"] == "ok") & ann["enriched_prompt"].notna()][["image_id", "enriched_prompt"]]
+    return meta, rows.merge(ok.drop_duplicates("image_id"), on="image_id", how="left"), ann_path

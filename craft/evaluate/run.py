@@ -268,22 +268,9 @@ def generate(pipe, prompts: list[str], seeds: list[int], cfg: EvaluateConfig) ->
 
 def held_out_table(dataset_dir, annotations_dir, split: str) -> tuple[Any, pd.DataFrame, dict]:
     """(meta, rows of ``split`` with their ok enriched prompt, checklists); a row without a prompt is an error."""
-    from craft.data.manifest import read_manifest, read_meta
+    from craft.annotate.run import with_enriched_prompts
 
-    meta = read_meta(dataset_dir)
-    df = read_manifest(dataset_dir)
-    rows = df[df["split"] == split].reset_index(drop=True)
-    if rows.empty:
-        raise ValueError(f"{dataset_dir}/manifest.parquet: no rows with split={split!r}")
-    ann_path = Path(annotations_dir) / "annotations.parquet"
-    if not ann_path.is_file():
-        raise FileNotFoundError(f"{ann_path}: missing (run craft annotate first)")
-    ann = pd.read_parquet(ann_path)
-    for col in ("image_id", "enriched_prompt", "status"):
-        if col not in ann.columns:
-            raise ValueError(f"{ann_path}: no column {col!r}")
-    ok = ann[(ann["status"] == "ok") & ann["enriched_prompt"].notna()][["image_id", "enriched_prompt"]]
-    rows = rows.merge(ok.drop_duplicates("image_id"), on="image_id", how="left")
+    meta, rows, ann_path = with_enriched_prompts(dataset_dir, annotations_dir, split)
     lacking = rows["enriched_prompt"].isna()
     if lacking.any():
         raise ValueError(f"{ann_path}: no ok enriched prompt for {split} image_id={rows.loc[lacking, 'image_id'].iloc[0]!r}"

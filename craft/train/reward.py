@@ -449,24 +449,9 @@ def critic_reward(cam, weights: dict[str, float]) -> RewardFn:
 
 def paired_table(dataset_dir, annotations_dir, split: str, missing: str = "skip"):
     """(meta, rows of ``split`` joined with their ok enriched prompts, number dropped)."""
-    import pandas as pd
+    from craft.annotate.run import with_enriched_prompts
 
-    from craft.data.manifest import read_manifest, read_meta
-
-    meta = read_meta(dataset_dir)
-    df = read_manifest(dataset_dir)
-    df = df[df["split"] == split].reset_index(drop=True)
-    if len(df) == 0:
-        raise ValueError(f"{dataset_dir}/manifest.parquet: no rows with split={split!r}")
-    ann_path = Path(annotations_dir) / "annotations.parquet"
-    if not ann_path.is_file():
-        raise FileNotFoundError(f"{ann_path}: missing (run the annotate stage first)")
-    ann = pd.read_parquet(ann_path)
-    for col in ("image_id", "enriched_prompt", "status"):
-        if col not in ann.columns:
-            raise ValueError(f"{ann_path}: no column {col!r}")
-    ok = ann[(ann["status"] == "ok") & ann["enriched_prompt"].notna()][["image_id", "enriched_prompt"]]
-    merged = df.merge(ok.drop_duplicates("image_id"), on="image_id", how="left")
+    meta, merged, ann_path = with_enriched_prompts(dataset_dir, annotations_dir, split)
     lacking = merged["enriched_prompt"].isna()
     if lacking.any() and missing == "error":
         raise ValueError(f"{ann_path}: no ok enriched prompt for image_id={merged.loc[lacking, 'image_id'].iloc[0]!r}")
