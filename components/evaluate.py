@@ -5,7 +5,8 @@ diffusers pipeline folder (``base``, ``stage1``) or a craft adapter folder (``cr
 ``ti_lora``, ``dpo``) applied on ``base``. ``base`` (reported as the zero-shot variant) and ``craft``
 (the candidate) are required; optional variants left unconnected (None) are not evaluated. The real
 held-out images always are. ``critic`` is only read for its weights hash: an evaluator with the same
-weights is refused.
+weights is refused; with ``critic_probe`` connected, the critic's training reward is reported per variant
+beside the evaluator's metrics.
 """
 
 from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
@@ -32,6 +33,7 @@ def evaluate_op(
     ti_lora: Input[Model] = None,
     dpo: Input[Model] = None,
     stage1: Input[Model] = None,
+    critic_probe: Input[Model] = None,
 ):
     """Write metrics.json, per_image.parquet and report.html for every connected variant; log the gate metrics."""
     from craft.evaluate.run import evaluate_step, flat_metrics
@@ -39,7 +41,8 @@ def evaluate_op(
     given = {"zero_shot": base, "craft": craft, "ti": ti, "ti_lora": ti_lora, "dpo": dpo, "stage1": stage1}
     out, cm = evaluate_step(dataset.path, annotations.path, evaluator.path, evaluator_probe.path, critic.path,
                             {k: v.path if v is not None else None for k, v in given.items()}, results.path, profile,
-                            overrides, report_file=report.path)  # fmt: skip
+                            overrides, report_file=report.path,
+                            critic_probe_dir=critic_probe.path if critic_probe is not None else None)  # fmt: skip
     for key, value in flat_metrics(out).items():
         metrics.log_metric(key, value)
     probe_confusion.log_confusion_matrix(cm["categories"], cm["matrix"])

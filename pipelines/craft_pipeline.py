@@ -147,8 +147,9 @@ def build_pipeline(plan: PipelinePlan | None = None, controlnet_conditions: tupl
 
         evaluate = _step(
             evaluate_op(dataset=dataset, annotations=annotations, evaluator=evaluator,
-                        evaluator_probe=eval_probe.outputs["probe"], critic=critic, base=base,
-                        craft=craft.outputs["model"], **variants, **common),
+                        evaluator_probe=eval_probe.outputs["probe"], critic=critic,
+                        critic_probe=critic_probe.outputs["probe"], base=base, craft=craft.outputs["model"],
+                        **variants, **common),
             "evaluate",
         )  # fmt: skip
         gate = _step(gate_op(results=evaluate.outputs["results"], model_name=model_name, **common), "gate")

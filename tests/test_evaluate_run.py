@@ -43,13 +43,25 @@ def world(tmp_path_factory):
     evaluator = _encoder("clip", 1, tmp / "evaluator")
     probe = tmp / "probe"
     train_probe(ProbeConfig(epochs=20, lr=1e-2, threads=2), evaluator, ds, probe)
+    critic_probe = tmp / "critic_probe"
+    train_probe(ProbeConfig(epochs=5, lr=1e-2, threads=2), critic, ds, critic_probe)
     mc = ModelConfig(preset="tiny", resolution=32, unet_channels=[8, 16], vae_channels=[8, 8], text_hidden=16,
                      text_layers=1)  # fmt: skip
     comp = build_components(mc, ["adenocarcinoma", "adenoma"], seed=0)
     base = save_pipeline(comp.pipeline(), tmp / "base", {"test": True})
     add_lora(comp.unet, LoraSettings(rank=2, alpha=2.0))
     lora = save_adapters(tmp / "lora", unet=comp.unet, lora=LoraSettings(rank=2, alpha=2.0), info={"base": str(base)})
-    return dict(tmp=tmp, ds=ds, ann=ann, critic=critic, evaluator=evaluator, probe=probe, base=base, lora=lora)
+    return dict(
+        tmp=tmp,
+        ds=ds,
+        ann=ann,
+        critic=critic,
+        evaluator=evaluator,
+        probe=probe,
+        base=base,
+        lora=lora,
+        critic_probe=critic_probe,
+    )
 
 
 def cfg(tmp: Path, **kw) -> ev.EvaluateConfig:
@@ -79,7 +91,8 @@ def result(world):
     variants = {"real": "real", "zero_shot": str(w["base"]), "craft": ev.VariantSpec(str(w["base"]), str(w["lora"]))}
     crit_id = load_encoder(w["critic"]).identity
     metrics = ev.main(cfg(w["tmp"]), w["ds"], w["ann"], variants, w["evaluator"], w["probe"], out,
-                      critic_identity=crit_id, audit_judge=first_item_judge)  # fmt: skip
+                      critic_identity=crit_id, audit_judge=first_item_judge, critic_dir=w["critic"],
+                      critic_probe_dir=w["critic_probe"])  # fmt: skip
     return out, metrics
 
 
@@ -122,6 +135,24 @@ def test_per_image_rows_and_primitives(result, world):
     # the tail: strictly below the real P25
     tau = metrics["real_p25"]
     assert metrics["variants"]["craft"]["low_alignment_rate"] == pytest.approx(float((c["cas"] < tau).mean()))
+
+
+def test_critic_reward_is_reported_beside_the_evaluator(result):
+    from craft.losses import DEFAULT_REWARD_WEIGHTS
+
+    out, metrics = result
+    assert metrics["critic_reward"]["weights"] == DEFAULT_REWARD_WEIGHTS
+    for v in ("real", "zero_shot", "craft"):
+        d = metrics["variants"][v]["critic_reward"]
+        assert set(d) == {"vdc", "ccs", "dd", "sfs", "total", "weights"}
+        # the mean of the weighted sum is the weighted sum of the means
+        assert d["total"] == pytest.approx(sum(w * d[k] for k, w in DEFAULT_REWARD_WEIGHTS.items()), abs=1e-6)
+        assert d["dd"] < 0  # log p(y | x) of the critic's probe, not an accuracy
+    assert metrics["variants"]["real"]["critic_reward"]["sfs"] == pytest.approx(1.0, abs=1e-5)
+    # the LoRA starts at B = 0: the candidate's images, hence its reward, equal the base model's
+    z, c = metrics["variants"]["zero_shot"]["critic_reward"], metrics["variants"]["craft"]["critic_reward"]
+    assert c["total"] == pytest.approx(z["total"], abs=1e-5)
+    assert "CRITIC" in (out / "report.html").read_text()
 
 
 def test_report_holds_tables_and_inline_images(result):
@@ -182,7 +213,7 @@ def test_component_compiles_with_optional_variants(tmp_path):
     compiler.Compiler().compile(evaluate_op, str(tmp_path / "c.yaml"))
     comp = yaml.safe_load((tmp_path / "c.yaml").read_text())["components"]["comp-evaluate-op"]
     ins = comp["inputDefinitions"]["artifacts"]
-    assert {k for k, v in ins.items() if v.get("isOptional")} == {"ti", "ti_lora", "dpo", "stage1"}
+    assert {k for k, v in ins.items() if v.get("isOptional")} == {"ti", "ti_lora", "dpo", "stage1", "critic_probe"}
     outs = comp["outputDefinitions"]["artifacts"]
     assert {k: v["artifactType"]["schemaTitle"] for k, v in outs.items()} == {
         "metrics": "system.Metrics", "report": "system.HTML", "probe_confusion": "system.ClassificationMetrics",

@@ -492,6 +492,8 @@ def main(
     *,
     second_evaluator_probe_dir=None,
     critic_dir=None,
+    critic_probe_dir=None,
+    critic_weights: dict[str, float] | None = None,
     audit_judge=None,
 ) -> dict[str, Any]:
     """Evaluate ``variants`` ({name: "real" | model dir | VariantSpec | {"model", "adapter"}}); returns metrics.json's dict.
@@ -499,7 +501,10 @@ def main(
     ``critic_identity``: the training critic's weights hash (``DualEncoder.identity``); an evaluator
     with the same hash is refused. ``audit_judge(image, target, checklist) -> {attribute: passed}``
     (an MLLM judge, CRAFT 4.2.7) adds the checklist audit pass rate per variant; without one the audit
-    is reported as skipped. Writes metrics.json, per_image.parquet and report.html to ``out_dir``.
+    is reported as skipped. ``critic_dir`` + ``critic_probe_dir`` add, per variant, the TRAINING
+    reward (the critic's weighted VDC + CCS + DD log-likelihood + SFS, ``critic_weights``) on the same
+    held-out images: what reward finetuning optimised, reported beside (never instead of) the
+    evaluator's numbers. Writes metrics.json, per_image.parquet and report.html to ``out_dir``.
     """
     from craft.evaluate import metrics as M
     from craft.models.encoders import load_encoder, load_probe
@@ -641,6 +646,17 @@ def main(
             out_variants[r["variant"]]["evaluator2"] = {"cas": r["cas"], "low_alignment_rate": r["low_cas_rate"],
                                                         **{k: r[k] for k in M.PRIMITIVES}}  # fmt: skip
 
+    # -- the training objective on held-out prompts (the critic, not a metric) ----------------
+    critic_block = None
+    if critic_probe_dir:
+        if not critic_dir:
+            raise ValueError("critic_probe_dir needs critic_dir (the critic encoder it was trained on)")
+        crit = critic_rewards(critic_dir, critic_probe_dir, checklists, cfg, dev, images, real_imgs,
+                              labels, prompts, S, critic_weights)  # fmt: skip
+        for v, d in crit.items():
+            out_variants[v]["critic_reward"] = d
+        critic_block = {"source": str(critic_dir), "weights": crit[REAL]["weights"]}
+
     # -- fidelity in the evaluator's embedding --------------------------------------------
     notes: list[str] = []
     for name in [REAL, *gen_names]:
@@ -773,6 +789,7 @@ def main(
         "evaluator": {"source": str(evaluator_dir), "identity": evaluator.identity},
         "evaluator2": {"source": str(second_evaluator_dir), "identity": scorer2.encoder.identity} if scorer2 else None,
         "critic_identity": critic_identity,
+        "critic_reward": critic_block,
         "oracle": oracle_block,
         "downstream": downstream,
         "preferences": prefs,
@@ -800,6 +817,44 @@ def main(
     write_metrics(out_dir, metrics)  # last: its presence marks a complete evaluation
     log.info("evaluate: %d variants, %d prompts in %.1f s", len(specs), len(cases), metrics["seconds"])
     return metrics
+
+
+@torch.no_grad()
+def critic_rewards(critic_dir, critic_probe_dir, checklists: dict, cfg: EvaluateConfig, dev: torch.device,
+                   images: dict[str, np.ndarray], real_imgs: np.ndarray, labels: list[str], prompts: list[str],
+                   samples_per_prompt: int, weights: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Per variant, the mean of each critic reward and of their weighted sum (CRAFT eqs. 1-6, DD as log p).
+
+    The same module the DRaFT step differentiates (``ClinicalAlignmentModule``, ``dd="loglik"``) scores
+    the evaluation's images: generated image k of case i against case i's enriched prompt, class
+    checklist and real held-out image (SFS reference); the real images against themselves.
+    """
+    from craft.losses import DEFAULT_REWARD_WEIGHTS, clinical_reward
+    from craft.models.encoders import ClinicalAlignmentModule, load_encoder, load_probe
+
+    w = dict(DEFAULT_REWARD_WEIGHTS if weights is None else weights)
+    critic = load_encoder(critic_dir, device=str(dev)).eval().requires_grad_(False)
+    cam = ClinicalAlignmentModule(critic, load_probe(critic_probe_dir, critic), checklists, cfg.checklist_mode,
+                                  dd="loglik")  # fmt: skip
+    real_emb = torch.cat([cam.reference_embeddings(_tensor(real_imgs[i : i + cfg.embed_batch]).to(dev))
+                          for i in range(0, len(real_imgs), cfg.embed_batch)])  # fmt: skip
+    out: dict[str, dict[str, Any]] = {}
+    for name, arr in images.items():
+        rep = 1 if name == REAL else samples_per_prompt
+        lab = [x for x in labels for _ in range(rep)]
+        pr = [x for x in prompts for _ in range(rep)]
+        ref = real_emb.repeat_interleave(rep, 0)
+        parts: dict[str, list[torch.Tensor]] = {}
+        for i in range(0, len(arr), cfg.embed_batch):
+            sl = slice(i, i + cfg.embed_batch)
+            comp = cam(_tensor(arr[sl]).to(dev), lab[sl], pr[sl], reference_emb=ref[sl])
+            comp = {k: v for k, v in comp.items() if k in w}
+            comp["total"] = clinical_reward(comp, w)
+            for k, v in comp.items():
+                parts.setdefault(k, []).append(v.float().cpu())
+        out[name] = {k: float(torch.cat(v).mean()) for k, v in parts.items()}
+        out[name]["weights"] = w
+    return out
 
 
 def preference_block(gen: pd.DataFrame, cfg: PreferenceSettings, seed: int) -> dict[str, Any]:
@@ -848,6 +903,16 @@ def write_report(out_dir: Path, metrics: dict, per_image: pd.DataFrame, images: 
            for v, d in V.items() if "memorization" in d]  # fmt: skip
     if mem:
         tables["Memorization against the training split (CRAFT Tables 17-18)"] = _frame(mem)
+    if metrics.get("critic_reward"):
+        tables["Training reward on held-out prompts: the CRITIC (what reward finetuning optimised; not a metric)"] = (
+            _frame(
+                [
+                    {"method": v, **{k: x for k, x in d["critic_reward"].items() if k != "weights"}}
+                    for v, d in V.items()
+                    if "critic_reward" in d
+                ]
+            )  # fmt: skip
+        )
     if metrics.get("downstream"):
         tables["Downstream utility: real vs real + 20% synthetic per batch (CRAFT 4.2.5)"] = _frame(
             metrics["downstream"]
@@ -903,11 +968,13 @@ def write_report(out_dir: Path, metrics: dict, per_image: pd.DataFrame, images: 
 
 def evaluate_step(dataset_dir, annotations_dir, evaluator_dir, evaluator_probe_dir, critic_dir,
                   variant_dirs: dict[str, str | None], out_dir, profile: str, overrides: list[str],
-                  report_file: str | None = None, base_variant: str = "zero_shot") -> tuple[dict, dict]:  # fmt: skip
+                  report_file: str | None = None, base_variant: str = "zero_shot",
+                  critic_probe_dir=None) -> tuple[dict, dict]:  # fmt: skip
     """Pipeline step: profile + overrides -> ``main`` over the given variant dirs; returns (metrics, confusion).
 
     A variant dir holding ``model_index.json`` is a full pipeline; one holding ``adapter.json`` is an adapter
     on the ``base_variant`` model. Missing (None) variants are left out; ``real`` is always evaluated.
+    With ``critic_probe_dir`` the critic's training reward is reported per variant too.
     """
     import shutil
 
@@ -931,7 +998,7 @@ def evaluate_step(dataset_dir, annotations_dir, evaluator_dir, evaluator_probe_d
             raise FileNotFoundError(f"variant {name}: {p} holds neither model_index.json nor adapter.json")
     critic_identity = load_encoder(critic_dir).identity if critic_dir else None
     metrics = main(cfg, dataset_dir, annotations_dir, specs, evaluator_dir, evaluator_probe_dir, out_dir,
-                   critic_identity=critic_identity, critic_dir=critic_dir)  # fmt: skip
+                   critic_identity=critic_identity, critic_dir=critic_dir, critic_probe_dir=critic_probe_dir)  # fmt: skip
     if report_file:
         Path(report_file).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(out_dir) / "report.html", report_file)
