@@ -130,6 +130,10 @@ def load_stage_config(stage: str, profile: str | os.PathLike | None = None, over
     cls = stage_class(stage)
     section = dict(load_profile(profile).get(stage, {}))
     field_names = {f.name for f in dataclasses.fields(cls)}
+    # mapping fields (e.g. reward.reward_weights): a dotted override changes ONE entry of the default
+    # mapping (``reward_weights.vdc=0`` keeps ccs/dd/sfs); a mapping written in the profile replaces it whole
+    dict_defaults = {f.name: d for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING
+                     and isinstance(d := f.default_factory(), dict)}  # fmt: skip
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
@@ -140,7 +144,10 @@ def load_stage_config(stage: str, profile: str | os.PathLike | None = None, over
             key = key.split(".", 1)[1]
         elif first in STAGES and first not in field_names:
             continue  # belongs to another stage
-        _set_dotted(section, key.split("."), _RawValue(raw))
+        parts = key.split(".")
+        if len(parts) > 1 and parts[0] in dict_defaults and parts[0] not in section:
+            section[parts[0]] = dict(dict_defaults[parts[0]])
+        _set_dotted(section, parts, _RawValue(raw))
     return from_dict(cls, section, where=stage)
 
 

@@ -119,3 +119,12 @@ def test_bundled_profiles_load_every_section():
     for prof in profiles:
         for stage in load_profile(prof):
             load_stage_config(stage, prof)
+
+
+def test_dotted_override_changes_one_entry_of_a_default_mapping():
+    from craft.losses import DEFAULT_REWARD_WEIGHTS
+
+    cfg = load_stage_config("reward", "demo-histo", ["reward.reward_weights.vdc=0"])
+    assert cfg.reward_weights == {**DEFAULT_REWARD_WEIGHTS, "vdc": 0.0}  # leave-one-out keeps the others
+    again = load_stage_config("reward", "demo-histo", [])
+    assert again.reward_weights == DEFAULT_REWARD_WEIGHTS  # the default mapping itself was not mutated
