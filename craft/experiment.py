@@ -1,0 +1,465 @@
+"""``craft experiment paper-table``: the papers' comparisons on a demo profile, mean and sd over seeds.
+
+One command trains every variant the tables need and evaluates them under one protocol, then writes
+a section of RESULTS.md (and ``results.json`` beside the runs):
+
+- CRAFT Table 1: VDC, CCS, DD, SFS, CAS for Real, the zero-shot base (CRAFTS stage 2), TI, TI+LoRA,
+  DPO and CRAFT (DRaFT-K reward LoRA), scored by the EVALUATOR (never the critic; sec. 4.1.4);
+- Table 2: TI+LoRA, TI+LoRA trained on the enriched prompts, CRAFT (is prompt enrichment enough?);
+- Table 4: CRAFT with a single reward (VDC, CCS, DD or SFS only) and leave-one-out (all but one);
+- Table 14: low-alignment rate (share strictly below the real images' 25th CAS percentile) and the
+  10th percentile of CAS;
+- the ground-truth oracle's accuracy per variant and the CAS-oracle rank correlation;
+- the critic's own training reward per variant on the held-out prompts (did DRaFT raise what it
+  optimised, relative to TI+LoRA?);
+- CRAFTS: stage 2 with and without L_corr + L_cate (eqs. 8-13), class separability of its samples
+  (oracle accuracy, silhouette in the evaluator's embedding).
+
+What varies with the seed: stage-2 fine-tuning, every adapter's training (``loop.seed``), DPO's pair
+seeds and the evaluation's sampling noise. What is shared by all seeds of a profile: the dataset, its
+annotations, the frozen critic and evaluator (and their probes) and CRAFTS stage 1 — the paper's
+frozen parts. Every step writes a ``.done.json`` marker last; a rerun skips finished steps and the
+training loops resume from their checkpoints, so an interrupted experiment continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from craft.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+REWARDS = ("vdc", "ccs", "dd", "sfs")
+DONE = ".done.json"
+
+# variant name -> how the tables label it
+LABELS = {
+    "real": "Real (held-out images)",
+    "zero_shot": "Zero-shot (CRAFTS stage 2)",
+    "ti": "Textual inversion",
+    "ti_lora": "TI+LoRA",
+    "ti_lora_enriched": "TI+LoRA + enriched prompts",
+    "dpo": "DPO",
+    "craft": "CRAFT (DRaFT-1, all rewards)",
+    "crafts_no_losses": "CRAFTS stage 2 without L_corr, L_cate",
+    **{f"craft_only_{k}": f"CRAFT, {k.upper()} only" for k in REWARDS},
+    **{f"craft_without_{k}": f"CRAFT without {k.upper()}" for k in REWARDS},
+}
+
+
+@dataclass
+class Plan:
+    """What one paper-table run trains and where."""
+
+    profile: str
+    root: Path
+    seeds: list[int]
+    overrides: list[str]
+    table4: bool = True  # 8 more reward runs per seed (single-reward and leave-one-out)
+    crafts_ablation: bool = True  # stage 2 again without its losses, per seed
+
+    @property
+    def shared(self) -> Path:
+        return self.root / "shared"
+
+    def seed_dir(self, seed: int) -> Path:
+        return self.root / f"seed-{seed}"
+
+
+def _done(path: Path) -> dict[str, Any] | None:
+    marker = path / DONE
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def run_step(path: Path, fn, timings: dict[str, float], name: str) -> dict[str, Any]:
+    """Run ``fn()`` unless ``path`` holds a finished marker; record its wall time; the marker is written last."""
+    have = _done(path)
+    if have is not None:
+        timings[name] = have["seconds"]
+        return have
+    t0 = time.time()
+    log.info("paper-table: %s -> %s", name, path)
+    metrics = fn()
+    rec = {"step": name, "seconds": time.time() - t0, "metrics": _plain(metrics)}
+    atomic_write_json(path / DONE, rec)
+    timings[name] = rec["seconds"]
+    return rec
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    if isinstance(x, int | float | str | bool) or x is None:
+        return x
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def reward_variants(table4: bool) -> dict[str, dict[str, float]]:
+    """Variant -> the FULL reward-weight mapping it trains with (CRAFT Table 4 rows when ``table4``)."""
+    from craft.losses import DEFAULT_REWARD_WEIGHTS
+
+    full = dict(DEFAULT_REWARD_WEIGHTS)
+    out = {"craft": full}
+    if table4:
+        for k in REWARDS:  # a single reward keeps its default weight; the others are off
+            out[f"craft_only_{k}"] = {r: (full[r] if r == k else 0.0) for r in REWARDS}
+        for k in REWARDS:
+            out[f"craft_without_{k}"] = {**full, k: 0.0}
+    return out
+
+
+def _weights_overrides(w: dict[str, float]) -> list[str]:
+    return [f"reward.reward_weights.{k}={v}" for k, v in w.items()]
+
+
+def train_shared(plan: Plan, timings: dict[str, float]) -> dict[str, Path]:
+    """Dataset, annotations, critic + evaluator encoders and probes, CRAFTS stage 1 (shared by all seeds)."""
+    from craft import steps
+    from craft.annotate.run import annotate_step
+    from craft.train import crafts
+    from craft.train.encoder import encoder_step
+    from craft.train.probe import probe_step
+
+    s, p, o = plan.shared, plan.profile, plan.overrides
+    d = {k: s / k for k in ("data", "annotations", "critic", "evaluator", "critic_probe", "evaluator_probe",
+                            "pretrain")}  # fmt: skip
+    run_step(d["data"], lambda: steps.prepare_dataset(d["data"], p, o), timings, "data")
+    run_step(d["annotations"], lambda: annotate_step(d["data"], d["annotations"], p, o), timings, "annotate")
+    for role in ("critic", "evaluator"):
+        run_step(d[role], lambda r=role: encoder_step(d["data"], d["annotations"], r, d[r], p, o), timings,
+                 f"encoder-{role}")  # fmt: skip
+        pd_ = d[f"{role}_probe"]
+        run_step(pd_, lambda r=role, q=pd_: probe_step(d[r], d["data"], q, p, o), timings, f"probe-{role}")
+    run_step(d["pretrain"], lambda: crafts.step("pretrain", d["data"], d["pretrain"], p, o), timings, "pretrain")
+    return d
+
+
+def train_seed(plan: Plan, seed: int, shared: dict[str, Path], timings: dict[str, float]) -> dict[str, Path]:
+    """Every generator variant of one seed; returns variant -> model or adapter dir (adapters sit on zero_shot)."""
+    from craft.train import baselines, crafts, reward
+
+    sd, p = plan.seed_dir(seed), plan.profile
+    o = [*plan.overrides, *(f"{st}.loop.seed={seed}" for st in ("finetune", "reward", "ti", "ti_lora", "dpo")),
+         f"dpo.seed={seed}"]  # fmt: skip
+    data, ann = shared["data"], shared["annotations"]
+    critic, cprobe = shared["critic"], shared["critic_probe"]
+    v: dict[str, Path] = {"zero_shot": sd / "finetune"}
+    run_step(v["zero_shot"], lambda: crafts.step("finetune", data, v["zero_shot"], p, o, base=str(shared["pretrain"])),
+             timings, "finetune")  # fmt: skip
+    base = str(v["zero_shot"])
+    if plan.crafts_ablation:
+        v["crafts_no_losses"] = sd / "finetune-no-losses"
+        off = [*o, "finetune.corr_weight=0", "finetune.cate_weight=0"]
+        run_step(v["crafts_no_losses"], lambda: crafts.step("finetune", data, v["crafts_no_losses"], p, off,
+                 base=str(shared["pretrain"])), timings, "finetune-no-losses")  # fmt: skip
+    v["ti"] = sd / "ti"
+    run_step(v["ti"], lambda: baselines.step("ti", data, base, v["ti"], p, o), timings, "ti")
+    for name, extra in (("ti_lora", []), ("ti_lora_enriched", ["ti_lora.prompts=enriched"])):
+        v[name] = sd / name
+        run_step(v[name], lambda n=name, e=extra: baselines.step("ti_lora", data, base, v[n], p, [*o, *e],
+                 annotations_dir=ann, start_dir=v["ti"]), timings, name)  # fmt: skip
+    v["dpo"] = sd / "dpo"
+    run_step(v["dpo"], lambda: baselines.step("dpo", data, base, v["dpo"], p, o, annotations_dir=ann,
+             critic_dir=critic, probe_dir=cprobe, start_dir=v["ti_lora"]), timings, "dpo")  # fmt: skip
+    for name, w in reward_variants(plan.table4).items():
+        v[name] = sd / name
+        run_step(v[name], lambda n=name, w=w: reward.step(data, ann, critic, cprobe, base, v[n], p,
+                 [*o, *_weights_overrides(w)]), timings, name)  # fmt: skip
+    return v
+
+
+def evaluate_seed(plan: Plan, seed: int, shared: dict[str, Path], variants: dict[str, Path],
+                  timings: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+    """All variants of one seed under the evaluate protocol (evaluator scores, critic reward beside)."""
+    from craft.config import load_stage_config
+    from craft.evaluate import run as ev
+    from craft.models.encoders import load_encoder
+
+    base = str(variants["zero_shot"])
+    specs: dict[str, Any] = {ev.REAL: ev.REAL}
+    for name, d in variants.items():
+        specs[name] = ev.VariantSpec(str(d)) if (d / "model_index.json").is_file() else ev.VariantSpec(base, str(d))
+    # downstream utility is not in these tables and is the slowest part of evaluate: off unless overridden
+    ev_over = [
+        "evaluate.downstream.enabled=false",
+        *plan.overrides,
+        f"evaluate.seed={seed}",
+        "evaluate.candidate=craft",
+    ]
+    cfg = load_stage_config("evaluate", plan.profile, ev_over)
+    out = plan.seed_dir(seed) / "eval"
+
+    def go() -> dict[str, Any]:
+        critic = shared["critic"]
+        return ev.main(cfg, shared["data"], shared["annotations"], specs, shared["evaluator"],
+                       shared["evaluator_probe"], out, critic_identity=load_encoder(critic).identity,
+                       critic_dir=critic, critic_probe_dir=shared["critic_probe"])  # fmt: skip
+
+    run_step(out, go, timings, "evaluate")
+    return json.loads((out / "metrics.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------- aggregation
+
+
+def per_seed_row(metrics: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """variant -> the scalar numbers the tables show, from one seed's metrics.json."""
+    out = {}
+    for v, d in metrics["variants"].items():
+        row = {k: d.get(k) for k in ("vdc", "ccs", "dd", "sfs", "cas", "low_alignment_rate", "cas_p10",
+                                     "oracle_accuracy")}  # fmt: skip
+        row["silhouette"] = (d.get("fidelity") or {}).get("silhouette")
+        cr = d.get("critic_reward") or {}
+        row["critic_reward"] = cr.get("total")
+        out[v] = row
+    return out
+
+
+def mean_sd(values: list[float | None]) -> tuple[float | None, float | None, int]:
+    xs = [float(x) for x in values if x is not None]
+    if not xs:
+        return None, None, 0
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
+
+
+def aggregate(seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Mean, sd and per-seed values of every (variant, number) plus the CAS-oracle correlation."""
+    rows = {s: per_seed_row(m) for s, m in seeds.items()}
+    variants = list(dict.fromkeys(v for r in rows.values() for v in r))
+    table: dict[str, dict[str, Any]] = {}
+    for v in variants:
+        keys = list(dict.fromkeys(k for r in rows.values() for k in r.get(v, {})))
+        table[v] = {}
+        for k in keys:
+            vals = [rows[s].get(v, {}).get(k) for s in seeds]
+            m, sd, n = mean_sd(vals)
+            table[v][k] = {"mean": m, "sd": sd, "n": n, "per_seed": vals}
+    corr = [((m.get("oracle") or {}).get("cas_vs_oracle") or {}).get("spearman") for m in seeds.values()]
+    m, sd, n = mean_sd(corr)
+    return {"table": table, "cas_oracle_spearman": {"mean": m, "sd": sd, "n": n, "per_seed": corr}}
+
+
+def paired_difference(agg: dict[str, Any], a: str, b: str, key: str) -> dict[str, Any] | None:
+    """Per-seed a - b of ``key``: mean, sd, and in how many seeds a is higher."""
+    t = agg["table"]
+    if a not in t or b not in t or key not in t[a] or key not in t[b]:
+        return None
+    pairs = [(x, y) for x, y in zip(t[a][key]["per_seed"], t[b][key]["per_seed"]) if x is not None and y is not None]
+    if not pairs:
+        return None
+    diffs = [x - y for x, y in pairs]
+    m, sd, n = mean_sd(diffs)
+    return {"mean": m, "sd": sd, "n": n, "higher": sum(d > 0 for d in diffs), "lower": sum(d < 0 for d in diffs),
+            "per_seed": diffs}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- markdown
+
+
+def _fmt(cell: dict[str, Any] | None, digits: int = 3) -> str:
+    if not cell or cell.get("mean") is None:
+        return "n/a"
+    if cell["n"] > 1:
+        return f"{cell['mean']:.{digits}f} ± {cell['sd']:.{digits}f}"
+    return f"{cell['mean']:.{digits}f}"
+
+
+def _table(agg: dict[str, Any], variants: list[str], cols: list[tuple[str, str]]) -> str:
+    t = agg["table"]
+    lines = ["| Method | " + " | ".join(h for h, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for v in variants:
+        if v in t:
+            lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(_fmt(t[v].get(k)) for _, k in cols) + " |")
+    return "\n".join(lines)
+
+
+def _diff_line(d: dict[str, Any] | None, what: str) -> str:
+    if d is None:
+        return f"{what}: not measured"
+    return (f"{what}: {d['mean']:+.3f} ± {d['sd']:.3f} (higher in {d['higher']} of {d['n']} seeds; per seed "
+            + ", ".join(f"{x:+.3f}" for x in d["per_seed"]) + ")")  # fmt: skip
+
+
+def _verdict(d: dict[str, Any] | None, paper: str, higher_is_claim: bool = True) -> str:
+    """Agree / disagree with a paper claim that a difference is positive (or negative), seed by seed; ties count against."""
+    if d is None:
+        return f"{paper} — not measured here"
+    wins = d["higher"] if higher_is_claim else d["lower"]
+    against = d["lower"] if higher_is_claim else d["higher"]
+    if d["n"] and wins == d["n"]:
+        word = "AGREES (every seed)"
+    elif d["n"] and against == d["n"]:
+        word = "DISAGREES (the opposite in every seed)"
+    elif wins == 0:
+        word = f"NOT SUPPORTED (no seed; {d['n'] - against} of {d['n']} tied)"
+    else:
+        word = f"MIXED ({wins} of {d['n']} seeds)"
+    return f"{paper} — here: {word}"
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The profile's RESULTS.md section."""
+    agg, info = result["aggregate"], result["info"]
+    t1 = [("VDC", "vdc"), ("CCS", "ccs"), ("DD", "dd"), ("SFS", "sfs"), ("CAS", "cas")]
+    main = ["real", "zero_shot", "ti", "ti_lora", "dpo", "craft"]
+    t4 = ["ti_lora", *(f"craft_only_{k}" for k in REWARDS), "craft", *(f"craft_without_{k}" for k in REWARDS)]
+    order = list(LABELS)  # the tables' row order; unknown variants last
+    gen = sorted((v for v in agg["table"] if v != "real"), key=lambda v: order.index(v) if v in order else len(order))
+    d_cas = paired_difference(agg, "craft", "ti_lora", "cas")
+    d_tail = paired_difference(agg, "craft", "ti_lora", "low_alignment_rate")
+    d_enr = paired_difference(agg, "ti_lora_enriched", "ti_lora", "cas")
+    d_enr_craft = paired_difference(agg, "craft", "ti_lora_enriched", "cas")
+    d_crit = paired_difference(agg, "craft", "ti_lora", "critic_reward")
+    d_crit0 = paired_difference(agg, "craft", "zero_shot", "critic_reward")
+    d_or = paired_difference(agg, "craft", "ti_lora", "oracle_accuracy")
+    d_sil = paired_difference(agg, "zero_shot", "crafts_no_losses", "silhouette")
+    d_ora = paired_difference(agg, "zero_shot", "crafts_no_losses", "oracle_accuracy")
+    corr = agg["cas_oracle_spearman"]
+    s = [
+        f"## {result['profile']}",
+        "",
+        f"Seeds {', '.join(map(str, result['seeds']))}; machine: {info['machine']}; finished {info['finished']}; "
+        f"wall time {info['wall_seconds'] / 60:.1f} min. Command: `{info['command']}`. "
+        "Mean ± sd over seeds; scores from the EVALUATOR (never the training critic). "
+        f"Per seed {info['n_prompts']} held-out prompts x {info['samples_per_prompt']} samples per variant.",
+        "",
+        "### CRAFT Table 1 shape: clinical alignment",
+        "",
+        _table(agg, main, t1),
+        "",
+        "### CRAFT Table 2 shape: is prompt enrichment enough?",
+        "",
+        _table(
+            agg,
+            ["ti_lora", "ti_lora_enriched", "craft"],
+            [("CAS", "cas"), ("Low-CAS rate", "low_alignment_rate"), ("Oracle acc.", "oracle_accuracy")],
+        ),  # fmt: skip
+        "",
+    ]
+    if any(f"craft_only_{k}" in agg["table"] for k in REWARDS):
+        s += ["### CRAFT Table 4 shape: single rewards and leave-one-out", "", _table(agg, t4, t1), ""]
+    s += [
+        "### CRAFT Table 14 shape: the low-alignment tail",
+        "",
+        _table(agg, gen, [("Mean CAS", "cas"), ("Low-CAS rate", "low_alignment_rate"), ("10th pct CAS", "cas_p10")]),
+        "",
+        "### Ground truth: the demo oracle and the critic's own reward",
+        "",
+        _table(
+            agg,
+            ["real", *gen],
+            [("Oracle acc.", "oracle_accuracy"), ("Critic reward (train objective)", "critic_reward")],
+        ),  # fmt: skip
+        "",
+        f"CAS-oracle Spearman rho over generated images: {_fmt(corr)} (n = {corr['n']} seeds).",
+        "",
+    ]
+    if "crafts_no_losses" in agg["table"]:
+        s += [
+            "### CRAFTS: class separability of stage-2 samples with and without L_corr + L_cate",
+            "",
+            _table(
+                agg,
+                ["zero_shot", "crafts_no_losses"],
+                [("Oracle acc.", "oracle_accuracy"), ("Silhouette (evaluator emb.)", "silhouette"), ("CAS", "cas")],
+            ),  # fmt: skip
+            "",
+        ]
+    s += [
+        "### Against the papers' claims (per-seed paired differences)",
+        "",
+        "- " + _diff_line(d_cas, "CRAFT - TI+LoRA, CAS"),
+        "  - " + _verdict(d_cas, "CRAFT Table 1: CRAFT has higher CAS than TI+LoRA"),
+        "- " + _diff_line(d_tail, "CRAFT - TI+LoRA, low-CAS rate"),
+        "  - " + _verdict(d_tail, "CRAFT Table 14: CRAFT shrinks the low-alignment tail", higher_is_claim=False),
+        "- " + _diff_line(d_enr, "TI+LoRA + enriched prompts - TI+LoRA, CAS"),
+        "- " + _diff_line(d_enr_craft, "CRAFT - (TI+LoRA + enriched prompts), CAS"),
+        "  - " + _verdict(d_enr_craft, "CRAFT Table 2: enrichment alone does not reach CRAFT"),
+        "- " + _diff_line(d_crit, "CRAFT - TI+LoRA, critic reward on held-out prompts"),
+        "  - " + _verdict(d_crit, "Reward finetuning raises the critic's reward over TI+LoRA"),
+        "- " + _diff_line(d_crit0, "CRAFT - zero-shot, critic reward on held-out prompts"),
+        "- " + _diff_line(d_or, "CRAFT - TI+LoRA, oracle accuracy"),
+        "- " + _diff_line(d_ora, "CRAFTS with - without its losses, oracle accuracy"),
+        "  - " + _verdict(d_ora, "CRAFTS: L_corr + L_cate make classes more separable (oracle)"),
+        "- " + _diff_line(d_sil, "CRAFTS with - without its losses, silhouette"),
+        "",
+        "Stage wall times (seconds, this run; cached steps show the time of the run that made them): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in result["timings"].items()),
+        "",
+    ]
+    return "\n".join(s)
+
+
+def write_section(results_md: Path, profile: str, section: str) -> None:
+    """Replace (or append) this profile's block in RESULTS.md, atomically; other profiles' blocks stay."""
+    begin, end = f"<!-- paper-table:{profile} -->", f"<!-- /paper-table:{profile} -->"
+    head = ("# Results: the papers' tables on the demo modalities\n\nWritten by `craft experiment paper-table` "
+            "(see `craft/experiment.py` for what varies with the seed). Rerun a profile to replace its section.\n")  # fmt: skip
+    text = results_md.read_text() if results_md.is_file() else head
+    block = f"{begin}\n{section.rstrip()}\n{end}"
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        text = pre + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    atomic_write_text(results_md, text)
+
+
+def machine() -> str:
+    import os
+
+    import torch
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
+    return f"{platform.machine()} {os.cpu_count()} cores, {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def paper_table(profile: str, seeds: int, root: str | Path, results_md: str | Path, overrides: list[str] | None = None,
+                table4: bool = True, crafts_ablation: bool = True, command: str = "") -> dict[str, Any]:  # fmt: skip
+    """Train + evaluate every variant for ``seeds`` seeds, write ``root/results.json`` and the RESULTS.md section."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    t0 = time.time()
+    plan = Plan(profile, Path(root), list(range(seeds)), list(overrides or []), table4, crafts_ablation)
+    timings: dict[str, float] = {}
+    shared = train_shared(plan, timings)
+    per_seed: dict[int, dict[str, Any]] = {}
+    for seed in plan.seeds:
+        st: dict[str, float] = {}
+        variants = train_seed(plan, seed, shared, st)
+        per_seed[seed] = evaluate_seed(plan, seed, shared, variants, st)
+        for k, v in st.items():
+            timings[f"{k}[{seed}]"] = v
+    first = next(iter(per_seed.values()))
+    result = {
+        "profile": profile,
+        "seeds": plan.seeds,
+        "aggregate": aggregate(per_seed),
+        "timings": timings,
+        "info": {
+            "machine": machine(),
+            "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "wall_seconds": time.time() - t0,
+            "command": command or f"craft experiment paper-table --profile {profile} --seeds {seeds}",
+            "overrides": plan.overrides,
+            "n_prompts": first["protocol"]["n_prompts"],
+            "samples_per_prompt": first["protocol"]["samples_per_prompt"],
+        },  # fmt: skip
+    }
+    atomic_write_json(plan.root / "results.json", result)
+    write_section(Path(results_md), profile, render_markdown(result))
+    return result

@@ -1,0 +1,110 @@
+"""craft experiment paper-table: variant plan, aggregation over seeds, claims, RESULTS.md sections, a toy run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from craft import experiment as ex
+from craft.losses import DEFAULT_REWARD_WEIGHTS
+
+
+def test_table4_variants_carry_full_weight_mappings():
+    v = ex.reward_variants(table4=True)
+    assert len(v) == 9 and v["craft"] == DEFAULT_REWARD_WEIGHTS
+    assert v["craft_only_dd"] == {"vdc": 0.0, "ccs": 0.0, "dd": DEFAULT_REWARD_WEIGHTS["dd"], "sfs": 0.0}
+    assert v["craft_without_sfs"] == {**DEFAULT_REWARD_WEIGHTS, "sfs": 0.0}
+    assert list(ex.reward_variants(table4=False)) == ["craft"]
+    # the overrides name every weight, so none is left to a default
+    assert len(ex._weights_overrides(v["craft_only_vdc"])) == 4
+
+
+def _metrics(cas: dict[str, float], critic: dict[str, float], oracle: dict[str, float], rho: float) -> dict:
+    return {
+        "variants": {
+            v: {
+                "vdc": c,
+                "ccs": c,
+                "dd": c,
+                "sfs": c,
+                "cas": c,
+                "low_alignment_rate": 1 - c,
+                "cas_p10": c / 2,
+                "oracle_accuracy": oracle[v],
+                "fidelity": {"silhouette": c / 10},
+                "critic_reward": {"total": critic[v], "weights": DEFAULT_REWARD_WEIGHTS},
+            }
+            for v, c in cas.items()
+        },  # fmt: skip
+        "oracle": {"cas_vs_oracle": {"spearman": rho}},
+    }
+
+
+def test_aggregate_mean_sd_and_paired_differences():
+    seeds = {
+        0: _metrics(
+            {"ti_lora": 0.4, "craft": 0.5}, {"ti_lora": 1.0, "craft": 1.5}, {"ti_lora": 0.5, "craft": 0.5}, 0.2
+        ),
+        1: _metrics(
+            {"ti_lora": 0.5, "craft": 0.4}, {"ti_lora": 1.0, "craft": 1.2}, {"ti_lora": 0.5, "craft": 0.5}, 0.4
+        ),
+    }
+    agg = ex.aggregate(seeds)
+    cell = agg["table"]["craft"]["cas"]
+    assert cell["mean"] == pytest.approx(0.45) and cell["sd"] == pytest.approx(0.0707107, rel=1e-5)
+    assert cell["per_seed"] == [0.5, 0.4] and cell["n"] == 2
+    assert agg["cas_oracle_spearman"]["mean"] == pytest.approx(0.3)
+    d = ex.paired_difference(agg, "craft", "ti_lora", "cas")
+    assert d["per_seed"] == pytest.approx([0.1, -0.1]) and d["higher"] == 1 and d["lower"] == 1
+    assert "MIXED (1 of 2" in ex._verdict(d, "claim")
+    crit = ex.paired_difference(agg, "craft", "ti_lora", "critic_reward")
+    assert crit["higher"] == 2 and "AGREES" in ex._verdict(crit, "claim")
+    tail = ex.paired_difference(agg, "craft", "ti_lora", "low_alignment_rate")  # 1 - cas: lower in seed 0 only
+    assert "MIXED" in ex._verdict(tail, "claim", higher_is_claim=False)
+    tie = ex.paired_difference(agg, "craft", "ti_lora", "oracle_accuracy")
+    assert "NOT SUPPORTED" in ex._verdict(tie, "claim")  # a tie never counts as agreement
+    assert ex.paired_difference(agg, "craft", "dpo", "cas") is None
+
+
+def test_results_md_sections_are_replaced_per_profile(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    ex.write_section(md, "demo-histo", "## demo-histo\nold")
+    ex.write_section(md, "demo-cxr", "## demo-cxr\ncxr")
+    ex.write_section(md, "demo-histo", "## demo-histo\nnew")
+    text = md.read_text()
+    assert text.startswith("# Results") and "new" in text and "old" not in text and "cxr" in text
+    assert text.index("demo-histo") < text.index("demo-cxr")  # a replaced section keeps its place
+
+
+TOY = [
+    "data.n=32", "pretrain.autoencoder.steps=1", "pretrain.loop.steps=1", "pretrain.sample_per_class=0",
+    "finetune.loop.steps=1", "finetune.sample_per_class=0", "encoder.epochs=1", "probe.epochs=1",
+    "reward.loop.steps=1", "reward.sample_steps=2", "ti.loop.steps=1", "ti_lora.loop.steps=1", "dpo.loop.steps=1",
+    "dpo.n_pairs=2", "dpo.sample_steps=2", "evaluate.max_prompts=4", "evaluate.samples_per_prompt=1",
+    "evaluate.steps=2", "evaluate.oracle.n=32", "evaluate.oracle.epochs=1", "evaluate.oracle.n_check=8",
+    "evaluate.oracle.min_accuracy=null", "evaluate.preferences.bootstrap=5", "evaluate.memorization.enabled=false",
+]  # fmt: skip
+
+
+def test_toy_paper_table_end_to_end_and_resume(tmp_path, monkeypatch):
+    """One seed, no Table 4: every step runs, RESULTS.md has the tables, a rerun reuses every finished step."""
+    monkeypatch.setenv("CRAFT_MODEL_CACHE", str(tmp_path / "cache"))
+    md = tmp_path / "RESULTS.md"
+    res = ex.paper_table("demo-histo", 1, tmp_path / "run", md, TOY, table4=False)
+    table = res["aggregate"]["table"]
+    assert set(table) == {"real", "zero_shot", "crafts_no_losses", "ti", "ti_lora", "ti_lora_enriched", "dpo",
+                          "craft"}  # fmt: skip
+    assert table["craft"]["critic_reward"]["n"] == 1 and table["craft"]["cas"]["mean"] is not None
+    text = md.read_text()
+    for heading in ("Table 1 shape", "Table 2 shape", "Table 14 shape", "CRAFTS: class separability",
+                    "Against the papers' claims"):  # fmt: skip
+        assert heading in text, heading
+    assert "Table 4 shape" not in text  # not trained
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["seeds"] == [0] and saved["aggregate"]["table"]["craft"]["cas"]["n"] == 1
+    marker = tmp_path / "run" / "seed-0" / "craft" / ex.DONE
+    before = marker.stat().st_mtime_ns
+    again = ex.paper_table("demo-histo", 1, tmp_path / "run", md, TOY, table4=False)  # resumes: nothing retrained
+    assert marker.stat().st_mtime_ns == before
+    assert again["aggregate"]["table"]["craft"]["cas"] == table["craft"]["cas"]
