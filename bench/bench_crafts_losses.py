@@ -28,6 +28,9 @@ def main() -> None:
     ap.add_argument("--pre-steps", type=int, default=240)
     ap.add_argument("--ft-steps", type=int, default=480)
     ap.add_argument("--weight", type=float, default=0.1, help="corr_weight = cate_weight when on")
+    ap.add_argument("--also", default="", help="more 'on' weights to compare, comma separated (e.g. 0.03,0.3)")
+    ap.add_argument("--skip-off", action="store_true", help="only the 'on' runs (e.g. a second process)")
+    ap.add_argument("--set", action="append", default=[], help="extra finetune override key=value (repeat)")
     ap.add_argument("--per-class", type=int, default=25, help="samples per class")
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -74,13 +77,15 @@ def main() -> None:
     print(f"oracle held-out accuracy: {oracle.meta['check_accuracy']:.3f}")
 
     results = {}
-    for name, w in (("off", 0.0), ("on", args.weight)):
-        ft_dir = out / f"finetune-{name}"
+    runs = [] if args.skip_off else [("off", 0.0)]
+    runs += [("on", args.weight)] + [(f"on-{w}", float(w)) for w in args.also.split(",") if w]
+    tag = "".join(f"-{x.replace('=', '_')}" for x in args.set)  # a run with other settings gets its own folder
+    for name, w in runs:
+        ft_dir = out / f"finetune-{name}{tag if w else ''}"
         t1 = time.time()
         if not (ft_dir / "model_index.json").is_file():
-            cfg = load_stage_config(
-                "finetune", profile, common + [f"loop.steps={args.ft_steps}", f"corr_weight={w}", f"cate_weight={w}"]
-            )
+            extra = [f"loop.steps={args.ft_steps}", f"corr_weight={w}", f"cate_weight={w}", *args.set]
+            cfg = load_stage_config("finetune", profile, common + extra)
             crafts.finetune(cfg, data, ft_dir, base=str(pre_dir))
         train_s = time.time() - t1
         pipe = load_pipeline(ft_dir)
@@ -106,6 +111,9 @@ def main() -> None:
                          "finetune_seconds": train_s}  # fmt: skip
         print(f"L_corr+L_cate {name:>3} (weight {w}): oracle accuracy {acc:.3f}  per class "
               f"{[round(p, 2) for p in per_class]}  silhouette {sil:.3f}  (finetune {train_s:.0f} s)")  # fmt: skip
+    if "off" not in results:
+        print(json.dumps(results, indent=2))
+        return
     on, off = results["on"], results["off"]
     print(
         f"ratio: crafts_losses_on_vs_off_oracle_accuracy = {on['oracle_accuracy'] / max(off['oracle_accuracy'], 1e-9):.3f}"
@@ -113,7 +121,7 @@ def main() -> None:
     print(
         f"ratio: crafts_losses_on_minus_off_silhouette = {on['silhouette_oracle_logits'] - off['silhouette_oracle_logits']:.3f}"
     )
-    (out / "results.json").write_text(
+    (out / f"results{tag}.json").write_text(
         json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **results}, indent=2)
     )
 

@@ -36,8 +36,22 @@ def _cfg(**loop) -> crafts.FinetuneConfig:
     base.update(loop)
     return crafts.FinetuneConfig(
         model=tiny_model_config(), loop=LoopConfig(**base), corr_weight=0.5, cate_weight=0.5, cond_dropout=0.25,
-        train_text_encoder=False, sample_per_class=0,
+        train_text_encoder=False, sample_per_class=0, aux_min_abar=0.0,
     )  # fmt: skip
+
+
+def test_crafts_losses_only_see_low_noise_samples():
+    cfg = _cfg()
+    cfg.aux_min_abar = 0.5
+    _, model = _objective(cfg)
+    batch, gen = _data(), torch.Generator().manual_seed(0)
+    model.abar = torch.full_like(model.abar, 0.3)  # every timestep too noisy: x0_hat is no image estimate
+    out = model(batch, gen)
+    assert "l_corr" not in out and "l_cate" not in out
+    model.abar = torch.full_like(model.abar, 0.9)
+    out = model(batch, torch.Generator().manual_seed(0))
+    assert out["l_corr"] > 0 and out["l_cate"] > 0
+    assert torch.isfinite(out["loss"]) and out["loss"] > out["l_diff"]
 
 
 def test_trainable_params_change_and_frozen_ones_do_not(tmp_path):
@@ -96,13 +110,14 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
 def test_pretrain_then_finetune_writes_loadable_models(tmp_path):
     data = make_dataset(tmp_path / "data")
     loop = LoopConfig(steps=2, batch_size=4, progress=False, checkpoint_every=1)
-    pre = crafts.PretrainConfig(model=tiny_model_config(), loop=loop, sample_per_class=1, sample_steps=2)
+    pre = crafts.PretrainConfig(model=tiny_model_config(), loop=loop, sample_per_class=1, sample_steps=2,
+                                aux_min_abar=0.0)  # every sample, so 2 steps of 4 surely log l_corr  # fmt: skip
     pre.autoencoder.steps = 2
     pre.autoencoder.batch_size = 4
     m1 = crafts.pretrain(pre, data, tmp_path / "pre")
     assert m1["steps"] == 2 and "l_corr" in m1 and "ae_recon_mse" in m1
     assert (tmp_path / "pre.work" / "denoiser" / "samples" / "step-0000002" / "adenocarcinoma.png").is_file()
-    ft = crafts.FinetuneConfig(loop=loop, sample_per_class=0)
+    ft = crafts.FinetuneConfig(loop=loop, sample_per_class=0, aux_min_abar=0.0)
     m2 = crafts.finetune(ft, data, tmp_path / "ft", base=str(tmp_path / "pre"))
     assert "l_cate" in m2 and m2["typicality_sigma"] > 0
     lin = read_lineage(tmp_path / "ft")
