@@ -387,23 +387,36 @@ class Scorer:
     @torch.no_grad()
     def score(self, emb: torch.Tensor, labels: list[str], prompts: list[str], ref_emb: torch.Tensor) -> dict:
         """CRAFT 4.1.4 primitives per image: VDC eq. 2, CCS eq. 3, DD = probe correct, SFS eq. 5; plus CAS."""
-        from craft.evaluate.metrics import per_image_cas
-        from craft.losses import ccs_reward, sfs_reward, vdc_reward
-
         dev = self.encoder.device
         y = self.probe.label_indices(labels).cpu()
         text = self.encoder.encode_texts(prompts).float().cpu()
         logits = self.probe(emb.to(dev)).float().cpu()
-        pred = logits.argmax(1)
-        out = {
-            "vdc": vdc_reward(emb, text).numpy().astype(np.float64),
-            "ccs": ccs_reward(emb, self.checklist_emb.float().cpu()[y]).numpy().astype(np.float64),
-            "dd": (pred == y).double().numpy(),
-            "sfs": sfs_reward(emb, ref_emb).numpy().astype(np.float64),
-        }
-        out["cas"] = per_image_cas(out["vdc"], out["ccs"], out["dd"], out["sfs"])
-        out["pred"] = [self.probe.classes[i] for i in pred.tolist()]
+        out = cas_from_embeddings(emb, text, self.checklist_emb.float().cpu(), logits, y, ref_emb)
+        out["pred"] = [self.probe.classes[i] for i in out.pop("pred_index").tolist()]
         return out
+
+
+def cas_from_embeddings(emb: torch.Tensor, text_emb: torch.Tensor, checklist_emb: torch.Tensor, logits: torch.Tensor,
+                        y: torch.Tensor, ref_emb: torch.Tensor) -> dict[str, Any]:  # fmt: skip
+    """Per-image VDC, CCS, DD, SFS and CAS for N images at once (CRAFT 4.1.4), from embeddings.
+
+    emb [N, D] images, text_emb [N, D] their prompts, checklist_emb [C, D] per class, logits [N, C] of the
+    evaluator's probe, y [N] target class indices, ref_emb [N, D] the paired real images. Whole-batch
+    tensor operations: ``bench/bench_cas.py`` times this against a per-image loop.
+    """
+    from craft.evaluate.metrics import per_image_cas
+    from craft.losses import ccs_reward, sfs_reward, vdc_reward
+
+    pred = logits.argmax(1)
+    out: dict[str, Any] = {
+        "vdc": vdc_reward(emb, text_emb).numpy().astype(np.float64),
+        "ccs": ccs_reward(emb, checklist_emb[y]).numpy().astype(np.float64),
+        "dd": (pred == y).double().numpy(),
+        "sfs": sfs_reward(emb, ref_emb).numpy().astype(np.float64),
+    }
+    out["cas"] = per_image_cas(out["vdc"], out["ccs"], out["dd"], out["sfs"])
+    out["pred_index"] = pred
+    return out
 
 
 def _fit_probe_for(encoder, train_images: np.ndarray, train_labels: list[str], classes: list[str], batch: int):
