@@ -429,12 +429,21 @@ def machine() -> str:
 
 
 def paper_table(profile: str, seeds: int, root: str | Path, results_md: str | Path, overrides: list[str] | None = None,
-                table4: bool = True, crafts_ablation: bool = True, command: str = "") -> dict[str, Any]:  # fmt: skip
-    """Train + evaluate every variant for ``seeds`` seeds, write ``root/results.json`` and the RESULTS.md section."""
+                table4: bool = True, crafts_ablation: bool = True, command: str = "",
+                threads: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Train + evaluate every variant for ``seeds`` seeds, write ``root/results.json`` and the RESULTS.md section.
+
+    ``threads`` > 0 sets every stage's torch CPU threads (before ``overrides``), e.g. 1 to run two
+    profiles side by side on a 2-core machine.
+    """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     t0 = time.time()
-    plan = Plan(profile, Path(root), list(range(seeds)), list(overrides or []), table4, crafts_ablation)
+    over = list(overrides or [])
+    if threads > 0:
+        over = [*(f"{st}.loop.threads={threads}" for st in ("pretrain", "finetune", "reward", "ti", "ti_lora", "dpo")),
+                *(f"{st}.threads={threads}" for st in ("encoder", "probe", "evaluate")), *over]  # fmt: skip
+    plan = Plan(profile, Path(root), list(range(seeds)), over, table4, crafts_ablation)
     timings: dict[str, float] = {}
     shared = train_shared(plan, timings)
     per_seed: dict[int, dict[str, Any]] = {}
