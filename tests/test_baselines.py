@@ -130,3 +130,57 @@ def test_ti_lora_save_load_into_base_pipeline(tmp_path):
     assert abs(got.astype(int) - ref.astype(int)).max() <= 3
     base = to_array(generate(load_pipeline(tmp_path / "base"), ["<adenoma>"], steps=3, guidance=2.0, seed=1))
     assert abs(base.astype(int) - ref.astype(int)).max() > 5
+
+
+def test_mllm_judge_prefers_the_image_passing_more_checklist_items(tmp_path):
+    """An OpenAI-compatible MLLM (scripted server) audits each blinded candidate; more passed attributes wins."""
+    import json
+
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    from craft.annotate.backends import OpenAIBackend, image_data_url
+    from craft.evaluate.preferences import blind, checklist_pair_judge, mllm_audit_judge
+    from craft.train.baselines import JudgeBackend
+    from tests.annotate_server import ScriptedServer, chat_reply
+
+    checklists = {"adenoma": [{"attribute": "Glands", "description": "crowded tubules"},
+                              {"attribute": "Nuclei", "description": "pencil-shaped"}]}  # fmt: skip
+    ims = {"a": Image.new("RGB", (8, 8), (200, 200, 200)), "b": Image.new("RGB", (8, 8), (20, 20, 20))}
+    ims["b"].save(tmp_path / "b.png")
+    dark_url = image_data_url(tmp_path / "b.png")
+
+    def script(n, req):  # passes both attributes only for the dark image
+        content = req.body["messages"][-1]["content"]
+        assert "Intended diagnosis: adenoma" in content[0]["text"] and "Glands: crowded tubules" in content[0]["text"]
+        dark = content[1]["image_url"]["url"] == dark_url
+        return chat_reply(json.dumps({"Glands": dark, "Nuclei": dark}))
+
+    with ScriptedServer(script=script) as srv:
+        backend = OpenAIBackend(model="judge", base_url=srv.base_url, max_retries=0)
+        judge = checklist_pair_judge(mllm_audit_judge(backend, str(tmp_path / "j")), checklists)
+        for seed in range(4):  # whichever letter the dark image is shown under
+            bc = blind(f"c{seed}", "adenoma", "adenoma, crowded glands", ims, np.random.default_rng(seed))
+            assert bc.key[judge(bc.case)[0]] == "b"
+        assert len(srv.seen) == 8  # one request per candidate image
+        backend.close()
+    with pytest.raises(ValueError, match="judge_backend.model"):
+        JudgeBackend().make()
+
+
+def test_mllm_audit_refuses_an_answer_without_every_attribute(tmp_path):
+    import pytest
+    from PIL import Image
+
+    from craft.evaluate.preferences import mllm_audit_judge
+
+    class Half:
+        def chat(self, text, image_path=None, system=None):
+            from craft.annotate.backends import Completion
+
+            return Completion(text='{"Glands": true}')
+
+    ck = [{"attribute": "Glands", "description": "x"}, {"attribute": "Nuclei", "description": "y"}]
+    with pytest.raises(ValueError, match="Nuclei"):
+        mllm_audit_judge(Half(), str(tmp_path))(Image.new("RGB", (4, 4)), "adenoma", ck)

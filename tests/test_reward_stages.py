@@ -49,6 +49,23 @@ def test_stage_mains_end_to_end(tmp_path):
                            tmp_path / "critic", tmp_path / "probe", tmp_path / "base", tmp_path / "dpo",
                            start_dir=tmp_path / "tilora")  # fmt: skip
     assert "implicit_acc" in d
+    # the same stage with an MLLM judge (an OpenAI-compatible server) choosing the preferred image of each pair
+    import re
+
+    from tests.annotate_server import ScriptedServer, chat_reply
+
+    def audit(n, req):  # the first candidate of each pair passes every checklist attribute, the second none
+        text = req.body["messages"][-1]["content"][0]["text"]
+        attrs = re.findall(r"^- ([^:]+):", text, flags=re.M)
+        return chat_reply(json.dumps({a: n % 2 == 0 for a in attrs}))
+
+    with ScriptedServer(script=audit) as srv:
+        mcfg = load_stage_config("dpo", None, small + ["n_pairs=2", "sample_steps=2", "judge=mllm",
+                                 "judge_backend.model=judge", f"judge_backend.base_url={srv.base_url}"])  # fmt: skip
+        dm = baselines.dpo_main(mcfg, data, ann, tmp_path / "critic", tmp_path / "probe", tmp_path / "base",
+                                tmp_path / "dpo-mllm", start_dir=tmp_path / "tilora")  # fmt: skip
+        assert len(srv.seen) == 4 and "implicit_acc" in dm and "pair_margin_mean" not in dm
+    assert json.loads((tmp_path / "dpo-mllm" / "adapter.json").read_text())["judge"] == "mllm"
     for name in ("craft", "ti", "tilora", "dpo"):
         pipe = reward.load_adapters(load_pipeline(tmp_path / "base"), tmp_path / name)
         assert pipe is not None

@@ -233,6 +233,71 @@ def checklist_audit(
     ).reset_index()
 
 
+AUDIT_INSTRUCTION = (
+    "You audit one generated medical image. Intended diagnosis: {target}. Generation prompt: {prompt}\n"
+    "For each attribute below, answer true if the image shows it as described, false otherwise.\n"
+    "{items}\nReply with one JSON object only, mapping each attribute name to true or false."
+)
+
+
+def mllm_audit_judge(backend, tmp_dir: str | None = None) -> Callable[..., dict[str, bool]]:
+    """An MLLM backend (``craft.annotate.backends``: openai-compatible or local transformers) as an audit judge.
+
+    ``judge(image, target, checklist, prompt="") -> {attribute: passed}``: one request per image, the
+    image written to a PNG in ``tmp_dir``; an answer that is not a JSON object of booleans covering
+    every attribute raises ``ValueError`` naming the target and the answer (no silent default).
+    """
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(tmp_dir or tempfile.mkdtemp(prefix="craft-judge-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    counter = iter(range(10**12))
+
+    def judge(image, target: str, checklist: Sequence[Mapping[str, str]], prompt: str = "") -> dict[str, bool]:
+        path = folder / f"image-{next(counter):08d}.png"
+        im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+        im.save(path)
+        items = "\n".join(f"- {a['attribute']}: {a['description']}" for a in checklist)
+        text = backend.chat(AUDIT_INSTRUCTION.format(target=target, prompt=prompt or target, items=items),
+                            image_path=path).text  # fmt: skip
+        try:
+            obj = json.loads(text[text.index("{") : text.rindex("}") + 1])
+        except ValueError as e:
+            raise ValueError(f"audit judge ({target}): answer is not a JSON object: {text[:200]!r}") from e
+        out = {}
+        for a in checklist:
+            v = obj.get(a["attribute"]) if isinstance(obj, dict) else None
+            if not isinstance(v, bool):
+                raise ValueError(
+                    f"audit judge ({target}): no true/false for attribute {a['attribute']!r} in {text[:200]!r}"
+                )
+            out[a["attribute"]] = v
+        path.unlink(missing_ok=True)
+        return out
+
+    return judge
+
+
+def checklist_pair_judge(audit, checklists: Mapping[str, Sequence[Mapping[str, str]]]) -> Callable[[Case], list[str]]:
+    """A ranking judge from an audit judge: candidates ordered by checklist attributes passed, most first.
+
+    Ties keep the blinded order, which ``blind`` drew at random, so no variant is favoured by a tie.
+    """
+
+    def judge(case: Case) -> list[str]:
+        if case.target not in checklists:
+            raise ValueError(f"{case.case_id}: no checklist for class {case.target!r}")
+        ck = checklists[case.target]
+        passed = {k: sum(audit(img, case.target, ck, case.prompt).values()) for k, img in case.candidates.items()}
+        return sorted(case.candidates, key=lambda k: -passed[k])
+
+    return judge
+
+
 def bradley_terry_bootstrap(
     rankings: Sequence[Sequence[str]],
     variants: Sequence[str],

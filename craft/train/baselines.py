@@ -97,6 +97,35 @@ class TILoRAConfig:
 
 
 @dataclass
+class JudgeBackend:
+    """The MLLM that prefers one image of a pair (``dpo.judge=mllm``): the annotate stage's backends."""
+
+    backend: Literal["openai", "transformers"] = "openai"  # openai-compatible server or a local VLM folder
+    model: str = ""  # openai: model name; transformers: local model folder
+    base_url: str = "https://api.openai.com/v1"  # OpenAI-compatible server (vLLM: http://host:8000/v1)
+    api_key_env: str = "OPENAI_API_KEY"  # NAME of the environment variable holding the key
+    timeout_s: float = 60.0  # per HTTP request
+    max_retries: int = 4  # transport retries per request
+    max_tokens: int = 200  # answer length limit (a JSON object of attribute booleans)
+    temperature: float = 0.0  # openai sampling temperature
+    image_detail: Literal["low", "high", "auto"] = "low"  # openai image_url detail
+    json_mode: bool = True  # send response_format=json_object
+    device: str = "cpu"  # transformers backend device
+    dtype: str = "auto"  # transformers backend dtype
+
+    def make(self):
+        """The backend object (``craft.annotate.backends``)."""
+        from craft.annotate.run import AnnotateConfig, make_backend
+
+        if not self.model:
+            raise ValueError("dpo.judge=mllm needs judge_backend.model (a model name or a local model folder)")
+        fields = {k: getattr(self, k) for k in ("backend", "model", "base_url", "api_key_env", "timeout_s",
+                                                 "max_retries", "max_tokens", "temperature", "image_detail",
+                                                 "json_mode", "device", "dtype")}  # fmt: skip
+        return make_backend(AnnotateConfig(**fields))
+
+
+@dataclass
 class DPOConfig:
     """Stage ``dpo``: Diffusion-DPO on offline preference pairs (CRAFT sec. 4.1.3, after Wang et al. 2025)."""
 
@@ -104,7 +133,10 @@ class DPOConfig:
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(cross_attention_only=True))  # when no start
     beta: float = 2500.0  # beta of the Diffusion-DPO loss (diffusers' train_diffusion_dpo default)
     n_pairs: int = 1024  # preference pairs (paper: 1,024 per dataset)
-    judge: Literal["critic"] = "critic"  # who prefers: the critic's reward (an MLLM ranks via make_pairs(judge=))
+    # who prefers: the critic's reward, or an MLLM auditing each image against its class checklist (the
+    # image passing more checklist attributes wins; ties keep the blinded random order)
+    judge: Literal["critic", "mllm"] = "critic"
+    judge_backend: JudgeBackend = field(default_factory=JudgeBackend)  # the MLLM, when judge=mllm
     reward_weights: dict[str, float] = field(
         default_factory=lambda: {"vdc": 1.0, "ccs": 1.0, "dd": 0.2, "sfs": 1.0}
     )  # critic judge: weights of the CAS-style score
@@ -502,14 +534,25 @@ def dpo_main(cfg: DPOConfig, dataset_dir, annotations_dir, critic_dir, probe_dir
     checklists = json.loads((Path(annotations_dir) / "checklists.json").read_text())
     cam = ClinicalAlignmentModule(critic, probe, checklists)
     weights = {k: v for k, v in cfg.reward_weights.items() if k != "sfs"}  # no paired real image for a sample
+    if cfg.judge == "mllm":
+        from craft.evaluate.preferences import checklist_pair_judge, mllm_audit_judge
+
+        backend = cfg.judge_backend.make()
+        judge_kw: dict[str, Any] = {"judge": checklist_pair_judge(mllm_audit_judge(backend, str(work / "judge")),
+                                                                  checklists)}  # fmt: skip
+    else:
+        judge_kw = {"score": critic_reward(cam, weights)}
     pairs = make_pairs(unet, vae, te, tok, pipe.scheduler, prompts, {"label": labels}, cfg.seed, cfg.sample_steps,
-                       cfg.scheduler, cfg.guidance, score=critic_reward(cam, weights))  # fmt: skip
+                       cfg.scheduler, cfg.guidance, **judge_kw)  # fmt: skip
+    if cfg.judge == "mllm":
+        backend.close()
     ref = copy.deepcopy(unet)
     model = DPOObjective(unet, ref, te, tok, pipe.scheduler, cfg.beta)
     data = {"z_w": pairs["z_w"], "z_l": pairs["z_l"], "prompt": pairs["prompt"]}
     res = train(model, data, cfg.loop, work / "dpo")
     metrics = _metrics(res, t0)
-    metrics["pair_margin_mean"] = float(pairs["margin"].nanmean())
+    if cfg.judge == "critic":  # an MLLM judge ranks; it gives no margin
+        metrics["pair_margin_mean"] = float(pairs["margin"].nanmean())
     info = _lineage("dpo", cfg, base, dataset_dir, metrics, kind="dpo", class_tokens=tokens,
                     start=str(start_dir) if start_dir else None, critic=str(critic_dir), judge=cfg.judge)  # fmt: skip
     save_adapters(out_dir, unet=unet, lora=lora, embeddings=embeds, info=info)
