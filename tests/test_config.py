@@ -64,6 +64,14 @@ def test_string_field_keeps_text(toy_stage):
     assert load_stage_config("toy", toy_stage, ["base=s3://b/m"]).base == "s3://b/m"
 
 
+def test_exponent_without_a_dot_is_a_number(toy_stage, tmp_path):
+    # YAML 1.1 reads 3e-3 as a string; a float field must still take it, from the CLI and from a file
+    assert load_stage_config("toy", toy_stage, ["optim.lr=3e-3"]).optim.lr == 0.003
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {toy_stage}\ntoy:\n  optim: {{lr: 2e-4}}\n")
+    assert load_stage_config("toy", child).optim.lr == 0.0002
+
+
 @pytest.mark.parametrize(
     "override, needle",
     [
