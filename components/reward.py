@@ -16,12 +16,13 @@ def reward_op(
     probe: Input[Model],
     model: Output[Model],
     metrics: Output[Metrics],
+    start: Input[Model] = None,
 ):
-    """CRAFT: LoRA reward finetuning with DRaFT-K against the frozen critic and probe."""
+    """CRAFT: LoRA reward finetuning with DRaFT-K against the frozen critic and probe (from ``start`` when given)."""
     from craft.train.reward import step
 
     args = (dataset.path, annotations.path, critic.path, probe.path, base.path, model.path, profile, overrides)
-    for key, value in step(*args).items():
+    for key, value in step(*args, start_dir=start.path if start is not None else None).items():
         metrics.log_metric(key, value)
 
 

@@ -277,6 +277,9 @@ def train_reward_cmd(
     probe: Annotated[Path, typer.Option(help="Linear probe directory trained on the critic (frozen).")],
     base: BaseOpt,
     out: AdapterOut,
+    start: Annotated[
+        Path | None, typer.Option(help="TI+LoRA adapter whose LoRA to continue (default: a fresh LoRA).")
+    ] = None,
     config: ConfigOpt = None,
     overrides: Overrides = None,
 ) -> None:
@@ -284,7 +287,7 @@ def train_reward_cmd(
     from craft.train import reward
 
     cfg = stage_config("reward", config, overrides)
-    _echo_json(reward.main(cfg, data, annotations, critic, probe, base, out))
+    _echo_json(reward.main(cfg, data, annotations, critic, probe, base, out, start_dir=start))
 
 
 @train_app.command("ti")

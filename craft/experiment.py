@@ -175,10 +175,14 @@ def train_seed(plan: Plan, seed: int, shared: dict[str, Path], timings: dict[str
     v["dpo"] = sd / "dpo"
     run_step(v["dpo"], lambda: baselines.step("dpo", data, base, v["dpo"], p, o, annotations_dir=ann,
              critic_dir=critic, probe_dir=cprobe, start_dir=v["ti_lora"]), timings, "dpo")  # fmt: skip
+    from craft.config import load_stage_config
+
+    # where the reward LoRA starts: the profile's pipeline.craft_start, as in the pipeline (craft.plan)
+    start = v["ti_lora"] if load_stage_config("pipeline", p, plan.overrides).craft_start == "ti_lora" else None
     for name, w in reward_variants(plan.table4).items():
         v[name] = sd / name
         run_step(v[name], lambda n=name, w=w: reward.step(data, ann, critic, cprobe, base, v[n], p,
-                 [*o, *_weights_overrides(w)]), timings, name)  # fmt: skip
+                 [*o, *_weights_overrides(w)], start_dir=start), timings, name)  # fmt: skip
     return v
 
 

@@ -29,6 +29,10 @@ class PipelinePlan:
     # baselines trained next to CRAFT (zero-shot, the foundation model itself, is always evaluated);
     # ti_lora needs ti and dpo needs ti_lora (each starts from the previous one, as in CRAFT sec. 4.1.2)
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    # where CRAFT's reward finetuning starts (CRAFT sec. 4.1.2 trains TI tokens, then a LoRA, before DRaFT):
+    # ti_lora = continue the TI+LoRA baseline's LoRA with its class tokens in the prompts; base = a fresh
+    # LoRA on the foundation model
+    craft_start: Literal["base", "ti_lora"] = "ti_lora"
     # last stage in the DAG: "validate" or "annotate" build a data-preparation pipeline only
     # (check and annotate a new collection without training); "all" is the whole system
     until: Literal["validate", "annotate", "all"] = "all"
@@ -41,6 +45,8 @@ class PipelinePlan:
             raise ValueError("baselines: ti_lora starts from the ti tokens; list ti too")
         if "dpo" in self.baselines and "ti_lora" not in self.baselines:
             raise ValueError("baselines: dpo starts from the ti_lora model; list ti_lora too")
+        if self.craft_start == "ti_lora" and "ti_lora" not in self.baselines:
+            raise ValueError("craft_start: ti_lora continues the ti_lora baseline; list ti and ti_lora in baselines")
         if self.encoders == "import" and not (self.critic_uri and self.evaluator_uri):
             raise ValueError("encoders: import needs critic_uri and evaluator_uri")
         if self.encoders == "import" and self.critic_uri == self.evaluator_uri:

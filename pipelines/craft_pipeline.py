@@ -105,11 +105,6 @@ def build_pipeline(plan: PipelinePlan | None = None, controlnet_conditions: tupl
         critic_probe = _step(probe_op(encoder=critic, dataset=dataset, **common), "critic-probe", "probe")
         eval_probe = _step(probe_op(encoder=evaluator, dataset=dataset, **common), "evaluator-probe", "probe")
 
-        craft = _step(
-            reward_op(base=base, dataset=dataset, annotations=annotations, critic=critic,
-                      probe=critic_probe.outputs["probe"], **common),
-            "craft",
-        )  # fmt: skip
         variants = {}
         if "ti" in plan.baselines:
             ti = _step(ti_op(base=base, dataset=dataset, **common), "ti", "baselines")
@@ -129,6 +124,12 @@ def build_pipeline(plan: PipelinePlan | None = None, controlnet_conditions: tupl
                 "baselines",
             )  # fmt: skip
             variants["dpo"] = dpo.outputs["model"]
+        start = {"start": variants["ti_lora"]} if plan.craft_start == "ti_lora" else {}
+        craft = _step(
+            reward_op(base=base, dataset=dataset, annotations=annotations, critic=critic,
+                      probe=critic_probe.outputs["probe"], **start, **common),
+            "craft",
+        )  # fmt: skip
 
         if stage1 is not None:
             variants["stage1"] = stage1  # CRAFTS stage 1 alone, evaluated beside stage 2 (the zero-shot base)

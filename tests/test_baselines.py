@@ -132,6 +132,39 @@ def test_ti_lora_save_load_into_base_pipeline(tmp_path):
     assert abs(base.astype(int) - ref.astype(int)).max() > 5
 
 
+def test_continue_adapters_resumes_the_saved_lora_and_tokens(tmp_path):
+    import pytest
+
+    from craft.train.reward import continue_adapters, lora_state_dict
+
+    comp = tiny()
+    save_pipeline(comp.pipeline(), tmp_path / "base", {"stage": "test"})
+    ids = add_class_tokens(comp.tokenizer, comp.text_encoder, {"<adenoma>": "adenoma"})
+    settings = LoraSettings(rank=2, alpha=4.0, cross_attention_only=True)
+    add_lora(comp.unet, settings)
+    with torch.no_grad():
+        for n, p in comp.unet.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.01)
+    emb = {"<adenoma>": comp.text_encoder.get_input_embeddings().weight[ids[0]].detach().clone()}
+    saved = lora_state_dict(comp.unet)
+    save_adapters(tmp_path / "tl", unet=comp.unet, lora=settings, embeddings=emb,
+                  info={"stage": "ti_lora", "class_tokens": {"adenoma": "<adenoma>"}})  # fmt: skip
+    pipe = load_pipeline(tmp_path / "base")
+    embeds, tokens, lora = continue_adapters(pipe, tmp_path / "tl")
+    assert (
+        tokens == {"adenoma": "<adenoma>"} and lora == settings and torch.equal(embeds["<adenoma>"], emb["<adenoma>"])
+    )
+    trainable = [n for n, p in pipe.unet.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable)
+    assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
+    got = lora_state_dict(pipe.unet)
+    assert set(got) == set(saved) and all(torch.allclose(got[k], saved[k]) for k in saved)
+    save_adapters(tmp_path / "ti", embeddings=emb, info={"stage": "ti", "class_tokens": {"adenoma": "<adenoma>"}})
+    with pytest.raises(ValueError, match="no LoRA to continue"):
+        continue_adapters(load_pipeline(tmp_path / "base"), tmp_path / "ti")
+
+
 def test_mllm_judge_prefers_the_image_passing_more_checklist_items(tmp_path):
     """An OpenAI-compatible MLLM (scripted server) audits each blinded candidate; more passed attributes wins."""
     import json

@@ -96,6 +96,26 @@ def test_k_sets_number_of_unet_calls_in_graph():
     assert _count_grad_unet_calls(model, c, latents=True) == (2, 3)
 
 
+def test_timestep_spacing_sets_which_step_keeps_the_graph():
+    seen = {}
+
+    def hook(mod, args, kwargs):
+        if torch.is_grad_enabled():
+            seen.setdefault("t", []).append(int(args[1]))
+
+    for spacing, last in (("leading", 1), ("trailing", 249)):  # 4 steps on the 1000-step schedule
+        seen.clear()
+        c = cfg(k=1, sample_steps=4, timestep_spacing=spacing)
+        _, model = objective(c)
+        assert int(model.sched.timesteps[-1]) == last
+        h = model.unet.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            model(batch(2), torch.Generator().manual_seed(0))
+        finally:
+            h.remove()
+        assert seen["t"] == [last], (spacing, seen)
+
+
 def test_n_repeats_are_batched_and_averaged():
     seen = {}
 

@@ -53,6 +53,8 @@ def test_task_graph_follows_the_design(compiled):
     assert "pretrain" in deps("finetune")
     assert {"finetune", "critic", "critic-probe", "annotate"} <= deps("craft")
     assert "ti" in deps("ti-lora") and "ti-lora" in deps("dpo")
+    assert "ti-lora" in deps("craft")  # craft_start: ti_lora (the default) continues the TI+LoRA adapter
+    assert "start" in tasks["craft"]["inputs"]["artifacts"]
     assert {"craft", "ti", "ti-lora", "dpo", "evaluator", "evaluator-probe", "pretrain"} <= deps("evaluate")
     # the critic's probe reaches evaluate only for the reported training reward (critic_reward), never a metric
     assert "critic-probe" in deps("evaluate")
@@ -85,16 +87,20 @@ def test_plan_drops_optional_tasks(tmp_path):
 
     out = tmp_path / "p.yaml"
     plan = PipelinePlan(foundation="import", encoders="import", critic_uri="s3://m/medsiglip",
-                        evaluator_uri="s3://m/siglip", baselines=["ti"])  # fmt: skip
+                        evaluator_uri="s3://m/siglip", baselines=["ti"], craft_start="base")  # fmt: skip
     compiler.Compiler().compile(build_pipeline(plan), str(out))
-    names = set(_tasks(_load(out)[0]))
+    tasks = _tasks(_load(out)[0])
+    names = set(tasks)
     assert {"import-foundation", "import-critic", "import-evaluator", "ti", "craft", "evaluate"} <= names
     assert not names & {"pretrain", "finetune", "critic", "ti-lora", "dpo", "controlnet-mask"}
+    assert "start" not in tasks["craft"]["inputs"]["artifacts"]  # a fresh LoRA on the foundation model
 
 
 def test_plan_refuses_inconsistent_choices():
     with pytest.raises(ValueError, match="dpo starts from the ti_lora"):
         build_pipeline(PipelinePlan(baselines=["ti", "dpo"]))
+    with pytest.raises(ValueError, match="craft_start: ti_lora continues"):
+        build_pipeline(PipelinePlan(baselines=["ti"]))
     with pytest.raises(ValueError, match="same model"):
         build_pipeline(PipelinePlan(encoders="import", critic_uri="s3://m/x", evaluator_uri="s3://m/x"))
 

@@ -49,6 +49,13 @@ def test_stage_mains_end_to_end(tmp_path):
                            tmp_path / "critic", tmp_path / "probe", tmp_path / "base", tmp_path / "dpo",
                            start_dir=tmp_path / "tilora")  # fmt: skip
     assert "implicit_acc" in d
+    # CRAFT continuing the TI+LoRA adapter (pipeline.craft_start=ti_lora): its tokens stay in prompts and output
+    reward.main(load_stage_config("reward", None, small + ["sample_steps=2", "timestep_spacing=trailing"]), data,
+                ann, tmp_path / "critic", tmp_path / "probe", tmp_path / "base", tmp_path / "craft-tl",
+                start_dir=tmp_path / "tilora")  # fmt: skip
+    tl_meta = json.loads((tmp_path / "craft-tl" / "adapter.json").read_text())
+    assert tl_meta["class_tokens"] == json.loads((tmp_path / "tilora" / "adapter.json").read_text())["class_tokens"]
+    assert tl_meta["lora"]["cross_attention_only"] and (tmp_path / "craft-tl" / reward.EMBEDS_FILE).is_file()
     # the same stage with an MLLM judge (an OpenAI-compatible server) choosing the preferred image of each pair
     import re
 
@@ -66,7 +73,7 @@ def test_stage_mains_end_to_end(tmp_path):
                                 tmp_path / "dpo-mllm", start_dir=tmp_path / "tilora")  # fmt: skip
         assert len(srv.seen) == 4 and "implicit_acc" in dm and "pair_margin_mean" not in dm
     assert json.loads((tmp_path / "dpo-mllm" / "adapter.json").read_text())["judge"] == "mllm"
-    for name in ("craft", "ti", "tilora", "dpo"):
+    for name in ("craft", "craft-tl", "ti", "tilora", "dpo"):
         pipe = reward.load_adapters(load_pipeline(tmp_path / "base"), tmp_path / name)
         assert pipe is not None
         assert json.loads((tmp_path / name / "adapter.json").read_text())["metrics"]["steps"] == 1.0

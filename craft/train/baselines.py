@@ -40,10 +40,10 @@ from craft.train.reward import (
     TrainableOnly,
     add_lora,
     add_tokens,
+    continue_adapters,
     decode,
     encode_unique,
     eps_loss,
-    load_adapters,
     make_scheduler,
     sample_latents,
     save_adapters,
@@ -491,8 +491,6 @@ def _load_ids(dataset_dir, split: str) -> list[str]:
 def dpo_main(cfg: DPOConfig, dataset_dir, annotations_dir, critic_dir, probe_dir, base, out_dir, start_dir=None,
              work_dir=None) -> dict[str, float]:  # fmt: skip
     """Diffusion-DPO from the TI+LoRA model (``start_dir``) or a fresh LoRA on ``base``; critic-judged pairs."""
-    from safetensors.torch import load_file
-
     from craft.models.diffusion import load_pipeline
     from craft.models.encoders import ClinicalAlignmentModule, load_encoder, load_probe
     from craft.train.reward import critic_reward, paired_table
@@ -506,15 +504,7 @@ def dpo_main(cfg: DPOConfig, dataset_dir, annotations_dir, critic_dir, probe_dir
     pipe = load_pipeline(base)
     embeds, tokens, lora = None, {}, cfg.lora
     if start_dir:
-        load_adapters(pipe, start_dir)  # TI tokens + the TI+LoRA LoRA: DPO continues that LoRA
-        info = json.loads((Path(start_dir) / "adapter.json").read_text())
-        tokens = info.get("class_tokens", {})
-        if (Path(start_dir) / EMBEDS_FILE).is_file():
-            embeds = load_file(str(Path(start_dir) / EMBEDS_FILE))
-        lora = LoraSettings(**info["lora"]) if info.get("lora") else cfg.lora
-        pipe.unet.requires_grad_(False)
-        for n, p in pipe.unet.named_parameters():
-            p.requires_grad_("lora" in n)
+        embeds, tokens, lora = continue_adapters(pipe, start_dir)  # TI tokens + the TI+LoRA LoRA: DPO continues it
     else:
         add_lora(pipe.unet, cfg.lora)
     unet, vae, te, tok = pipe.unet.to(dev), pipe.vae.to(dev), pipe.text_encoder.to(dev), pipe.tokenizer

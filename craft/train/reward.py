@@ -78,6 +78,11 @@ class RewardConfig:
     n_repeats: int = 2  # stochastic trajectories per prompt, rewards averaged (eq. 6; paper: 2)
     sample_steps: int = 20  # sampler steps T during training (app. I: the peak lies below 50; our copy lost it)
     scheduler: Literal["ddpm", "ddim"] = "ddpm"  # training sampler (app. I: a coarse DDPM SDE suffices)
+    # where the T training steps sit on the 1000-step schedule. "leading" (diffusers' default) ends at t=1,
+    # so the one step DRaFT-1 differentiates barely changes the image (measured on demo-histo, T=10: reward
+    # gradient 0.0004 vs 0.0016 for L_diff, so eq. 1 was mostly diffusion loss); "trailing" ends at
+    # t = 1000/T - 1 (Lin et al. 2024), the last step is one T-th of the trajectory (reward gradient 0.022)
+    timestep_spacing: Literal["leading", "trailing"] = "trailing"
     eta: float = 1.0  # DDIM stochasticity (only for scheduler=ddim; 1.0 = as random as DDPM)
     guidance: float = 4.0  # classifier-free guidance scale in the sampled trajectories (<= 1: off)
     reward_weights: dict[str, float] = field(
@@ -222,17 +227,44 @@ def load_adapters(pipe, adapter_dir: str | os.PathLike):
     return pipe
 
 
+def continue_adapters(pipe, start_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor] | None, dict[str, str],
+                                                               LoraSettings | None]:  # fmt: skip
+    """Load a saved adapter (TI tokens and/or LoRA) into ``pipe`` so that training continues its LoRA.
+
+    Everything in ``pipe`` but the loaded LoRA matrices is frozen (text encoder and TI rows included). Returns (the TI embeddings to save
+    again with the result, class -> token, the LoRA settings the adapter was trained with).
+    """
+    from safetensors.torch import load_file
+
+    d = Path(start_dir)
+    load_adapters(pipe, d)
+    info = json.loads((d / ADAPTER_JSON).read_text())
+    embeds = load_file(str(d / EMBEDS_FILE)) if (d / EMBEDS_FILE).is_file() else None
+    lora = LoraSettings(**info["lora"]) if info.get("lora") else None
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        part.requires_grad_(False)
+    for n, p in pipe.unet.named_parameters():
+        p.requires_grad_("lora" in n)
+    if lora is None or not any(p.requires_grad for p in pipe.unet.parameters()):
+        raise ValueError(f"{d}: the adapter has no LoRA to continue")
+    return embeds, dict(info.get("class_tokens") or {}), lora
+
+
 # ---------------------------------------------------------------- sampling pieces
 
 
-def make_scheduler(base_scheduler, kind: str, steps: int):
-    """A DDPM or DDIM sampler over the base model's noise schedule, never clipping latents (ENVIRONMENT.md)."""
+def make_scheduler(base_scheduler, kind: str, steps: int, spacing: str | None = None):
+    """A DDPM or DDIM sampler over the base model's noise schedule, never clipping latents (ENVIRONMENT.md).
+
+    ``spacing`` sets diffusers' ``timestep_spacing`` (None keeps the base model's, usually "leading").
+    """
     from diffusers import DDIMScheduler, DDPMScheduler
 
     cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}.get(kind)
     if cls is None:
         raise ValueError(f"scheduler must be ddpm or ddim, got {kind!r}")
-    s = cls.from_config(base_scheduler.config, clip_sample=False)
+    extra = {"timestep_spacing": spacing} if spacing else {}
+    s = cls.from_config(base_scheduler.config, clip_sample=False, **extra)
     s.set_timesteps(steps)
     return s
 
@@ -347,7 +379,7 @@ class DraftObjective(TrainableOnly):
         vae.requires_grad_(False)
         text_encoder.requires_grad_(False)
         unet.set_attn_processor(AttnProcessor2_0())
-        self.sched = make_scheduler(scheduler, cfg.scheduler, cfg.sample_steps)
+        self.sched = make_scheduler(scheduler, cfg.scheduler, cfg.sample_steps, cfg.timestep_spacing)
         self.train_sched = scheduler  # the training noise schedule for L_diff
         self.checkpointing = False
         self._uncond: torch.Tensor | None = None
@@ -465,9 +497,13 @@ def _device(name: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
-def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir, base, out_dir,
+def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir, base, out_dir, start_dir=None,
          work_dir=None) -> dict[str, float]:  # fmt: skip
-    """Train the CRAFT LoRA on ``base`` against the critic and write the adapter to ``out_dir``; returns metrics."""
+    """Train the CRAFT LoRA on ``base`` against the critic and write the adapter to ``out_dir``; returns metrics.
+
+    ``start_dir``: an adapter (the TI+LoRA baseline) whose LoRA the reward finetuning continues instead
+    of a fresh one; its class tokens stay in the prompts ("<token>, <enriched prompt>") and in the output.
+    """
     from craft.models.diffusion import load_pipeline, read_lineage
     from craft.models.encoders import ClinicalAlignmentModule, load_encoder, load_probe
     from craft.train.crafts import encode_latents, load_images
@@ -481,6 +517,11 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
     work = Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".work")
     meta, df, dropped = paired_table(dataset_dir, annotations_dir, cfg.split, cfg.missing_prompt)
     pipe = load_pipeline(base)
+    embeds, tokens, lora = None, {}, cfg.lora
+    if start_dir:
+        embeds, tokens, lora = continue_adapters(pipe, start_dir)
+    else:
+        add_lora(pipe.unet, cfg.lora)
     unet, vae, te = pipe.unet.to(dev), pipe.vae.to(dev), pipe.text_encoder.to(dev)
     res = int(vae.config.sample_size if isinstance(vae.config.sample_size, int) else vae.config.sample_size[0])
     pixels = load_images(dataset_dir, df, res)  # [-1, 1]
@@ -492,11 +533,11 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
     weights = dict(cfg.reward_weights)
     if not cfg.use_sfs:
         weights.pop("sfs", None)
-    data: dict[str, Any] = {"latents": latents, "prompt": df["enriched_prompt"].astype(str).tolist(),
-                            "label": df["label"].astype(str).tolist()}  # fmt: skip
+    labels = df["label"].astype(str).tolist()
+    prompts = [f"{tokens[lab]}, {p}" if lab in tokens else p for lab, p in zip(labels, df["enriched_prompt"])]
+    data: dict[str, Any] = {"latents": latents, "prompt": prompts, "label": labels}
     if cfg.use_sfs:
         data["reference"] = (pixels + 1) / 2  # the paired real image x_i in [0, 1] (eq. 5)
-    add_lora(unet, cfg.lora)
     model = DraftObjective(unet, vae, te, pipe.tokenizer, pipe.scheduler, critic_reward(cam, weights), cfg)
     result = train(model, data, cfg.loop, work / "draft")
     metrics = {k: v for k, v in result.logs.items() if k != "lr"}
@@ -504,16 +545,16 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
     lineage = {"stage": "reward", "kind": "lora", "base": str(base), "base_lineage": read_lineage(base),
                "config": to_dict(cfg), "critic": str(critic_dir), "critic_identity": critic.identity,
                "probe": str(probe_dir), "dataset": str(dataset_dir), "annotations": str(annotations_dir),
-               "metrics": metrics}  # fmt: skip
+               "start": str(start_dir) if start_dir else None, "class_tokens": tokens, "metrics": metrics}  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
-        save_adapters(out_dir, unet=unet, lora=cfg.lora, info=lineage)
+        save_adapters(out_dir, unet=unet, lora=lora, embeddings=embeds, info=lineage)
     return metrics
 
 
 def step(dataset_dir, annotations_dir, critic_dir, probe_dir, base, model_dir, profile: str,
-         overrides: list[str]) -> dict[str, float]:  # fmt: skip
+         overrides: list[str], start_dir=None) -> dict[str, float]:  # fmt: skip
     """Pipeline step: config from profile + overrides, then ``main`` (the KFP component calls this)."""
     from craft.config import load_stage_config
 
     cfg = load_stage_config("reward", profile, overrides)
-    return main(cfg, dataset_dir, annotations_dir, critic_dir, probe_dir, base, model_dir)
+    return main(cfg, dataset_dir, annotations_dir, critic_dir, probe_dir, base, model_dir, start_dir)
