@@ -6,7 +6,7 @@ from the class-phrase prompt (same seeds); the ground-truth demo oracle (craft.e
 trained on separately seeded demo images) reads them. Printed: oracle accuracy, macro per-class
 accuracy, and the silhouette of the samples' oracle logits grouped by target class.
 
-    .venv/bin/python bench/bench_crafts_losses.py --modality histo [--pre-steps 240 --ft-steps 480]
+    .venv/bin/python bench/bench_crafts_losses.py --modality histo [--pre-steps 240 --ft-steps 1500]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=400, help="demo images")
     ap.add_argument("--ae-steps", type=int, default=300)
     ap.add_argument("--pre-steps", type=int, default=240)
-    ap.add_argument("--ft-steps", type=int, default=480)
+    ap.add_argument("--ft-steps", type=int, default=1500)
     ap.add_argument("--weight", type=float, default=0.1, help="corr_weight = cate_weight when on")
     ap.add_argument("--also", default="", help="more 'on' weights to compare, comma separated (e.g. 0.03,0.3)")
     ap.add_argument("--skip-off", action="store_true", help="only the 'on' runs (e.g. a second process)")
