@@ -14,7 +14,9 @@ One step of ``DraftObjective`` (what the shared loop in ``craft.train.loop`` cal
    (eq. 1): loss = diffusion_weight * L_diff - reward_scale * mean R.
 
 Only LoRA matrices on the UNet attention (to_q, to_k, to_v, to_out.0) are trainable; VAE, text
-encoder, UNet base weights, critic and probe are frozen. The result is a diffusers LoRA file
+encoder, UNet base weights, critic and probe are frozen. The LoRA is fresh on the base model, or
+(``start_dir``, the pipeline's default ``craft_start: ti_lora``) the TI+LoRA baseline's, continued
+with its class tokens in front of the enriched prompts. The result is a diffusers LoRA file
 (``pytorch_lora_weights.safetensors``) plus ``adapter.json`` and ``lineage.json``; ``load_adapters``
 puts it (and textual-inversion embeddings written by ``craft.train.baselines``) into a base pipeline.
 """
@@ -231,8 +233,8 @@ def continue_adapters(pipe, start_dir: str | os.PathLike) -> tuple[dict[str, tor
                                                                LoraSettings | None]:  # fmt: skip
     """Load a saved adapter (TI tokens and/or LoRA) into ``pipe`` so that training continues its LoRA.
 
-    Everything in ``pipe`` but the loaded LoRA matrices is frozen (text encoder and TI rows included). Returns (the TI embeddings to save
-    again with the result, class -> token, the LoRA settings the adapter was trained with).
+    Everything in ``pipe`` but the loaded LoRA matrices is frozen (text encoder and TI rows included).
+    Returns (the TI embeddings to save again with the result, class -> token, the adapter's LoRA settings).
     """
     from safetensors.torch import load_file
 
