@@ -68,7 +68,9 @@ def typicality_weights(s: torch.Tensor, mu: float, sigma: float) -> torch.Tensor
     return torch.sigmoid((a - mu) / sigma)
 
 
-def category_guidance_loss(z: torch.Tensor, t: torch.Tensor, c: torch.Tensor, mu: float, sigma: float) -> torch.Tensor:
+def category_guidance_loss(
+    z: torch.Tensor, t: torch.Tensor, c: torch.Tensor, mu: float, sigma: float, s: torch.Tensor | None = None
+) -> torch.Tensor:
     """L_cate of CRAFTS (eqs. 11-13): (1/B^2) sum_ij W_ij (M^Z_ij - M^C_ij)^2.
 
     z: [B, Dz] image latents or features; t: [B, Dt] caption text features; c: [B, Dt] features
@@ -76,6 +78,8 @@ def category_guidance_loss(z: torch.Tensor, t: torch.Tensor, c: torch.Tensor, mu
     supports its class; W_ij = sigmoid((s_i + s_j - mu) / sigma) (eq. 12) with mu, sigma the mean
     and standard deviation of s_i + s_j over the whole fine-tuning set (``typicality_stats``);
     M^C is the cosine matrix of c. Typical pairs are pulled harder toward the category structure.
+    ``s`` [B]: the samples' s_k computed once with the same text encoder as mu and sigma (what a
+    trainer passes when the text encoder trains: see ``craft.train.crafts``); None = from t and c.
 
     >>> z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     >>> c = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # same class: M^C is all ones
@@ -84,8 +88,11 @@ def category_guidance_loss(z: torch.Tensor, t: torch.Tensor, c: torch.Tensor, mu
     """
     _check_pair(z, t, "category_guidance_loss(z, t)")
     _check_pair(t, c, "category_guidance_loss(t, c)")
-    s = F.cosine_similarity(c.float(), t.float(), dim=1)  # eq. 11
-    w = typicality_weights(s, mu, sigma)  # eq. 12
+    if s is None:
+        s = F.cosine_similarity(c.float(), t.float(), dim=1)  # eq. 11
+    elif s.shape != (z.shape[0],):
+        raise ValueError(f"category_guidance_loss: s must have shape [{z.shape[0]}], got {tuple(s.shape)}")
+    w = typicality_weights(s.float(), mu, sigma)  # eq. 12
     mz = cosine_matrix(z)
     mc = cosine_matrix(c)
     return (w * (mz - mc) ** 2).mean()  # eq. 13

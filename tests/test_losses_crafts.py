@@ -43,6 +43,19 @@ def test_category_guidance_hand_case():
     assert L.category_guidance_loss(z, t, c2, mu, sigma).item() == pytest.approx(expect, rel=1e-6)
 
 
+def test_category_guidance_takes_fixed_typicality_scores():
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    c = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # same class: M^C all ones, off-diagonal (0 - 1)^2 = 1
+    t = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # cos(c, t) = 0: from t, W = sigmoid((0 - 2) / 1)
+    from_t = 2 * torch.sigmoid(torch.tensor(-2.0)).item() / 4
+    assert L.category_guidance_loss(z, t, c, mu=2.0, sigma=1.0).item() == pytest.approx(from_t, rel=1e-6)
+    # s given (scores of the frozen pre-training encoder): W = sigmoid((1 + 1 - 2) / 1) = 0.5, t is not read
+    fixed = L.category_guidance_loss(z, t, c, mu=2.0, sigma=1.0, s=torch.tensor([1.0, 1.0]))
+    assert fixed.item() == pytest.approx(0.25, rel=1e-6)
+    with pytest.raises(ValueError, match=r"s must have shape \[2\]"):
+        L.category_guidance_loss(z, t, c, 2.0, 1.0, s=torch.ones(3))
+
+
 def test_category_weights_grow_with_typicality():
     w = L.typicality_weights(torch.tensor([0.9, 0.1]), mu=1.0, sigma=0.2)
     assert w[0, 0] > w[0, 1] > w[1, 1]

@@ -54,6 +54,38 @@ def test_crafts_losses_only_see_low_noise_samples():
     assert torch.isfinite(out["loss"]) and out["loss"] > out["l_diff"]
 
 
+def test_l_cate_uses_the_typicality_fixed_before_training():
+    cfg = _cfg()
+    _, model = _objective(cfg)  # mu = 0.8, sigma = 0.2
+    model.abar = torch.full_like(model.abar, 0.9)
+    batch = _data()
+    low = model({**batch, "typicality": torch.full((8,), -5.0)}, torch.Generator().manual_seed(0))["l_cate"]
+    high = model({**batch, "typicality": torch.full((8,), 5.0)}, torch.Generator().manual_seed(0))["l_cate"]
+    assert low < 1e-10 < high  # W_ij = sigmoid((s_i + s_j - mu) / sigma): ~0 at s = -5, ~1 at s = 5
+
+
+def test_stage_two_fixes_typicality_scores_once(tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "data", n=8)
+    loop = LoopConfig(steps=1, batch_size=4, progress=False, threads=2)
+    pre = crafts.PretrainConfig(model=tiny_model_config(), loop=loop, sample_per_class=0, corr_weight=0.0)
+    pre.autoencoder.steps = 0
+    crafts.pretrain(pre, data, tmp_path / "pre")
+    seen = {}
+    real_train = crafts.train
+
+    def spy(model, data_, cfg_, out, validate=None):
+        seen.update(data_)
+        return real_train(model, data_, cfg_, out, validate=validate)
+
+    monkeypatch.setattr(crafts, "train", spy)
+    m = crafts.finetune(crafts.FinetuneConfig(loop=loop, sample_per_class=0), data, tmp_path / "ft",
+                        base=str(tmp_path / "pre"))  # fmt: skip
+    s = seen["typicality"]
+    assert s.shape == (len(seen["caption"]),) and torch.all(s.abs() <= 1.0 + 1e-6)
+    mu, sigma = crafts.typicality_stats(s)
+    assert m["typicality_mu"] == pytest.approx(mu) and m["typicality_sigma"] == pytest.approx(sigma)
+
+
 def test_trainable_params_change_and_frozen_ones_do_not(tmp_path):
     cfg = _cfg(steps=3, checkpoint_every=0, ema_decay=0.0)
     comp, model = _objective(cfg)
