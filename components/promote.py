@@ -1,7 +1,5 @@
 """KFP components for the last steps: the promotion gate and registration (craft/promote.py)."""
 
-from typing import NamedTuple
-
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
 from components.images import cpu_component
@@ -11,16 +9,16 @@ from components.images import cpu_component
 def gate_op(
     results: Input[Dataset], profile: str, overrides: list, model_name: str, decision: Output[HTML],
     metrics: Output[Metrics],
-) -> NamedTuple("GateOutput", [("passed", bool)]):  # fmt: skip
-    """Compare the candidate's evaluation with the production model's under the profile's gates."""
-    from collections import namedtuple
-
+) -> bool:  # fmt: skip
+    """Compare the candidate's evaluation with the production model's under the profile's gates; True = passed."""
     from craft.promote import gate_step
 
     passed, ui = gate_step(results.path, decision.path, profile, overrides, model_name)
     for key, value in ui.items():
         metrics.log_metric(key, value)
-    return namedtuple("GateOutput", ["passed"])(passed)
+    # a plain return value, not a NamedTuple: kfp.local (2.17) cannot resolve a NamedTuple field in a
+    # dsl.If condition ("Could not resolve parent input") and silently skipped the register branch
+    return passed
 
 
 @cpu_component()

@@ -154,7 +154,7 @@ def build_pipeline(plan: PipelinePlan | None = None, controlnet_conditions: tupl
             "evaluate",
         )  # fmt: skip
         gate = _step(gate_op(results=evaluate.outputs["results"], model_name=model_name, **common), "gate")
-        with dsl.If(gate.outputs["passed"] == True, name="gates-passed"):  # noqa: E712  (KFP condition)
+        with dsl.If(gate.outputs["Output"] == True, name="gates-passed"):  # noqa: E712  (KFP condition)
             _step(
                 register_op(base=base, adapter=craft.outputs["model"], results=evaluate.outputs["results"],
                             model_name=model_name, **common),

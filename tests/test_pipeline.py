@@ -60,7 +60,7 @@ def test_task_graph_follows_the_design(compiled):
     assert "critic-probe" in deps("evaluate")
     assert deps("gate") == {"evaluate"}
     cond = tasks["gates-passed"]
-    assert "gate-op" in json.dumps(cond["triggerPolicy"]) and "passed" in json.dumps(cond["triggerPolicy"])
+    assert "gate-op-Output" in json.dumps(cond["triggerPolicy"]) and "true" in json.dumps(cond["triggerPolicy"])
 
 
 def test_pod_settings(compiled):
