@@ -47,6 +47,7 @@ from craft.train.reward import (
     make_scheduler,
     sample_latents,
     save_adapters,
+    token_prompts,
 )
 
 
@@ -513,7 +514,7 @@ def dpo_main(cfg: DPOConfig, dataset_dir, annotations_dir, critic_dir, probe_dir
     rows = df.sample(n=cfg.n_pairs, replace=len(df) < cfg.n_pairs, random_state=cfg.seed).reset_index(drop=True)
     labels = rows["label"].astype(str).tolist()
     if cfg.prompts == "enriched":
-        prompts = [f"{tokens[lab]}, {p}" if lab in tokens else p for lab, p in zip(labels, rows["enriched_prompt"])]
+        prompts = token_prompts(rows["enriched_prompt"], labels, tokens)
     else:
         from craft.data.manifest import read_meta
 

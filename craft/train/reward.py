@@ -230,7 +230,7 @@ def load_adapters(pipe, adapter_dir: str | os.PathLike):
 
 
 def continue_adapters(pipe, start_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor] | None, dict[str, str],
-                                                               LoraSettings | None]:  # fmt: skip
+                                                               LoraSettings]:  # fmt: skip
     """Load a saved adapter (TI tokens and/or LoRA) into ``pipe`` so that training continues its LoRA.
 
     Everything in ``pipe`` but the loaded LoRA matrices is frozen (text encoder and TI rows included).
@@ -250,6 +250,11 @@ def continue_adapters(pipe, start_dir: str | os.PathLike) -> tuple[dict[str, tor
     if lora is None or not any(p.requires_grad for p in pipe.unet.parameters()):
         raise ValueError(f"{d}: the adapter has no LoRA to continue")
     return embeds, dict(info.get("class_tokens") or {}), lora
+
+
+def token_prompts(prompts, labels: list[str], tokens: dict[str, str]) -> list[str]:
+    """ "<class token>, <prompt>" for labels with a textual-inversion token, the prompt alone otherwise."""
+    return [f"{tokens[lab]}, {p}" if lab in tokens else str(p) for lab, p in zip(labels, prompts)]
 
 
 # ---------------------------------------------------------------- sampling pieces
@@ -536,7 +541,7 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
     if not cfg.use_sfs:
         weights.pop("sfs", None)
     labels = df["label"].astype(str).tolist()
-    prompts = [f"{tokens[lab]}, {p}" if lab in tokens else p for lab, p in zip(labels, df["enriched_prompt"])]
+    prompts = token_prompts(df["enriched_prompt"], labels, tokens)
     data: dict[str, Any] = {"latents": latents, "prompt": prompts, "label": labels}
     if cfg.use_sfs:
         data["reference"] = (pixels + 1) / 2  # the paired real image x_i in [0, 1] (eq. 5)
