@@ -315,6 +315,49 @@ def _verdict(d: dict[str, Any] | None, paper: str, higher_is_claim: bool = True)
     return f"{paper} — here: {word}"
 
 
+def _extreme_per_seed(agg: dict[str, Any], variants: list[str], key: str, lowest: bool) -> list[str | None]:
+    """Per seed, the variant with the highest (or lowest) ``key`` among ``variants`` (None where one is missing)."""
+    t, out = agg["table"], []
+    n = max((len(t[v][key]["per_seed"]) for v in variants if v in t and key in t[v]), default=0)
+    for i in range(n):
+        vals = {v: t[v][key]["per_seed"][i] for v in variants if v in t and key in t[v]}
+        if len(vals) < len(variants) or any(x is None for x in vals.values()):
+            out.append(None)
+            continue
+        out.append((min if lowest else max)(vals, key=vals.get))
+    return out
+
+
+def table4_reading(agg: dict[str, Any]) -> list[str]:
+    """CRAFT sec. 4.3 / Table 4 read column by column: each reward moves its own primitive.
+
+    Incremental: among the single-reward variants, the one with reward k should score highest on k.
+    Leave-one-out: among the all-but-one variants, the one without k should score lowest on k. Counted
+    per seed (the paper reports one run) and against TI+LoRA, where the single-reward LoRAs start.
+    """
+    only = [f"craft_only_{k}" for k in REWARDS]
+    without = [f"craft_without_{k}" for k in REWARDS]
+    lines = []
+    for k in REWARDS:
+        K = k.upper()
+        for group, mine, lowest, what in ((only, f"craft_only_{k}", False, f"adding {K} alone gives the highest {K}"),
+                                          (without, f"craft_without_{k}", True,
+                                           f"leaving {K} out gives the lowest {K}")):  # fmt: skip
+            picks = _extreme_per_seed(agg, group, k, lowest)
+            known = [p for p in picks if p is not None]
+            if not known:
+                lines.append(f"- CRAFT Table 4: {what} — not measured here")
+                continue
+            hits = sum(p == mine for p in known)
+            word = "AGREES (every seed)" if hits == len(known) else ("DISAGREES (no seed)" if hits == 0
+                                                                      else f"MIXED ({hits} of {len(known)} seeds)")  # fmt: skip
+            named = ", ".join(LABELS.get(p, p) if p else "n/a" for p in picks)
+            lines.append(f"- CRAFT Table 4: {what} — here: {word}; per seed: {named}")
+        d = paired_difference(agg, f"craft_only_{k}", "ti_lora", k)
+        lines.append("  - " + _diff_line(d, f"CRAFT {K} only - TI+LoRA, {K}"))
+    return lines
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     """The profile's RESULTS.md section."""
     agg, info = result["aggregate"], result["info"]
@@ -355,7 +398,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
     ]
     if any(f"craft_only_{k}" in agg["table"] for k in REWARDS):
-        s += ["### CRAFT Table 4 shape: single rewards and leave-one-out", "", _table(agg, t4, t1), ""]
+        s += ["### CRAFT Table 4 shape: single rewards and leave-one-out", "", _table(agg, t4, t1), "",
+              *table4_reading(agg), ""]  # fmt: skip
     s += [
         "### CRAFT Table 14 shape: the low-alignment tail",
         "",

@@ -108,3 +108,27 @@ def test_toy_paper_table_end_to_end_and_resume(tmp_path, monkeypatch):
     again = ex.paper_table("demo-histo", 1, tmp_path / "run", md, TOY, table4=False)  # resumes: nothing retrained
     assert marker.stat().st_mtime_ns == before
     assert again["aggregate"]["table"]["craft"]["cas"] == table["craft"]["cas"]
+
+
+def test_table4_reading_column_by_column():
+    """Each reward's own column: the single-reward variant of k scores highest on k, leave-one-out of k lowest."""
+
+    def seed(flip: bool) -> dict:
+        variants = {"ti_lora": {k: 0.1 for k in ex.REWARDS}}
+        for k in ex.REWARDS:
+            variants[f"craft_only_{k}"] = {j: (0.5 if j == k else 0.2) for j in ex.REWARDS}
+            variants[f"craft_without_{k}"] = {j: (0.1 if j == k else 0.4) for j in ex.REWARDS}
+        if flip:  # in this seed the CCS-only LoRA scores highest on VDC
+            variants["craft_only_ccs"]["vdc"] = 0.9
+        return {"variants": variants, "oracle": {}}
+
+    agg = ex.aggregate({0: seed(False), 1: seed(True)})
+    lines = ex.table4_reading(agg)
+    vdc_only, vdc_loo, vdc_diff = lines[0], lines[1], lines[2]
+    assert "highest VDC" in vdc_only and "MIXED (1 of 2 seeds)" in vdc_only and "CRAFT, CCS only" in vdc_only
+    assert "lowest VDC" in vdc_loo and "AGREES (every seed)" in vdc_loo
+    assert "+0.400" in vdc_diff and "higher in 2 of 2" in vdc_diff
+    assert "highest DD — here: AGREES" in lines[6]
+    assert ex.table4_reading(ex.aggregate({0: {"variants": {"craft": {"vdc": 0.1}}, "oracle": {}}}))[0].endswith(
+        "not measured here"
+    )
