@@ -20,6 +20,15 @@ def test_table4_variants_carry_full_weight_mappings():
     assert len(ex._weights_overrides(v["craft_only_vdc"])) == 4
 
 
+def test_table4_seeds_limits_the_table4_variants_to_the_first_seeds(tmp_path):
+    plan = ex.Plan("demo-histo", tmp_path, [0, 1, 2], [], table4=True, table4_seeds=1)
+    assert [plan.table4_for(s) for s in plan.seeds] == [True, False, False]
+    assert all(ex.Plan("demo-histo", tmp_path, [0, 1], []).table4_for(s) for s in (0, 1))
+    assert not ex.Plan("demo-histo", tmp_path, [0, 1], [], table4=False, table4_seeds=2).table4_for(0)
+    with pytest.raises(ValueError, match="table4_seeds"):
+        ex.paper_table("demo-histo", 1, tmp_path, tmp_path / "R.md", table4_seeds=0)
+
+
 def _metrics(cas: dict[str, float], critic: dict[str, float], oracle: dict[str, float], rho: float) -> dict:
     return {
         "variants": {
@@ -132,3 +141,15 @@ def test_table4_reading_column_by_column():
     assert ex.table4_reading(ex.aggregate({0: {"variants": {"craft": {"vdc": 0.1}}, "oracle": {}}}))[0].endswith(
         "not measured here"
     )
+    # a third seed without the Table 4 variants (--table4-seeds 2): the section says which rows have fewer seeds
+    third = {"variants": {v: d for v, d in seed(False)["variants"].items() if v == "ti_lora"}, "oracle": {}}
+    agg3 = ex.aggregate({0: seed(False), 1: seed(True), 2: third})
+    assert agg3["table"]["craft_only_vdc"]["vdc"]["n"] == 2 and agg3["table"]["ti_lora"]["vdc"]["n"] == 3
+    # only seeds that have every variant are read; the others show as n/a
+    assert [x.split("; per seed")[0] for x in ex.table4_reading(agg3)] == [x.split("; per seed")[0] for x in lines]
+    assert ex.table4_reading(agg3)[0].endswith("CRAFT, CCS only, n/a")
+    info = {"machine": "m", "finished": "f", "wall_seconds": 60.0, "command": "c", "n_prompts": 4,
+            "samples_per_prompt": 1}  # fmt: skip
+    md = ex.render_markdown({"profile": "demo-histo", "seeds": [0, 1, 2], "aggregate": agg3, "info": info,
+                             "timings": {}})  # fmt: skip
+    assert "Table 4 shape" in md and "trained for 2 of the 3 seeds (`--table4-seeds 2`)" in md and "highest VDC" in md
