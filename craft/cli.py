@@ -222,8 +222,11 @@ def paper_table_cmd(
     crafts_ablation: Annotated[bool, typer.Option(help="Train stage 2 without L_corr + L_cate too.")] = True,
     threads: Annotated[int, typer.Option(help="Torch CPU threads of every stage (0 = the profile's).")] = 0,
     table4_seeds: Annotated[
-        int | None, typer.Option(help="Train the Table 4 variants for the first K seeds only (default: all).")
+        int | None, typer.Option(help="Train the Table 4 variants for seeds 0..K-1 only (default: all).")
     ] = None,
+    first_seed: Annotated[
+        int, typer.Option(help="Run seeds S..S+N-1 (split seeds over processes on one --root; aggregate after).")
+    ] = 0,
     overrides: Overrides = None,
 ) -> None:
     """Train and evaluate every variant of CRAFT Tables 1, 2, 4, 14 and the CRAFTS ablation; write RESULTS.md."""
@@ -233,7 +236,8 @@ def paper_table_cmd(
 
     res = paper_table(profile, seeds, root or Path("runs/paper-table") / Path(profile).stem, results,
                       overrides or [], table4=table4, crafts_ablation=crafts_ablation,
-                      command="craft " + " ".join(sys.argv[1:]), threads=threads, table4_seeds=table4_seeds)  # fmt: skip
+                      command="craft " + " ".join(sys.argv[1:]), threads=threads, table4_seeds=table4_seeds,
+                      first_seed=first_seed)  # fmt: skip
     typer.echo(f"wrote {results} (section {profile}) and {res['info']['wall_seconds'] / 60:.1f} min of work")
 
 

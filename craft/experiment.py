@@ -66,10 +66,10 @@ class Plan:
     overrides: list[str]
     table4: bool = True  # 8 more reward runs per seed (single-reward and leave-one-out)
     crafts_ablation: bool = True  # stage 2 again without its losses, per seed
-    table4_seeds: int | None = None  # train the Table 4 variants for the first K seeds only (None: every seed)
+    table4_seeds: int | None = None  # train the Table 4 variants for seeds 0..K-1 only (None: every seed)
 
     def table4_for(self, seed: int) -> bool:
-        return self.table4 and (self.table4_seeds is None or self.seeds.index(seed) < self.table4_seeds)
+        return self.table4 and (self.table4_seeds is None or seed < self.table4_seeds)
 
     @property
     def shared(self) -> Path:
@@ -487,12 +487,15 @@ def machine() -> str:
 
 def paper_table(profile: str, seeds: int, root: str | Path, results_md: str | Path, overrides: list[str] | None = None,
                 table4: bool = True, crafts_ablation: bool = True, command: str = "",
-                threads: int = 0, table4_seeds: int | None = None) -> dict[str, Any]:  # fmt: skip
+                threads: int = 0, table4_seeds: int | None = None, first_seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """Train + evaluate every variant for ``seeds`` seeds, write ``root/results.json`` and the RESULTS.md section.
 
     ``threads`` > 0 sets every stage's torch CPU threads (before ``overrides``), e.g. 1 to run two
     profiles side by side on a 2-core machine. ``table4_seeds`` = K trains the eight Table 4 variants
-    for the first K seeds only (they are most of a seed's cost); their rows then average K seeds.
+    for seeds 0..K-1 only (they are most of a seed's cost); their rows then average K seeds.
+    ``first_seed`` = S runs seeds S..S+seeds-1: processes with disjoint seeds can share one ``root``
+    (the shared steps are trained once, by whichever starts first, or beforehand), and a final run
+    with ``first_seed`` 0 and every seed finds them all finished and writes the combined tables.
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
@@ -503,7 +506,10 @@ def paper_table(profile: str, seeds: int, root: str | Path, results_md: str | Pa
                 *(f"{st}.threads={threads}" for st in ("encoder", "probe", "evaluate")), *over]  # fmt: skip
     if table4_seeds is not None and table4_seeds < 1:
         raise ValueError(f"table4_seeds must be >= 1 (or --no-table4), got {table4_seeds}")
-    plan = Plan(profile, Path(root), list(range(seeds)), over, table4, crafts_ablation, table4_seeds)
+    if first_seed < 0:
+        raise ValueError(f"first_seed must be >= 0, got {first_seed}")
+    plan = Plan(profile, Path(root), list(range(first_seed, first_seed + seeds)), over, table4, crafts_ablation,
+                table4_seeds)  # fmt: skip
     timings: dict[str, float] = {}
     shared = train_shared(plan, timings)
     per_seed: dict[int, dict[str, Any]] = {}

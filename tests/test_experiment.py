@@ -27,6 +27,9 @@ def test_table4_seeds_limits_the_table4_variants_to_the_first_seeds(tmp_path):
     assert not ex.Plan("demo-histo", tmp_path, [0, 1], [], table4=False, table4_seeds=2).table4_for(0)
     with pytest.raises(ValueError, match="table4_seeds"):
         ex.paper_table("demo-histo", 1, tmp_path, tmp_path / "R.md", table4_seeds=0)
+    assert not ex.Plan("demo-histo", tmp_path, [2], [], table4_seeds=1).table4_for(2)  # seed 2 of a split run
+    with pytest.raises(ValueError, match="first_seed"):
+        ex.paper_table("demo-histo", 1, tmp_path, tmp_path / "R.md", first_seed=-1)
 
 
 def _metrics(cas: dict[str, float], critic: dict[str, float], oracle: dict[str, float], rho: float) -> dict:
