@@ -332,7 +332,19 @@ def _extreme_per_seed(agg: dict[str, Any], variants: list[str], key: str, lowest
     return out
 
 
-def table4_reading(agg: dict[str, Any]) -> list[str]:
+def restrict(agg: dict[str, Any], keep: list[int]) -> dict[str, Any]:
+    """``agg`` recomputed over the seed positions ``keep`` only (so rows trained on fewer seeds compare like for like)."""
+    table = {}
+    for v, cells in agg["table"].items():
+        table[v] = {}
+        for k, c in cells.items():
+            vals = [c["per_seed"][i] for i in keep if i < len(c["per_seed"])]
+            m, sd, n = mean_sd(vals)
+            table[v][k] = {"mean": m, "sd": sd, "n": n, "per_seed": vals}
+    return {**agg, "table": table}
+
+
+def table4_reading(agg: dict[str, Any], seeds: list[int] | None = None) -> list[str]:
     """CRAFT sec. 4.3 / Table 4 read column by column: each reward moves its own primitive.
 
     Incremental: among the single-reward variants, the one with reward k should score highest on k.
@@ -348,6 +360,7 @@ def table4_reading(agg: dict[str, Any]) -> list[str]:
                                           (without, f"craft_without_{k}", True,
                                            f"leaving {K} out gives the lowest {K}")):  # fmt: skip
             picks = _extreme_per_seed(agg, group, k, lowest)
+            ids = seeds if seeds is not None else list(range(len(picks)))
             known = [p for p in picks if p is not None]
             if not known:
                 lines.append(f"- CRAFT Table 4: {what} — not measured here")
@@ -355,7 +368,7 @@ def table4_reading(agg: dict[str, Any]) -> list[str]:
             hits = sum(p == mine for p in known)
             word = "AGREES (every seed)" if hits == len(known) else ("DISAGREES (no seed)" if hits == 0
                                                                       else f"MIXED ({hits} of {len(known)} seeds)")  # fmt: skip
-            named = ", ".join(LABELS.get(p, p) if p else "n/a" for p in picks)
+            named = "; ".join(f"seed {i}: {LABELS.get(p, p)}" for i, p in zip(ids, picks) if p is not None)
             lines.append(f"- CRAFT Table 4: {what} — here: {word}; per seed: {named}")
         d = paired_difference(agg, f"craft_only_{k}", "ti_lora", k)
         lines.append("  - " + _diff_line(d, f"CRAFT {K} only - TI+LoRA, {K}"))
@@ -402,13 +415,20 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
     ]
     if any(f"craft_only_{k}" in agg["table"] for k in REWARDS):
-        n4 = max(c.get("n", 0) for v in t4[1:] if v.startswith("craft_") for c in agg["table"].get(v, {}).values())
-        n_all = len(result["seeds"])
-        note = ([] if n4 >= n_all else [f"The single-reward and leave-one-out rows were trained for {n4} of the "
-                                        f"{n_all} seeds (`--table4-seeds {n4}`): those rows are over {n4} seed(s); "
-                                        "TI+LoRA and CRAFT over all. The reading below pairs seeds.", ""])  # fmt: skip
-        s += ["### CRAFT Table 4 shape: single rewards and leave-one-out", "", _table(agg, t4, t1), "", *note,
-              *table4_reading(agg), ""]  # fmt: skip
+        # the seeds that trained every Table 4 variant (--table4-seeds K trains them for seeds 0..K-1 only)
+        t4_trained = [v for v in t4 if v.startswith("craft_") and v in agg["table"]]
+
+        def _has(v: str, i: int) -> bool:
+            return any(i < len(c["per_seed"]) and c["per_seed"][i] is not None for c in agg["table"][v].values())
+
+        have = [i for i in range(len(result["seeds"])) if all(_has(v, i) for v in t4_trained)]
+        agg4 = restrict(agg, have) if len(have) < len(result["seeds"]) else agg
+        named = ", ".join(str(result["seeds"][i]) for i in have)
+        note = ([] if agg4 is agg else [f"The single-reward and leave-one-out variants were trained for seed(s) "
+                                        f"{named} only (`--table4-seeds`): every row of this table, TI+LoRA and "
+                                        f"CRAFT included, is over seed(s) {named}.", ""])  # fmt: skip
+        s += ["### CRAFT Table 4 shape: single rewards and leave-one-out", "", _table(agg4, t4, t1), "", *note,
+              *table4_reading(agg, result["seeds"]), ""]  # fmt: skip
     s += [
         "### CRAFT Table 14 shape: the low-alignment tail",
         "",
@@ -476,13 +496,15 @@ def write_section(results_md: Path, profile: str, section: str) -> None:
     atomic_write_text(results_md, text)
 
 
-def machine() -> str:
+def machine(threads: int = 0) -> str:
+    """This machine in a line; ``threads`` is the per-stage torch thread count the run set (0: the profile's)."""
     import os
 
     import torch
 
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
-    return f"{platform.machine()} {os.cpu_count()} cores, {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    th = f"{threads} torch thread(s) per stage" if threads > 0 else "the profile's torch threads"
+    return f"{platform.machine()} {os.cpu_count()} cores, {dev}, torch {torch.__version__}, {th}"
 
 
 def paper_table(profile: str, seeds: int, root: str | Path, results_md: str | Path, overrides: list[str] | None = None,
@@ -526,7 +548,7 @@ def paper_table(profile: str, seeds: int, root: str | Path, results_md: str | Pa
         "aggregate": aggregate(per_seed),
         "timings": timings,
         "info": {
-            "machine": machine(),
+            "machine": machine(threads),
             "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "wall_seconds": time.time() - t0,
             "command": command or f"craft experiment paper-table --profile {profile} --seeds {seeds}",

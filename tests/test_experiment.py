@@ -150,9 +150,13 @@ def test_table4_reading_column_by_column():
     assert agg3["table"]["craft_only_vdc"]["vdc"]["n"] == 2 and agg3["table"]["ti_lora"]["vdc"]["n"] == 3
     # only seeds that have every variant are read; the others show as n/a
     assert [x.split("; per seed")[0] for x in ex.table4_reading(agg3)] == [x.split("; per seed")[0] for x in lines]
-    assert ex.table4_reading(agg3)[0].endswith("CRAFT, CCS only, n/a")
+    assert ex.table4_reading(agg3, [0, 1, 2])[0].endswith("seed 0: CRAFT, VDC only; seed 1: CRAFT, CCS only")
     info = {"machine": "m", "finished": "f", "wall_seconds": 60.0, "command": "c", "n_prompts": 4,
             "samples_per_prompt": 1}  # fmt: skip
     md = ex.render_markdown({"profile": "demo-histo", "seeds": [0, 1, 2], "aggregate": agg3, "info": info,
                              "timings": {}})  # fmt: skip
-    assert "Table 4 shape" in md and "trained for 2 of the 3 seeds (`--table4-seeds 2`)" in md and "highest VDC" in md
+    assert "Table 4 shape" in md and "trained for seed(s) 0, 1 only" in md and "highest VDC" in md
+    # that table compares like for like: TI+LoRA over the same two seeds as the Table 4 rows
+    t4 = md.split("Table 4 shape")[1].split("###")[0]
+    assert "| TI+LoRA | 0.100 ± 0.000 |" in t4 and "| CRAFT, VDC only | 0.500 ± 0.000 |" in t4
+    assert ex.restrict(agg3, [0, 1])["table"]["ti_lora"]["vdc"]["n"] == 2
