@@ -515,9 +515,10 @@ def paper_table(profile: str, seeds: int, root: str | Path, results_md: str | Pa
     ``threads`` > 0 sets every stage's torch CPU threads (before ``overrides``), e.g. 1 to run two
     profiles side by side on a 2-core machine. ``table4_seeds`` = K trains the eight Table 4 variants
     for seeds 0..K-1 only (they are most of a seed's cost); their rows then average K seeds.
-    ``first_seed`` = S runs seeds S..S+seeds-1: processes with disjoint seeds can share one ``root``
-    (the shared steps are trained once, by whichever starts first, or beforehand), and a final run
-    with ``first_seed`` 0 and every seed finds them all finished and writes the combined tables.
+    ``first_seed`` = S runs seeds S..S+seeds-1: processes with DISJOINT seeds can share one ``root``
+    once its shared steps are finished (nothing locks a step: two processes must never train the same
+    one), and a final run with ``first_seed`` 0 and every seed finds them all finished and writes the
+    combined tables.
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
