@@ -85,18 +85,27 @@ def _done(path: Path) -> dict[str, Any] | None:
 
 
 def run_step(path: Path, fn, timings: dict[str, float], name: str) -> dict[str, Any]:
-    """Run ``fn()`` unless ``path`` holds a finished marker; record its wall time; the marker is written last."""
+    """Run ``fn()`` unless ``path`` holds a finished marker; record its wall time; the marker is written last.
+
+    An exclusive lock beside ``path`` (released by the OS if the process dies) keeps two processes on
+    one root (``--first-seed``) from training the same step: the second waits, then reuses the result.
+    """
+    import fcntl
+
     have = _done(path)
-    if have is not None:
-        timings[name] = have["seconds"]
-        return have
-    t0 = time.time()
-    log.info("paper-table: %s -> %s", name, path)
-    metrics = fn()
-    rec = {"step": name, "seconds": time.time() - t0, "metrics": _plain(metrics)}
-    atomic_write_json(path / DONE, rec)
-    timings[name] = rec["seconds"]
-    return rec
+    if have is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            have = _done(path)  # finished by the process that held the lock
+            if have is None:
+                t0 = time.time()
+                log.info("paper-table: %s -> %s", name, path)
+                metrics = fn()
+                have = {"step": name, "seconds": time.time() - t0, "metrics": _plain(metrics)}
+                atomic_write_json(path / DONE, have)
+    timings[name] = have["seconds"]
+    return have
 
 
 def _plain(x: Any) -> Any:
@@ -515,10 +524,9 @@ def paper_table(profile: str, seeds: int, root: str | Path, results_md: str | Pa
     ``threads`` > 0 sets every stage's torch CPU threads (before ``overrides``), e.g. 1 to run two
     profiles side by side on a 2-core machine. ``table4_seeds`` = K trains the eight Table 4 variants
     for seeds 0..K-1 only (they are most of a seed's cost); their rows then average K seeds.
-    ``first_seed`` = S runs seeds S..S+seeds-1: processes with DISJOINT seeds can share one ``root``
-    once its shared steps are finished (nothing locks a step: two processes must never train the same
-    one), and a final run with ``first_seed`` 0 and every seed finds them all finished and writes the
-    combined tables.
+    ``first_seed`` = S runs seeds S..S+seeds-1: processes can share one ``root`` (each step is locked
+    while it trains, so a second process waits for it and reuses it), and a final run with
+    ``first_seed`` 0 and every seed finds them all finished and writes the combined tables.
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")

@@ -160,3 +160,26 @@ def test_table4_reading_column_by_column():
     t4 = md.split("Table 4 shape")[1].split("###")[0]
     assert "| TI+LoRA | 0.100 ± 0.000 |" in t4 and "| CRAFT, VDC only | 0.500 ± 0.000 |" in t4
     assert ex.restrict(agg3, [0, 1])["table"]["ti_lora"]["vdc"]["n"] == 2
+
+
+def test_run_step_waits_for_another_process_training_the_same_step(tmp_path):
+    """--first-seed runs share a root: a step another process is training is waited for and reused, not redone."""
+    import fcntl
+    import threading
+
+    step = tmp_path / "seed-0" / "craft"
+    step.parent.mkdir(parents=True)
+    calls, timings = [], {}
+    with open(step.parent / ".craft.lock", "w") as held:  # "the other process" holds the step
+        fcntl.flock(held, fcntl.LOCK_EX)
+        t = threading.Thread(
+            target=lambda: timings.update(got=ex.run_step(step, lambda: calls.append(1), {}, "craft"))
+        )
+        t.start()
+        t.join(0.5)
+        assert t.is_alive() and not calls  # waiting on the lock, not training
+        ex.atomic_write_json(step / ex.DONE, {"step": "craft", "seconds": 7.0, "metrics": {"cas": 0.5}})
+    t.join(5)
+    assert not t.is_alive() and not calls and timings["got"]["metrics"] == {"cas": 0.5}
+    assert ex.run_step(tmp_path / "fresh", lambda: {"x": 1}, timings, "fresh")["metrics"] == {"x": 1}
+    assert timings["fresh"] >= 0
