@@ -253,6 +253,12 @@ def mean_sd(values: list[float | None]) -> tuple[float | None, float | None, int
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
 
 
+def _cell(vals: list[float | None]) -> dict[str, Any]:
+    """One table cell: mean, sd and count over the seeds that have a value, and the per-seed values."""
+    m, sd, n = mean_sd(vals)
+    return {"mean": m, "sd": sd, "n": n, "per_seed": vals}
+
+
 def aggregate(seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """Mean, sd and per-seed values of every (variant, number) plus the CAS-oracle correlation."""
     rows = {s: per_seed_row(m) for s, m in seeds.items()}
@@ -262,12 +268,9 @@ def aggregate(seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
         keys = list(dict.fromkeys(k for r in rows.values() for k in r.get(v, {})))
         table[v] = {}
         for k in keys:
-            vals = [rows[s].get(v, {}).get(k) for s in seeds]
-            m, sd, n = mean_sd(vals)
-            table[v][k] = {"mean": m, "sd": sd, "n": n, "per_seed": vals}
+            table[v][k] = _cell([rows[s].get(v, {}).get(k) for s in seeds])
     corr = [((m.get("oracle") or {}).get("cas_vs_oracle") or {}).get("spearman") for m in seeds.values()]
-    m, sd, n = mean_sd(corr)
-    return {"table": table, "cas_oracle_spearman": {"mean": m, "sd": sd, "n": n, "per_seed": corr}}
+    return {"table": table, "cas_oracle_spearman": _cell(corr)}
 
 
 def paired_difference(agg: dict[str, Any], a: str, b: str, key: str) -> dict[str, Any] | None:
@@ -343,13 +346,8 @@ def _extreme_per_seed(agg: dict[str, Any], variants: list[str], key: str, lowest
 
 def restrict(agg: dict[str, Any], keep: list[int]) -> dict[str, Any]:
     """``agg`` recomputed over the seed positions ``keep`` only (so rows trained on fewer seeds compare like for like)."""
-    table = {}
-    for v, cells in agg["table"].items():
-        table[v] = {}
-        for k, c in cells.items():
-            vals = [c["per_seed"][i] for i in keep if i < len(c["per_seed"])]
-            m, sd, n = mean_sd(vals)
-            table[v][k] = {"mean": m, "sd": sd, "n": n, "per_seed": vals}
+    table = {v: {k: _cell([c["per_seed"][i] for i in keep if i < len(c["per_seed"])]) for k, c in cells.items()}
+             for v, cells in agg["table"].items()}  # fmt: skip
     return {**agg, "table": table}
 
 
@@ -369,7 +367,7 @@ def table4_reading(agg: dict[str, Any], seeds: list[int] | None = None) -> list[
                                           (without, f"craft_without_{k}", True,
                                            f"leaving {K} out gives the lowest {K}")):  # fmt: skip
             picks = _extreme_per_seed(agg, group, k, lowest)
-            ids = seeds if seeds is not None else list(range(len(picks)))
+            ids = seeds if seeds is not None else range(len(picks))
             known = [p for p in picks if p is not None]
             if not known:
                 lines.append(f"- CRAFT Table 4: {what} — not measured here")
