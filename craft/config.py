@@ -119,13 +119,56 @@ def stage_class(stage: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+# Run-form overrides may never touch these (DESIGN.md, "The loop users live in"): the promotion gates and
+# the registry come from reviewed files (configs/gates.yaml, the profile), and a field naming the
+# environment variable a secret is read from (``*_env``) would let a run send a key elsewhere.
+PROTECTED_STAGES = ("gates", "registry")
+SECRET_ENV_SUFFIX = "_env"
+
+
+def protected_override(item: str) -> str | None:
+    """Why a pipeline-wide override ``item`` is refused, or None when it may be applied.
+
+    >>> protected_override("gates.cas.absolute=0")
+    "names the promotion gates ('gates.*'), which come from the reviewed gates file"
+    >>> protected_override("reward.loop.steps=10") is None
+    True
+    """
+    key = item.partition("=")[0].strip()
+    parts = key.split(".")
+    if parts[0] == "gates":
+        return "names the promotion gates ('gates.*'), which come from the reviewed gates file"
+    if parts[0] == "registry":
+        return "names the model registry ('registry.*'), which comes from the profile and the environment"
+    if parts[-1].endswith(SECRET_ENV_SUFFIX):
+        return f"names the environment variable a secret is read from ({parts[-1]!r})"
+    return None
+
+
+def check_run_overrides(overrides: typing.Iterable[str], where: str = "override") -> list[str]:
+    """Refuse pipeline-wide overrides that could weaken the gates or redirect the registry or a secret.
+
+    Called when the pipeline is compiled, when a run or schedule is created, and by every step at run
+    time (``load_stage_config``), so a run form cannot switch a gate off. Returns the overrides as a list.
+    """
+    items = list(overrides or [])
+    for item in items:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"{where} {item!r} is not of the form stage.key=value")
+        why = protected_override(item)
+        if why:
+            raise ConfigError(f"{where} {item!r} refused: it {why}")
+    return items
+
+
 def load_stage_config(stage: str, profile: str | os.PathLike | None = None, overrides: typing.Iterable[str] = ()):
     """Build ``stage``'s dataclass from a profile section and ``key=value`` overrides.
 
     Overrides are relative to the stage (``n=200``, ``optim.lr=1e-4``); a qualified override
     for another stage (``train.lr=...`` while loading ``data``) is skipped, and one qualified with
     this stage's own name (``data.n=200``) applies. This lets one pipeline-wide override list feed
-    every stage.
+    every stage. An override qualified with ``gates.`` or ``registry.``, or setting a ``*_env`` field, is
+    refused (:func:`check_run_overrides`): those come from reviewed files, never from a run form.
     """
     cls = stage_class(stage)
     section = dict(load_profile(profile).get(stage, {}))
@@ -140,6 +183,9 @@ def load_stage_config(stage: str, profile: str | os.PathLike | None = None, over
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         first = key.split(".", 1)[0]
+        if first in PROTECTED_STAGES or key.split(".")[-1].endswith(SECRET_ENV_SUFFIX):
+            # qualified gates.* / registry.* / *_env: refused wherever they appear, whichever stage loads
+            check_run_overrides([item])
         if first == stage and first not in field_names:
             key = key.split(".", 1)[1]
         elif first in STAGES and first not in field_names:
