@@ -1,4 +1,4 @@
-"""KFP components for the data stages: prepare (demo / download / import) and validate."""
+"""KFP components for the data stages: resolve the dataset version, materialise it, validate it."""
 
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
@@ -6,24 +6,35 @@ from components.images import cpu_component
 
 
 @cpu_component()
+def dataset_version_op(profile: str, overrides: list, dataset_uri: str) -> str:
+    """Resolve dataset_uri (a latest pointer, a prefix, a folder, DVC) to its content version; never cached."""
+    from craft.steps import dataset_version_step
+
+    return dataset_version_step(profile, overrides, dataset_uri)
+
+
+@cpu_component()
 def prepare_data_op(
-    profile: str, overrides: list, dataset_uri: str, dataset: Output[Dataset], metrics: Output[Metrics]
-):
-    """Materialise the dataset: demo data when dataset_uri is empty, else download or import it."""
+    profile: str, overrides: list, dataset_uri: str, dataset_version: str, dataset: Output[Dataset],
+    metrics: Output[Metrics],
+):  # fmt: skip
+    """Materialise exactly that dataset version: demo data when dataset_uri is empty, else download or import it."""
     from craft.steps import prepare_dataset
 
-    for key, value in prepare_dataset(dataset.path, profile, overrides, dataset_uri).items():
+    for key, value in prepare_dataset(dataset.path, profile, overrides, dataset_uri, dataset_version).items():
         metrics.log_metric(key, value)
 
 
 @cpu_component()
 def validate_op(
-    profile: str, overrides: list, dataset: Input[Dataset], report: Output[HTML], metrics: Output[Metrics]
-):
-    """Validate the dataset (schema, files, leakage); the run stops here if it is not valid."""
+    profile: str, overrides: list, dataset_version: str, dataset: Input[Dataset], report: Output[HTML],
+    validation: Output[Dataset], metrics: Output[Metrics],
+):  # fmt: skip
+    """Validate the dataset and record the verdict for its version; the run stops here if it is not valid."""
     from craft.steps import validate_dataset
 
-    for key, value in validate_dataset(dataset.path, report.path, profile, overrides).items():
+    res = validate_dataset(dataset.path, report.path, profile, overrides, verdict_dir=validation.path, record=True)
+    for key, value in res.items():
         metrics.log_metric(key, value)
 
 

@@ -139,3 +139,13 @@ def dataset_version(path: str | os.PathLike) -> str:
     if p.is_file():
         return _md5_file(p)
     raise DvcError(f"{p}: neither a .dvc file nor an existing file or folder")
+
+
+def get(repo: str, path: str, dest: str | os.PathLike, rev: str | None = None) -> Path:
+    """``dvc get REPO PATH --rev REV -o DEST``: a DVC-tracked path of a git repository at a revision, fetched
+    from that repository's DVC remote (keys from the environment, as for push and pull)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    args = ["get", str(repo), path, "-o", str(dest.resolve())] + (["--rev", rev] if rev else [])
+    run_dvc(dest.parent, *args)
+    return dest
