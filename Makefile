@@ -43,9 +43,10 @@ compile: setup  ## compile the pipeline to YAML
 # Needs a Docker engine and network: not runnable on the offline dev machines (CI lints them with hadolint).
 REGISTRY ?= ghcr.io/craft-ml
 VERSION  ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+GIT_SHA  ?= $(shell git rev-parse HEAD)
 images:  ## build and tag the CPU and GPU images (docker; not runnable here)
-	docker build -f docker/cpu/Dockerfile --build-arg VERSION=$(VERSION) -t $(REGISTRY)/craft-cpu:$(VERSION) .
-	docker build -f docker/gpu/Dockerfile --build-arg VERSION=$(VERSION) -t $(REGISTRY)/craft-gpu:$(VERSION) .
+	docker build -f docker/cpu/Dockerfile --build-arg VERSION=$(VERSION) --build-arg VCS_REF=$(GIT_SHA) -t $(REGISTRY)/craft-cpu:$(VERSION) .
+	docker build -f docker/gpu/Dockerfile --build-arg VERSION=$(VERSION) --build-arg VCS_REF=$(GIT_SHA) -t $(REGISTRY)/craft-gpu:$(VERSION) .
 
 clean:
 	rm -rf runs outputs .pytest_cache .ruff_cache

@@ -1,9 +1,13 @@
-"""Promotion gates: a candidate reaches production only if its evaluation beats (or holds) production's.
+"""Promotion gates: a candidate reaches production only if its evaluation beats (or holds) the champion's.
 
-The decision is a pure function, :func:`evaluate_gates`, of two metric dicts and a :class:`GatesConfig`;
-:func:`main` wires it to the registry (read production's metrics, register the candidate, move the
-pointer with a compare-and-swap). The pipeline's last step, ``craft promote`` and the CI workflow
-(.github/workflows/promote.yml) all run this same function.
+Champion vs challenger: when a production model exists, the pipeline's evaluate step scores it beside
+the new candidate with the same evaluator, prompts, seeds and test split, and the gates compare those
+two numbers (never a number an earlier run produced with its own evaluator). The decision is a pure
+function, :func:`evaluate_gates`, of the candidate's and champion's metric dicts and a
+:class:`GatesConfig`. The pipeline's gate step decides whether the run registers a **candidate**
+(:func:`register_step`, which never moves production); ``craft promote NAME --version V`` (what CI runs,
+.github/workflows/promote.yml) re-checks that version's stored evaluation against the reviewed gates
+file and is the only thing that moves the ``production`` alias (:func:`promote_version`).
 
 Candidate metrics schema (``metrics.json`` written by the evaluation stage; one JSON object; other keys
 are carried along and ignored here):
@@ -22,10 +26,11 @@ downstream_accuracy  higher  accuracy of a classifier trained with the synthetic
 ==================== ======= ===================================================================
 
 Each gate has an absolute bound (``absolute``: a minimum for higher-is-better metrics, a maximum for
-the others) and, when a production model exists and reports the metric, a relative bound: the
-candidate may regress by at most ``tolerance`` (``cas >= production_cas - tolerance``). The effective
-threshold is the stricter of the two. A gate whose metric the candidate does not report fails when
-``required``, else it is skipped with a note.
+the others); when the evaluation scored a champion, a relative bound: the candidate may regress by at
+most ``tolerance`` (``cas >= champion_cas - tolerance``); and with ``vs_zero_shot`` the candidate must
+beat the untuned base (the evaluation's ``zero_shot`` variant) by that margin. The effective threshold
+is the strictest. A gate whose metric the candidate does not report fails when ``required``, else it is
+skipped with a note. configs/gates.yaml says why each number is what it is.
 """
 
 from __future__ import annotations
@@ -54,10 +59,14 @@ class MetricGate:
     tolerance: float | None = 0.0
     # a missing or null candidate metric fails the gate (true) or skips it with a note (false)
     required: bool = True
+    # margin by which the candidate must beat the untuned base scored in the same evaluation; null = none
+    vs_zero_shot: float | None = None
 
     def validate(self) -> None:
         if self.tolerance is not None and (self.tolerance < 0 or math.isnan(self.tolerance)):
             raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+        if self.vs_zero_shot is not None and math.isnan(self.vs_zero_shot):
+            raise ValueError("vs_zero_shot must be a number")
         if self.absolute is not None and math.isnan(self.absolute):
             raise ValueError("absolute must be a number")
 
@@ -66,8 +75,8 @@ class MetricGate:
 class GatesConfig:
     """Promotion gates (configs/gates.yaml, section ``gates``); candidate versus production."""
 
-    # CAS (higher is better): at least `absolute`, at most `tolerance` below production
-    cas: MetricGate = field(default_factory=lambda: MetricGate(absolute=0.0, tolerance=0.01))
+    # CAS (higher is better): at least `absolute`, at most `tolerance` below the champion
+    cas: MetricGate = field(default_factory=lambda: MetricGate(absolute=0.3, tolerance=0.01, vs_zero_shot=0.0))
     # low-alignment tail rate (lower is better): at most `absolute`, at most `tolerance` above production
     low_alignment_rate: MetricGate = field(default_factory=lambda: MetricGate(absolute=0.5, tolerance=0.02))
     # ground-truth oracle accuracy (demo data); absent on real collections, so not required by default
@@ -77,7 +86,18 @@ class GatesConfig:
     # memorization: near-duplicates of training images; any is a failure (absolute max 0, no comparison)
     near_duplicates: MetricGate = field(default_factory=lambda: MetricGate(absolute=0.0, tolerance=None))
     # downstream classifier accuracy on real test images (higher is better)
-    downstream_accuracy: MetricGate = field(default_factory=lambda: MetricGate(absolute=0.0, tolerance=0.02))
+    downstream_accuracy: MetricGate = field(default_factory=lambda: MetricGate(absolute=0.5, tolerance=0.02))
+
+    def validate(self) -> None:
+        for name, gate in self.gates().items():
+            if (
+                gate.enabled
+                and gate.required
+                and gate.absolute is not None
+                and gate.absolute <= 0
+                and name in HIGHER_IS_BETTER
+            ):
+                raise ValueError(f"gates.{name}: a required gate needs a floor above 0 (got {gate.absolute})")
 
     def gates(self) -> dict[str, MetricGate]:
         return {name: getattr(self, name) for name in GATE_ORDER}
@@ -108,13 +128,28 @@ class GateDecision:
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "results": [asdict(r) for r in self.results]}
 
+    def failure_text(self) -> str:
+        """Each failing gate with its value and threshold, e.g. ``low_alignment_rate 0.766 > max 0.5``."""
+
+        def one(r: GateResult) -> str:
+            higher = r.name in HIGHER_IS_BETTER
+            if r.candidate is None:
+                return f"{r.name}: {r.message}"
+            if r.threshold is None:
+                return f"{r.name} {r.candidate:.4g}: {r.message}"
+            return (
+                f"{r.name} {r.candidate:.4g} {'<' if higher else '>'} {'min' if higher else 'max'} {r.threshold:.4g}"
+            )
+
+        return "; ".join(one(r) for r in self.failures)
+
     def table(self) -> str:
         """Plain-text table, one line per gate."""
 
         def fmt(x: float | None) -> str:
             return "-" if x is None else f"{x:.4g}"
 
-        lines = [f"{'gate':<20} {'result':<7} {'candidate':>10} {'production':>10} {'threshold':>10}  note"]
+        lines = [f"{'gate':<20} {'result':<7} {'candidate':>10} {'champion':>10} {'threshold':>10}  note"]
         for r in self.results:
             state = "skip" if r.skipped else ("PASS" if r.passed else "FAIL")
             lines.append(
@@ -133,8 +168,14 @@ def _number(metrics: dict[str, Any] | None, key: str, where: str) -> float | Non
     return float(value)
 
 
-def evaluate_gates(candidate: dict[str, Any], production: dict[str, Any] | None, gates: GatesConfig) -> GateDecision:
-    """Decide whether ``candidate`` may replace ``production`` (None: nothing in production yet).
+def evaluate_gates(
+    candidate: dict[str, Any],
+    production: dict[str, Any] | None,
+    gates: GatesConfig,
+    zero_shot: dict[str, Any] | None = None,
+) -> GateDecision:
+    """Decide whether ``candidate`` may replace ``production`` (the champion scored in the same evaluation;
+    None: nothing in production yet). ``zero_shot``: the untuned base's numbers from that evaluation.
 
     >>> g = GatesConfig()
     >>> d = evaluate_gates({"cas": 0.60, "low_alignment_rate": 0.2, "near_duplicates": 0,
@@ -164,11 +205,18 @@ def evaluate_gates(candidate: dict[str, Any], production: dict[str, Any] | None,
             notes.append(f"{'min' if higher else 'max'} {gate.absolute:.4g}")
         if gate.tolerance is not None:
             if prod is None:
-                notes.append("no production value to compare" if production else "no production model")
+                notes.append("no champion value to compare" if production else "no champion")
             else:
                 rel = prod - gate.tolerance if higher else prod + gate.tolerance
                 bounds.append(rel)
-                notes.append(f"production {prod:.4g} {'-' if higher else '+'} {gate.tolerance:.4g}")
+                notes.append(f"champion {prod:.4g} {'-' if higher else '+'} {gate.tolerance:.4g}")
+        if gate.vs_zero_shot is not None:
+            base = _number(zero_shot, name, "zero-shot")
+            if base is None:
+                notes.append("no zero-shot value to compare")
+            else:
+                bounds.append(base + gate.vs_zero_shot if higher else base - gate.vs_zero_shot)
+                notes.append(f"zero-shot {base:.4g} {'+' if higher else '-'} {gate.vs_zero_shot:.4g}")
         threshold = (max(bounds) if higher else min(bounds)) if bounds else None
         if threshold is None:
             passed = True
@@ -179,16 +227,62 @@ def evaluate_gates(candidate: dict[str, Any], production: dict[str, Any] | None,
     return GateDecision(all(r.passed for r in results), results)
 
 
-# ------------------------------------------------------------------------------------------ registry
+# ------------------------------------------------------------------------------------------ evaluation view
+
+
+def gate_view(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The gates' view of an evaluation's metrics.json: ``{"candidate", "champion", "zero_shot"}`` blocks of
+    gate keys (``champion`` None when no production model was scored; its ``version`` names it)."""
+    cand = metrics.get("candidate")
+    if not isinstance(cand, dict):
+        cand = {k: metrics.get(k) for k in GATE_ORDER}  # a flat metrics file (the candidate alone)
+    champ = metrics.get("champion") if isinstance(metrics.get("champion"), dict) else None
+    zs = metrics.get("zero_shot") if isinstance(metrics.get("zero_shot"), dict) else None
+    return {"candidate": cand, "champion": champ, "zero_shot": zs}
+
+
+def decide(view: dict[str, Any], cfg: GatesConfig) -> GateDecision:
+    """evaluate_gates on a :func:`gate_view`."""
+    return evaluate_gates(view["candidate"], view["champion"], cfg, view.get("zero_shot"))
+
+
+def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
+    """An evaluation's metrics.json (schema in the module docstring); errors name the file."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: metrics file not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: metrics must be a JSON object with keys {', '.join(GATE_ORDER)}")
+    return data
+
+
+def gates_source(gates: str) -> tuple[GatesConfig, dict[str, Any]]:
+    """The gates of profile/file ``gates`` (never overridden) and a record of where they came from."""
+    import hashlib
+
+    from craft.config import load_stage_config, resolve_profile, to_dict
+
+    cfg = load_stage_config("gates", gates, [])
+    path = resolve_profile(gates)
+    digest = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
+    return cfg, {"file": str(path), "gates_sha256": digest[:16], "gates": to_dict(cfg)}
+
+
+# ------------------------------------------------------------------------------------------ promotion
 
 
 @dataclass
 class PromotionOutcome:
     model: str
-    version: str | None  # the candidate's registry version (None when not registered: rejected file)
+    version: str
     production_before: str | None
     promoted: bool
     decision: GateDecision
+    gates: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -197,130 +291,113 @@ class PromotionOutcome:
             "production_before": self.production_before,
             "promoted": self.promoted,
             "decision": self.decision.to_dict(),
+            "gates": self.gates,
         }
 
 
-def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
-    """A candidate's metrics.json (schema in the module docstring); errors name the file."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{p}: candidate metrics file not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: metrics must be a JSON object with keys {', '.join(GATE_ORDER)}")
-    return data
-
-
-def main(
-    cfg: GatesConfig,
-    candidate: str,
+def promote_version(
     model: str,
+    version: str,
     registry,
     *,
-    register_dir: str | os.PathLike | None = None,
-    lineage: dict[str, Any] | None = None,
+    gates: str | None = None,
     dry_run: bool = False,
     actor: str = "",
+    reason: str = "",
 ) -> PromotionOutcome:
-    """Gate ``candidate`` (a metrics.json path or a registered version id) against production of ``model``.
+    """Move ``production`` of ``model`` to ``version`` if the gates pass on its stored evaluation.
 
-    On pass (and not ``dry_run``): register ``register_dir`` when given (a metrics-file candidate), then
-    move the production pointer, expecting the production version the gate compared against.
+    The evaluation must have scored the model that is in production NOW as its champion (or none, when
+    nothing is in production): a champion that changed since means the comparison is stale and the
+    promotion is refused (re-run the pipeline). ``gates``: a profile name or YAML path whose ``gates``
+    section applies; default the profile the version was trained with (its lineage), the same gates the
+    run's own gate step used. The move is a compare-and-swap on the alias; the history entry records
+    who, when, why, the gates file and its digest, and the decision.
     """
-    from craft.storage.registry import Registry  # noqa: F401  (type of `registry`)
-
-    production = registry.get_production(model)
-    prod_version = production["version"] if production else None
-    prod_metrics = registry.get_version(model, prod_version)["metrics"] if prod_version else None
-    version: str | None = None
-    if Path(candidate).is_file():
-        metrics = read_metrics(candidate)
-    elif register_dir is None and all(c in "0123456789abcdef" for c in candidate) and len(candidate) == 12:
-        version = candidate
-        metrics = registry.get_version(model, version)["metrics"]
-    else:
-        raise FileNotFoundError(f"{candidate}: neither a metrics file nor a registered version id of {model}")
-    decision = evaluate_gates(metrics, prod_metrics, cfg)
+    info = registry.get_version(model, version)
+    lineage = info["lineage"]
+    source = gates or lineage.get("profile") or "gates"
+    cfg, record = gates_source(source)
+    view = gate_view(info["metrics"])
+    current = registry.get_production(model)
+    current_version = current["version"] if current else None
+    evaluated = (view["champion"] or {}).get("version")
+    decision = decide(view, cfg)
+    if evaluated != current_version:
+        stale = GateResult("champion", False, None, None, None,
+                           f"evaluated against champion {evaluated or '(none)'}, but production is now "
+                           f"{current_version or '(none)'}: re-run the pipeline to compare with it")  # fmt: skip
+        decision = GateDecision(False, [*decision.results, stale])
     promoted = False
-    if decision.passed and not dry_run:
-        if register_dir is not None:
-            lin = dict(lineage or {})
-            lineage_file = Path(register_dir) / "lineage.json"
-            if not lin and lineage_file.is_file():
-                lin = json.loads(lineage_file.read_text())
-            version = registry.register(model, register_dir, metrics, lin)
-        if version is None:
-            raise ValueError(f"{candidate}: a metrics file passes the gate but nothing to promote; pass --register")
-        if version != prod_version:
-            registry.promote(
-                model,
-                version,
-                expected_current=prod_version,
-                actor=actor,
-                reason="gates passed",
-                details={"gates": decision.to_dict()},
-            )
-            promoted = True
-    return PromotionOutcome(model, version, prod_version, promoted, decision)
+    if decision.passed and not dry_run and version != current_version:
+        registry.promote(
+            model,
+            version,
+            expected_current=current_version,
+            actor=actor,
+            reason=reason or "gates passed",
+            details={"gates": record, "decision": decision.to_dict(), "evaluation_uri": lineage.get("evaluation_uri")},
+        )
+        promoted = True
+    return PromotionOutcome(model, version, current_version, promoted, decision, record)
 
 
 # ------------------------------------------------------------------------------------------ pipeline steps
 
 
-def candidate_metrics(results_dir: str | os.PathLike) -> dict[str, Any]:
-    """The gate's view of an evaluation: metrics.json's ``candidate`` block, or the file itself when flat."""
-    data = read_metrics(Path(results_dir) / "metrics.json")
-    block = data.get("candidate")
-    return block if isinstance(block, dict) else data
-
-
-def _gate_html(decision: GateDecision, model: str, production: str | None) -> str:
+def _gate_html(decision: GateDecision, model: str, view: dict[str, Any]) -> str:
     import html
 
+    champ = view.get("champion") or {}
     rows = "".join(
-        f"<tr><td>{html.escape(r.name)}</td><td>{'PASS' if r.passed else 'FAIL'}</td>"
+        f"<tr><td>{html.escape(r.name)}</td><td>{'skip' if r.skipped else 'PASS' if r.passed else 'FAIL'}</td>"
         f"<td>{html.escape(str(r.candidate))}</td><td>{html.escape(str(r.production))}</td>"
         f"<td>{html.escape(str(r.threshold))}</td><td>{html.escape(r.message)}</td></tr>"
         for r in decision.results
     )
-    verdict = "passed: the candidate will be registered and promoted" if decision.passed else "REJECTED"
+    verdict = ("passed: the candidate will be registered (production moves only by `craft promote`)"
+               if decision.passed else f"REFUSED: {decision.failure_text()}")  # fmt: skip
     return (
         f"<html><body><h1>Promotion gate for {html.escape(model)}</h1>"
-        f"<p>Production before: {html.escape(production or '(none)')}. Decision: <b>{verdict}</b>.</p>"
-        "<table border=1 cellpadding=4><tr><th>gate</th><th>result</th><th>candidate</th><th>production</th>"
+        f"<p>Champion: {html.escape(str(champ.get('version') or '(none in production)'))}. "
+        f"Decision: <b>{html.escape(verdict)}</b>.</p>"
+        "<table border=1 cellpadding=4><tr><th>gate</th><th>result</th><th>candidate</th><th>champion</th>"
         f"<th>threshold</th><th>note</th></tr>{rows}</table></body></html>"
     )
 
 
 def gate_step(
-    results_dir: str | os.PathLike, html_path: str | os.PathLike, profile: str, overrides: list[str], model: str
+    results_dir: str | os.PathLike,
+    html_path: str | os.PathLike,
+    profile: str,
+    overrides: list[str],
+    model: str,
+    decision_dir: str | os.PathLike | None = None,
 ):
-    """Pipeline gate: candidate (evaluation results) versus the registry's production model; moves nothing.
+    """Pipeline gate: the candidate versus the champion scored in the same evaluation; moves nothing.
 
-    Returns (passed, metrics for the UI). The register step re-checks under a compare-and-swap, so a
-    production move between the two steps cannot promote a candidate that no longer passes.
+    Gates come from the profile (which extends configs/gates.yaml), never from the run's overrides.
+    Returns (passed, metrics for the UI); writes decision.json into ``decision_dir``.
     """
-    from craft.config import load_stage_config
-    from craft.io import atomic_write_text
-    from craft.storage.registry import open_registry
+    from craft.config import check_run_overrides
+    from craft.io import atomic_write_json, atomic_write_text
 
+    check_run_overrides(overrides)
     model = model or Path(profile).stem  # the registry name defaults to the profile's name
-    cfg = load_stage_config("gates", profile, overrides)
-    registry = open_registry(
-        load_stage_config("registry", profile, overrides), load_stage_config("storage", profile, overrides)
-    )
-    production = registry.get_production(model)
-    prod_version = production["version"] if production else None
-    prod_metrics = registry.get_version(model, prod_version)["metrics"] if prod_version else None
-    decision = evaluate_gates(candidate_metrics(results_dir), prod_metrics, cfg)
-    atomic_write_text(html_path, _gate_html(decision, model, prod_version))
+    cfg, record = gates_source(profile)
+    view = gate_view(read_metrics(Path(results_dir) / "metrics.json"))
+    decision = decide(view, cfg)
+    atomic_write_text(html_path, _gate_html(decision, model, view))
+    if decision_dir is not None:
+        out = {"model": model, "champion": (view["champion"] or {}).get("version"), "gates": record,
+               "passed": decision.passed, "failures": decision.failure_text(), "decision": decision.to_dict()}  # fmt: skip
+        atomic_write_json(Path(decision_dir) / "decision.json", out)
     ui = {"passed": float(decision.passed), "n_failing_gates": float(len(decision.failures))}
     for r in decision.results:
         if isinstance(r.candidate, (int, float)):
             ui[f"candidate_{r.name}"] = float(r.candidate)
+    print(decision.table())
+    print(f"gate: {'passed' if decision.passed else 'REFUSED: ' + decision.failure_text()}")
     return decision.passed, ui
 
 
@@ -347,6 +424,46 @@ def export_model(
     return save_pipeline(pipe, out_dir, lineage)
 
 
+def build_lineage(
+    *,
+    dataset_dir: str | os.PathLike,
+    validation_dir: str | os.PathLike,
+    validation_uri: str,
+    results_dir: str | os.PathLike,
+    evaluation_uri: str,
+    profile: str,
+    overrides: list[str],
+    run_id: str,
+    run_name: str,
+    pipeline_version: str,
+    parents: dict[str, Any],
+) -> dict[str, Any]:
+    """The audit record of a registered version (DESIGN.md, "The loop users live in")."""
+    from craft.steps import dataset_ref
+    from craft.version import code_version
+
+    ref = dataset_ref(dataset_dir)
+    report_file = Path(validation_dir) / "report.json"
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    view = gate_view(read_metrics(Path(results_dir) / "metrics.json"))
+    return {
+        "dataset": ref.to_dict(),
+        "dataset_version": ref.version,
+        "validation": {
+            "ok": report.get("ok") is True,
+            "report_uri": validation_uri,
+            "n_rows": report.get("n_rows"),
+            "n_failures": len(report.get("failures") or []),
+        },  # fmt: skip
+        "profile": profile,
+        "overrides": list(overrides),
+        "code_version": code_version(),
+        "run": {"id": run_id, "name": run_name, "pipeline_version": pipeline_version},
+        "parents": {**parents, "champion": (view["champion"] or {}).get("version")},
+        "evaluation_uri": evaluation_uri,
+    }
+
+
 def register_step(
     base_dir: str | os.PathLike,
     adapter_dir: str | os.PathLike | None,
@@ -354,27 +471,91 @@ def register_step(
     profile: str,
     overrides: list[str],
     model: str,
+    lineage: dict[str, Any],
+    out_dir: str | os.PathLike | None = None,
 ) -> dict[str, float]:
-    """Pipeline register: export the candidate, register it and move production (gates re-checked under CAS)."""
+    """Pipeline register: export the candidate, register it with ``lineage``, point ``candidate`` at it.
+
+    Never moves ``production``: that is ``craft promote`` (CI). The gates are re-checked here (a
+    hand-started register of a failing candidate is refused too). Writes registered.json into ``out_dir``.
+    """
     import tempfile
 
-    from craft.config import load_stage_config
+    from craft.config import check_run_overrides, load_stage_config
     from craft.io import atomic_write_json
-    from craft.storage.registry import open_registry
+    from craft.storage.registry import CANDIDATE, open_registry
 
+    check_run_overrides(overrides)
     model = model or Path(profile).stem  # the registry name defaults to the profile's name
-    cfg = load_stage_config("gates", profile, overrides)
+    cfg, _ = gates_source(profile)
+    metrics = read_metrics(Path(results_dir) / "metrics.json")
+    view = gate_view(metrics)
+    decision = decide(view, cfg)
+    if not decision.passed:
+        raise RuntimeError(f"{model}: the candidate does not pass the gates: {decision.failure_text()}")
     registry = open_registry(
         load_stage_config("registry", profile, overrides), load_stage_config("storage", profile, overrides)
     )
+    stored = {**{k: view["candidate"].get(k) for k in GATE_ORDER}, **view}  # flat keys: the candidate's
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = export_model(base_dir, adapter_dir, Path(tmp) / "model")
-        metrics_file = atomic_write_json(Path(tmp) / "metrics.json", candidate_metrics(results_dir))
-        outcome = main(cfg, str(metrics_file), model, registry, register_dir=model_dir, actor="pipeline")
-    if not outcome.decision.passed:
-        failing = "; ".join(f"{r.name} ({r.message})" for r in outcome.decision.failures)
-        raise RuntimeError(
-            f"{model}: production moved since the gate step and the candidate no longer passes: {failing}"
-        )
-    print(f"{model}: production {outcome.production_before or '(none)'} -> {outcome.version}")
-    return {"promoted": float(outcome.promoted)}
+        version = registry.register(model, model_dir, stored, lineage)
+    current = registry.get_alias(model, CANDIDATE)
+    if not current or current["version"] != version:
+        registry.set_alias(model, CANDIDATE, version, actor="pipeline", reason="gates passed in the pipeline",
+                           details={"run": lineage.get("run"), "decision": decision.to_dict()})  # fmt: skip
+    production = registry.get_production(model)
+    line = (f"{model}: registered version {version} as candidate (dataset {lineage['dataset']['name']} "
+            f"{lineage['dataset']['version']}); production unchanged "
+            f"({production['version'] if production else 'none'}): promote with `craft promote {model} "
+            f"--version {version}`")  # fmt: skip
+    print(line)
+    if out_dir is not None:
+        atomic_write_json(Path(out_dir) / "registered.json", {"model": model, "version": version, "line": line})
+    return {"registered": 1.0}
+
+
+def champion_step(out_dir: str | os.PathLike, profile: str, overrides: list[str], model: str) -> str:
+    """Pipeline champion: download the version in production into ``out_dir``; returns its id ('' = none).
+
+    With no production model ``out_dir`` holds only ``champion.json`` ({"version": null}) and the
+    evaluation scores the candidate alone (the gates' absolute floors still apply).
+    """
+    from craft.config import check_run_overrides, load_stage_config
+    from craft.io import atomic_write_json
+    from craft.storage.registry import open_registry
+
+    check_run_overrides(overrides)
+    model = model or Path(profile).stem
+    registry = open_registry(
+        load_stage_config("registry", profile, overrides), load_stage_config("storage", profile, overrides)
+    )
+    production = registry.get_production(model)
+    out = Path(out_dir)
+    if production is None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / CHAMPION_FILE, {"model": model, "version": None})
+        print(f"{model}: nothing in production; the candidate is evaluated alone")
+        return ""
+    version = production["version"]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = registry.download(model, version, Path(tmp) / "v")
+        from craft.io import copy_tree
+
+        copy_tree(weights, out)
+    atomic_write_json(out / CHAMPION_FILE, {"model": model, "version": version})
+    print(f"{model}: champion is production version {version}")
+    return version
+
+
+CHAMPION_FILE = "champion.json"
+
+
+def champion_of(model_dir: str | os.PathLike | None) -> str | None:
+    """The production version a champion artifact holds (None: no champion)."""
+    if not model_dir:
+        return None
+    f = Path(model_dir) / CHAMPION_FILE
+    return json.loads(f.read_text()).get("version") if f.is_file() else None

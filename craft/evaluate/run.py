@@ -44,6 +44,8 @@ from craft.io import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 REAL = "real"
+CHAMPION = "champion"  # the production model, evaluated beside the candidate
+ZERO_SHOT = "zero_shot"  # the untuned base
 GATE_KEYS = ("cas", "low_alignment_rate", "oracle_accuracy", "near_duplicates", "downstream_accuracy")
 DEMO_MODALITIES = ("histo", "cxr")
 
@@ -492,6 +494,14 @@ def _cached_samples(work: Path, name: str, key: dict, make) -> np.ndarray:
     return arr
 
 
+def gate_block(name: str, v: dict[str, Any]) -> dict[str, Any]:
+    """The gate keys (craft.promote) of one variant's block."""
+    return {"name": name, "cas": v["cas"], "low_alignment_rate": v["low_alignment_rate"],
+            "oracle_accuracy": v.get("oracle_accuracy"),
+            "near_duplicates": v["memorization"]["any_duplicates"] if "memorization" in v else None,
+            "downstream_accuracy": v["downstream"]["accuracy"] if "downstream" in v else None}  # fmt: skip
+
+
 def main(
     cfg: EvaluateConfig,
     dataset_dir,
@@ -508,6 +518,7 @@ def main(
     critic_probe_dir=None,
     critic_weights: dict[str, float] | None = None,
     audit_judge=None,
+    champion_version: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``variants`` ({name: "real" | model dir | VariantSpec | {"model", "adapter"}}); returns metrics.json's dict.
 
@@ -812,13 +823,15 @@ def main(
     }  # fmt: skip
     cand = None
     if cfg.candidate:
-        v = out_variants[cfg.candidate]
-        cand = {"name": cfg.candidate, "cas": v["cas"], "low_alignment_rate": v["low_alignment_rate"],
-                "oracle_accuracy": v.get("oracle_accuracy"),
-                "near_duplicates": v["memorization"]["any_duplicates"] if "memorization" in v else None,
-                "downstream_accuracy": v["downstream"]["accuracy"] if "downstream" in v else None}  # fmt: skip
-        metrics.update({k: cand[k] for k in GATE_KEYS})  # craft.promote reads these top-level keys
+        cand = gate_block(cfg.candidate, out_variants[cfg.candidate])
+        metrics.update({k: cand[k] for k in GATE_KEYS})  # the candidate's gate keys, flat at the top level
     metrics["candidate"] = cand
+    # champion vs challenger (craft.promote): the production model, scored here with the same evaluator,
+    # prompts, seeds and split as the candidate; and the untuned base the gates' vs_zero_shot compares with
+    metrics["champion"] = None
+    if CHAMPION in out_variants:
+        metrics["champion"] = {**gate_block(CHAMPION, out_variants[CHAMPION]), "version": champion_version}
+    metrics["zero_shot"] = gate_block(ZERO_SHOT, out_variants[ZERO_SHOT]) if ZERO_SHOT in out_variants else None
     metrics["seconds"] = time.time() - t0
     metrics = _finite(metrics)
 
@@ -982,7 +995,7 @@ def write_report(out_dir: Path, metrics: dict, per_image: pd.DataFrame, images: 
 def evaluate_step(dataset_dir, annotations_dir, evaluator_dir, evaluator_probe_dir, critic_dir,
                   variant_dirs: dict[str, str | None], out_dir, profile: str, overrides: list[str],
                   report_file: str | None = None, base_variant: str = "zero_shot",
-                  critic_probe_dir=None) -> tuple[dict, dict]:  # fmt: skip
+                  critic_probe_dir=None, champion_version: str | None = None) -> tuple[dict, dict]:  # fmt: skip
     """Pipeline step: profile + overrides -> ``main`` over the given variant dirs; returns (metrics, confusion).
 
     A variant dir holding ``model_index.json`` is a full pipeline; one holding ``adapter.json`` is an adapter
@@ -1011,7 +1024,8 @@ def evaluate_step(dataset_dir, annotations_dir, evaluator_dir, evaluator_probe_d
             raise FileNotFoundError(f"variant {name}: {p} holds neither model_index.json nor adapter.json")
     critic_identity = load_encoder(critic_dir).identity if critic_dir else None
     metrics = main(cfg, dataset_dir, annotations_dir, specs, evaluator_dir, evaluator_probe_dir, out_dir,
-                   critic_identity=critic_identity, critic_dir=critic_dir, critic_probe_dir=critic_probe_dir)  # fmt: skip
+                   critic_identity=critic_identity, critic_dir=critic_dir, critic_probe_dir=critic_probe_dir,
+                   champion_version=champion_version)  # fmt: skip
     if report_file:
         Path(report_file).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(out_dir) / "report.html", report_file)

@@ -1,4 +1,10 @@
-"""Model registry on the object store: immutable versions, one production pointer, append-only history.
+"""Model registry on the object store: immutable versions, aliases (``candidate``, ``production``), history.
+
+Versions and aliases follow MLflow's model registry (and Kubeflow Model Registry's model versions): a
+version is immutable, carries its metrics and lineage, and an alias is a movable name for one version.
+The pipeline sets ``candidate``; only ``craft promote`` (what CI runs) moves ``production``; rollback
+moves it back. An adapter to either registry maps name -> registered model, version -> model version
+(our id as a tag), alias -> alias.
 
 Layout under the registry root (``s3://<bucket>`` by default, see :class:`RegistryConfig`)::
 
@@ -8,8 +14,11 @@ Layout under the registry root (``s3://<bucket>`` by default, see :class:`Regist
         lineage.json                        dataset version, config, code version, parent
         MODEL_CARD.md                       human summary: metrics, lineage, intended use
         version.json                        {name, version, created, content_sha256, n_files}
-    models/<name>/production.json           the pointer: {version, previous, action, updated, actor, ...}
-    models/<name>/history/<ts>-<id>.json    one entry per pointer move, never rewritten
+    models/<name>/aliases/<alias>.json      an alias: {alias, version, previous, action, updated, actor, ...}
+    models/<name>/history/<ts>-<id>.json    one entry per alias move, never rewritten
+
+A version is refused without lineage naming its dataset version (``lineage.dataset.version``) and a
+passed validation (``lineage.validation.ok``): nothing unaudited can reach an alias.
 
 A version id is the first 12 hex digits of the sha256 of its content (weights manifest, metrics,
 lineage), so registering the same model twice is a no-op that returns the same id, and an upload
@@ -41,6 +50,8 @@ from craft.storage.objectstore import ObjectStore, ObjectStoreError, local_manif
 
 WEIGHTS = "weights"
 RESERVED = ("metrics.json", "lineage.json", "MODEL_CARD.md", "version.json")
+PRODUCTION = "production"
+CANDIDATE = "candidate"
 
 
 class _Any:
@@ -111,8 +122,14 @@ class Registry:
             raise RegistryError(f"{name}: {version!r} is not a version id (12 hex digits)")
         return f"{self._model(name)}/versions/{version}"
 
+    def alias_uri(self, name: str, alias: str) -> str:
+        if not alias or not all(c.isalnum() or c in "-_" for c in alias):
+            raise RegistryError(f"{name}: alias {alias!r}: use letters, digits, '-' or '_'")
+        return f"{self._model(name)}/aliases/{alias}.json"
+
     def pointer_uri(self, name: str) -> str:
-        return f"{self._model(name)}/production.json"
+        """The production alias (the pointer the gates protect)."""
+        return self.alias_uri(name, PRODUCTION)
 
     # ------------------------------------------------------------------ versions
     def register(
@@ -124,6 +141,7 @@ class Registry:
             raise RegistryError(f"{model_dir}: model directory does not exist")
         if not isinstance(metrics, dict) or not isinstance(lineage, dict):
             raise RegistryError(f"{name}: metrics and lineage must be JSON objects (dicts)")
+        check_lineage(name, lineage)
         files = local_manifest(model_dir)
         if not files:
             raise RegistryError(f"{model_dir}: empty model directory")
@@ -184,11 +202,21 @@ class Registry:
         self.store.download_dir(self.version_uri(name, version), dest)
         return Path(dest) / WEIGHTS
 
-    # ------------------------------------------------------------------ pointer
-    def get_production(self, name: str) -> dict[str, Any] | None:
-        """The production pointer of ``name`` or None when nothing was ever promoted."""
-        doc, _ = get_json_etag(self.store, self.pointer_uri(name))
+    # ------------------------------------------------------------------ aliases
+    def get_alias(self, name: str, alias: str) -> dict[str, Any] | None:
+        """The alias document of ``name`` or None when it was never set."""
+        doc, _ = get_json_etag(self.store, self.alias_uri(name, alias))
         return doc
+
+    def get_production(self, name: str) -> dict[str, Any] | None:
+        """The production alias of ``name`` or None when nothing was ever promoted."""
+        return self.get_alias(name, PRODUCTION)
+
+    def aliases(self, name: str) -> dict[str, dict[str, Any]]:
+        """Every alias of ``name``: {alias: document}."""
+        base = f"{self._model(name)}/aliases/"
+        return {uri[len(base) : -len(".json")]: self.store.get_json(uri)
+                for uri in self.store.list(base.rstrip("/")) if uri.endswith(".json")}  # fmt: skip
 
     def history(self, name: str) -> list[dict[str, Any]]:
         """Every pointer move of ``name``, oldest first."""
@@ -206,28 +234,45 @@ class Registry:
         details: dict[str, Any] | None = None,
         _action: str = "promote",
     ) -> dict[str, Any]:
-        """Point production at ``version``; returns the new pointer.
+        """Point the production alias at ``version`` (see :meth:`set_alias`); what ``craft promote`` calls."""
+        return self.set_alias(name, PRODUCTION, version, expected_current, actor=actor, reason=reason,
+                              details=details, _action=_action)  # fmt: skip
 
-        ``expected_current``: the production version the caller decided against (None: "nothing in
-        production yet"); a different current version raises :class:`ConcurrentUpdateError`. The write
-        itself is a compare-and-swap on the pointer's etag, so a move between our read and our write is
-        refused the same way.
+    def set_alias(
+        self,
+        name: str,
+        alias: str,
+        version: str,
+        expected_current: str | None = ANY,
+        *,
+        actor: str = "",
+        reason: str = "",
+        details: dict[str, Any] | None = None,
+        _action: str = "set",
+    ) -> dict[str, Any]:
+        """Point ``alias`` of ``name`` at ``version``; returns the new alias document.
+
+        ``expected_current``: the version the caller decided against (None: "alias not set yet"); a
+        different current version raises :class:`ConcurrentUpdateError`. The write itself is a
+        compare-and-swap on the alias object's etag, so a move between our read and our write is
+        refused the same way. Every move appends one history entry.
         """
         uri = self.version_uri(name, version)
         if not self.store.is_committed(uri):
-            raise RegistryError(f"{name}: cannot promote {version}: no committed version under {uri}")
-        current, etag = get_json_etag(self.store, self.pointer_uri(name))
+            raise RegistryError(f"{name}: cannot set {alias} to {version}: no committed version under {uri}")
+        current, etag = get_json_etag(self.store, self.alias_uri(name, alias))
         if current is not None:
             self._heal_history(name, current)
         current_version = current["version"] if current else None
         if expected_current is not ANY and expected_current != current_version:
             raise ConcurrentUpdateError(
-                f"{name}: production is {current_version or 'empty'}, expected {expected_current or 'empty'}; "
-                "re-run the gate against the current production model"
+                f"{name}: {alias} is {current_version or 'empty'}, expected {expected_current or 'empty'}; "
+                f"re-run the gate against the current {alias} model"
             )
         when = _now()
         pointer = {
             "model": name,
+            "alias": alias,
             "version": version,
             "previous": current_version,
             "action": _action,
@@ -236,11 +281,11 @@ class Registry:
             "reason": reason,
             "details": details or {},
         }
-        pointer["history_key"] = f"{when.strftime('%Y%m%dT%H%M%S%fZ')}-{version}.json"
+        pointer["history_key"] = f"{when.strftime('%Y%m%dT%H%M%S%fZ')}-{alias}-{version}.json"
         try:
-            put_json_conditional(self.store, self.pointer_uri(name), pointer, if_match=etag)
+            put_json_conditional(self.store, self.alias_uri(name, alias), pointer, if_match=etag)
         except PreconditionFailed as e:
-            raise ConcurrentUpdateError(f"{name}: production pointer moved while promoting {version}: {e}") from e
+            raise ConcurrentUpdateError(f"{name}: {alias} alias moved while setting it to {version}: {e}") from e
         self._write_history(name, pointer)
         return pointer
 
@@ -259,7 +304,7 @@ class Registry:
         )
 
     def _rollback_target(self, name: str, current: str) -> str:
-        entries = self.history(name)
+        entries = [e for e in self.history(name) if e.get("alias", PRODUCTION) == PRODUCTION]
         rolled_back = {e["previous"] for e in entries if e.get("action") == "rollback" and e.get("previous")}
         rolled_back.add(current)
         for e in reversed(entries):
@@ -278,6 +323,19 @@ class Registry:
         key = pointer.get("history_key")
         if key and not self.store.exists(f"{self._model(name)}/history/{key}"):
             self._write_history(name, pointer)
+
+
+def check_lineage(name: str, lineage: dict[str, Any]) -> None:
+    """Refuse a version whose lineage does not name its dataset version and a passed validation."""
+    dataset = lineage.get("dataset")
+    if not isinstance(dataset, dict) or not dataset.get("version"):
+        raise RegistryError(f"{name}: lineage has no dataset version (lineage.dataset.version); refusing to register")
+    validation = lineage.get("validation")
+    if not isinstance(validation, dict) or validation.get("ok") is not True:
+        raise RegistryError(
+            f"{name}: lineage does not record a passed validation of dataset {dataset.get('name')} "
+            f"{dataset['version']} (lineage.validation.ok); refusing to register"
+        )
 
 
 def _link_tree(src: Path, dst: Path) -> None:
