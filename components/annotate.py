@@ -7,7 +7,12 @@ from components.images import cpu_component
 
 @cpu_component()
 def annotate_op(
-    dataset: Input[Dataset], profile: str, overrides: list, annotations: Output[Dataset], metrics: Output[Metrics]
+    dataset: Input[Dataset],
+    profile: str,
+    overrides: list,
+    dataset_version: str,
+    annotations: Output[Dataset],
+    metrics: Output[Metrics],
 ):
     """Write annotations.parquet and checklists.json for the dataset with the profile's annotate backend."""
     from craft.annotate.run import annotate_step

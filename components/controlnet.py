@@ -7,7 +7,7 @@ from components.images import gpu_component
 
 @gpu_component()
 def controlnet_op(
-    base: Input[Model], dataset: Input[Dataset], condition: str, profile: str, overrides: list,
+    base: Input[Model], dataset: Input[Dataset], condition: str, profile: str, overrides: list, dataset_version: str,
     controlnet: Output[Model], metrics: Output[Metrics],
 ):  # fmt: skip
     """Train a ControlNet (mask or fluorescence -> H&E) on the frozen base model."""
@@ -20,7 +20,7 @@ def controlnet_op(
 @gpu_component()
 def controlnet_eval_op(
     crafts_controlnet: Input[Model], crafts_base: Input[Model], base_controlnet: Input[Model],
-    plain_base: Input[Model], dataset: Input[Dataset], profile: str, overrides: list, triplets: Output[HTML],
+    plain_base: Input[Model], dataset: Input[Dataset], profile: str, overrides: list, dataset_version: str, triplets: Output[HTML],
     metrics: Output[Metrics], evaluator: Input[Model] = None,
 ):  # fmt: skip
     """Compare the CRAFTS ControlNet with the one on the plain base: paired metrics, FID, mask adherence, triplets."""

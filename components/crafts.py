@@ -9,6 +9,7 @@ from components.images import gpu_component
 def pretrain_op(
     profile: str,
     overrides: list,
+    dataset_version: str,
     base_uri: str,
     dataset: Input[Dataset],
     model: Output[Model],
@@ -25,6 +26,7 @@ def pretrain_op(
 def finetune_op(
     profile: str,
     overrides: list,
+    dataset_version: str,
     dataset: Input[Dataset],
     base: Input[Model],
     model: Output[Model],

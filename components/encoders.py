@@ -11,6 +11,7 @@ def encoder_op(
     role: str,
     profile: str,
     overrides: list,
+    dataset_version: str,
     encoder: Output[Model],
     metrics: Output[Metrics],
     annotations: Input[Dataset] = None,
@@ -25,7 +26,7 @@ def encoder_op(
 
 @gpu_component()
 def probe_op(
-    encoder: Input[Model], dataset: Input[Dataset], profile: str, overrides: list, probe: Output[Model],
+    encoder: Input[Model], dataset: Input[Dataset], profile: str, overrides: list, dataset_version: str, probe: Output[Model],
     metrics: Output[Metrics],
 ):  # fmt: skip
     """Train the DD linear probe on the frozen encoder's embeddings of the real training images."""

@@ -9,6 +9,7 @@ from components.images import gpu_component
 def reward_op(
     profile: str,
     overrides: list,
+    dataset_version: str,
     base: Input[Model],
     dataset: Input[Dataset],
     annotations: Input[Dataset],
@@ -30,6 +31,7 @@ def reward_op(
 def ti_op(
     profile: str,
     overrides: list,
+    dataset_version: str,
     base: Input[Model],
     dataset: Input[Dataset],
     model: Output[Model],
@@ -46,6 +48,7 @@ def ti_op(
 def ti_lora_op(
     profile: str,
     overrides: list,
+    dataset_version: str,
     base: Input[Model],
     dataset: Input[Dataset],
     annotations: Input[Dataset],
@@ -66,6 +69,7 @@ def ti_lora_op(
 def dpo_op(
     profile: str,
     overrides: list,
+    dataset_version: str,
     base: Input[Model],
     dataset: Input[Dataset],
     annotations: Input[Dataset],

@@ -2,11 +2,17 @@
 
 No `from __future__ import annotations` in this file or components/: KFP reads the real annotations.
 
-    data -> validate -> annotate -> [pretrain -> finetune] -> encoders (critic, evaluator) -> probes
-    -> {CRAFT, TI, TI+LoRA, DPO} -> [ControlNet] -> evaluate -> gate -> (if passed) register
+    dataset-version -> data -> validate -> annotate -> [pretrain -> finetune] -> encoders (critic, evaluator)
+    -> probes -> {CRAFT, TI, TI+LoRA, DPO} -> [ControlNet] -> champion -> evaluate -> gate
+    -> (if passed) register as candidate
 
 Every task takes the profile name and the pipeline-wide overrides (``stage.key=value``) so one UI form
-drives all of them. Which optional tasks exist is the profile's ``pipeline`` section (craft.plan), read
+drives all of them; overrides naming ``gates.*``, ``registry.*`` or a ``*_env`` field are refused when the
+pipeline is compiled and by every step at run time. ``dataset-version`` (never cached) resolves the
+dataset URI to its content version and every data-reading task takes that version as an input, so a new
+dataset version is a new cache key everywhere (kubeflow/pipelines issue 4857). ``champion`` downloads the
+production model so that ``evaluate`` scores it beside the candidate; ``register`` records a candidate
+and never moves production (``craft promote``, run by CI, does). Which optional tasks exist is the profile's ``pipeline`` section (craft.plan), read
 when the pipeline is built: ``craft pipeline compile --profile P`` or ``craft demo --profile P``.
 """
 
@@ -17,10 +23,10 @@ from kfp import compiler, dsl
 from components.annotate import annotate_op
 from components.controlnet import controlnet_eval_op, controlnet_op
 from components.crafts import finetune_op, pretrain_op
-from components.data import import_model_op, prepare_data_op, validate_op
+from components.data import dataset_version_op, import_model_op, prepare_data_op, validate_op
 from components.encoders import encoder_op, probe_op
 from components.evaluate import evaluate_op
-from components.promote import gate_op, register_op
+from components.promote import champion_op, gate_op, register_op
 from components.reward import dpo_op, reward_op, ti_lora_op, ti_op
 from craft.plan import PipelinePlan
 from pipelines.resources import apply_resources, settings_for
@@ -40,15 +46,33 @@ def _step(task, name: str, resources: str | None = None):
     return task
 
 
-def build_pipeline(plan: PipelinePlan | None = None, controlnet_conditions: tuple[str, ...] = ()):
-    """The pipeline function for ``plan`` (which optional tasks exist); compile it or call it under kfp.local."""
+def pipeline_name(profile: str | None) -> str:
+    """The KFP pipeline name of a profile's plan: ``craft-<profile>`` (one pipeline per profile)."""
+    return f"{PIPELINE_NAME}-{Path(profile).stem}" if profile else PIPELINE_NAME
+
+
+def build_pipeline(
+    plan: PipelinePlan | None = None,
+    controlnet_conditions: tuple[str, ...] = (),
+    *,
+    name: str = PIPELINE_NAME,
+    pipeline_version: str = "",
+):
+    """The pipeline function for ``plan`` (which optional tasks exist); compile it or call it under kfp.local.
+
+    ``pipeline_version`` (profile and code version, fixed at compile time) is recorded in the lineage of
+    what the run registers.
+    """
+    from craft.version import code_version
+
     plan = plan or PipelinePlan()
+    pipeline_version = pipeline_version or f"{name}@{code_version()}"
     plan.validate()
     if controlnet_conditions and plan.foundation != "train":
         raise ValueError("controlnet: the comparison with the plain base needs the stage-1 model (foundation: train)")
 
     @dsl.pipeline(
-        name=PIPELINE_NAME,
+        name=name,
         description="CRAFTS foundation training + CRAFT clinical reward finetuning, evaluation and gated promotion.",
     )
     def craft_pipeline(
@@ -70,12 +94,14 @@ def build_pipeline(plan: PipelinePlan | None = None, controlnet_conditions: tupl
             model_name: registry name gated and promoted by this run; empty = the profile's name.
         """
         common = {"profile": profile, "overrides": overrides}
-        data = _step(prepare_data_op(dataset_uri=dataset_uri, **common), "data")
+        version = _step(dataset_version_op(dataset_uri=dataset_uri, **common), "dataset-version")
+        common_data = {**common, "dataset_version": version.output}  # tasks that read the data
+        data = _step(prepare_data_op(dataset_uri=dataset_uri, **common_data), "data")
         dataset = data.outputs["dataset"]
-        validate = _step(validate_op(dataset=dataset, **common), "validate")
+        validate = _step(validate_op(dataset=dataset, **common_data), "validate")
         if plan.until == "validate":
             return
-        annotate = _step(annotate_op(dataset=dataset, **common), "annotate")
+        annotate = _step(annotate_op(dataset=dataset, **common_data), "annotate")
         annotate.after(validate)  # never spend MLLM requests on a dataset that failed validation
         annotations = annotate.outputs["annotations"]
         if plan.until == "annotate":
@@ -83,10 +109,10 @@ def build_pipeline(plan: PipelinePlan | None = None, controlnet_conditions: tupl
 
         stage1 = None
         if plan.foundation == "train":
-            pretrain = _step(pretrain_op(base_uri=base_uri, dataset=dataset, **common), "pretrain")
+            pretrain = _step(pretrain_op(base_uri=base_uri, dataset=dataset, **common_data), "pretrain")
             pretrain.after(validate)
             stage1 = pretrain.outputs["model"]
-            finetune = _step(finetune_op(dataset=dataset, base=stage1, **common), "finetune")
+            finetune = _step(finetune_op(dataset=dataset, base=stage1, **common_data), "finetune")
             base = finetune.outputs["model"]
         else:
             base = _step(import_model_op(uri=base_uri), "import-foundation", "data").outputs["model"]
@@ -94,7 +120,7 @@ def build_pipeline(plan: PipelinePlan | None = None, controlnet_conditions: tupl
         if plan.encoders == "train":
             roles = {
                 role: _step(
-                    encoder_op(dataset=dataset, role=role, annotations=annotations, **common), role, "encoders"
+                    encoder_op(dataset=dataset, role=role, annotations=annotations, **common_data), role, "encoders"
                 )
                 for role in ("critic", "evaluator")
             }
@@ -102,16 +128,16 @@ def build_pipeline(plan: PipelinePlan | None = None, controlnet_conditions: tupl
         else:
             critic = _step(import_model_op(uri=plan.critic_uri), "import-critic", "data").outputs["model"]
             evaluator = _step(import_model_op(uri=plan.evaluator_uri), "import-evaluator", "data").outputs["model"]
-        critic_probe = _step(probe_op(encoder=critic, dataset=dataset, **common), "critic-probe", "probe")
-        eval_probe = _step(probe_op(encoder=evaluator, dataset=dataset, **common), "evaluator-probe", "probe")
+        critic_probe = _step(probe_op(encoder=critic, dataset=dataset, **common_data), "critic-probe", "probe")
+        eval_probe = _step(probe_op(encoder=evaluator, dataset=dataset, **common_data), "evaluator-probe", "probe")
 
         variants = {}
         if "ti" in plan.baselines:
-            ti = _step(ti_op(base=base, dataset=dataset, **common), "ti", "baselines")
+            ti = _step(ti_op(base=base, dataset=dataset, **common_data), "ti", "baselines")
             variants["ti"] = ti.outputs["model"]
         if "ti_lora" in plan.baselines:
             ti_lora = _step(
-                ti_lora_op(base=base, dataset=dataset, annotations=annotations, ti=variants["ti"], **common),
+                ti_lora_op(base=base, dataset=dataset, annotations=annotations, ti=variants["ti"], **common_data),
                 "ti-lora",
                 "baselines",
             )
@@ -119,7 +145,7 @@ def build_pipeline(plan: PipelinePlan | None = None, controlnet_conditions: tupl
         if "dpo" in plan.baselines:
             dpo = _step(
                 dpo_op(base=base, dataset=dataset, annotations=annotations, critic=critic,
-                       probe=critic_probe.outputs["probe"], start=variants["ti_lora"], **common),
+                       probe=critic_probe.outputs["probe"], start=variants["ti_lora"], **common_data),
                 "dpo",
                 "baselines",
             )  # fmt: skip
@@ -127,37 +153,39 @@ def build_pipeline(plan: PipelinePlan | None = None, controlnet_conditions: tupl
         start = {"start": variants["ti_lora"]} if plan.craft_start == "ti_lora" else {}
         craft = _step(
             reward_op(base=base, dataset=dataset, annotations=annotations, critic=critic,
-                      probe=critic_probe.outputs["probe"], **start, **common),
+                      probe=critic_probe.outputs["probe"], **start, **common_data),
             "craft",
         )  # fmt: skip
 
         if stage1 is not None:
             variants["stage1"] = stage1  # CRAFTS stage 1 alone, evaluated beside stage 2 (the zero-shot base)
         for condition in controlnet_conditions:
-            on_crafts = _step(controlnet_op(base=base, dataset=dataset, condition=condition, **common),
+            on_crafts = _step(controlnet_op(base=base, dataset=dataset, condition=condition, **common_data),
                               f"controlnet-{condition}", "controlnet")  # fmt: skip
-            on_plain = _step(controlnet_op(base=stage1, dataset=dataset, condition=condition, **common),
+            on_plain = _step(controlnet_op(base=stage1, dataset=dataset, condition=condition, **common_data),
                              f"controlnet-{condition}-plain-base", "controlnet")  # fmt: skip
             _step(
                 controlnet_eval_op(crafts_controlnet=on_crafts.outputs["controlnet"], crafts_base=base,
                                    base_controlnet=on_plain.outputs["controlnet"], plain_base=stage1,
-                                   dataset=dataset, evaluator=evaluator, **common),
+                                   dataset=dataset, evaluator=evaluator, **common_data),
                 f"controlnet-{condition}-eval",
                 "evaluate",
             )  # fmt: skip
 
+        champion = _step(champion_op(model_name=model_name, **common), "champion")
         evaluate = _step(
             evaluate_op(dataset=dataset, annotations=annotations, evaluator=evaluator,
                         evaluator_probe=eval_probe.outputs["probe"], critic=critic,
                         critic_probe=critic_probe.outputs["probe"], base=base, craft=craft.outputs["model"],
-                        **variants, **common),
+                        champion=champion.outputs["champion"], **variants, **common_data),
             "evaluate",
         )  # fmt: skip
         gate = _step(gate_op(results=evaluate.outputs["results"], model_name=model_name, **common), "gate")
         with dsl.If(gate.outputs["Output"] == True, name="gates-passed"):  # noqa: E712  (KFP condition)
             _step(
                 register_op(base=base, adapter=craft.outputs["model"], results=evaluate.outputs["results"],
-                            model_name=model_name, **common),
+                            dataset=dataset, validation=validate.outputs["validation"], model_name=model_name,
+                            pipeline_version=pipeline_version, **common),
                 "register",
             )  # fmt: skip
 
@@ -166,8 +194,9 @@ def build_pipeline(plan: PipelinePlan | None = None, controlnet_conditions: tupl
 
 def pipeline_for_profile(profile: str | None, overrides: list[str] = ()):
     """Build the pipeline from ``profile``'s plan (the ``pipeline`` and ``controlnet`` sections + overrides)."""
-    from craft.config import load_profile, load_stage_config
+    from craft.config import check_run_overrides, load_profile, load_stage_config
 
+    overrides = check_run_overrides(overrides)
     if not profile:
         return build_pipeline()
     plan = load_stage_config("pipeline", profile, overrides)
@@ -175,7 +204,7 @@ def pipeline_for_profile(profile: str | None, overrides: list[str] = ()):
     if "controlnet" in load_profile(profile) and plan.until == "all":
         cn = load_stage_config("controlnet", profile, overrides)
         conditions = tuple(cn.conditions) if cn.enabled else ()
-    return build_pipeline(plan, conditions)
+    return build_pipeline(plan, conditions, name=pipeline_name(profile))
 
 
 def compile_pipeline(output: str | Path, profile: str | None = DEFAULT_PROFILE) -> Path:

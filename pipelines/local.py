@@ -37,7 +37,14 @@ def object_store(root: Path) -> Iterator[str]:
                 os.environ[k] = v
 
 
-def run_local(profile: str, overrides: list[str], root: str | Path, dataset_uri: str = "") -> dict[str, Any]:
+def run_local(
+    profile: str,
+    overrides: list[str],
+    root: str | Path,
+    dataset_uri: str = "",
+    model_name: str = "",
+    base_uri: str = "",
+) -> dict[str, Any]:
     """Run the pipeline built from ``profile``'s plan with kfp.local's SubprocessRunner; return a summary of every task.
 
     The summary holds the run folder, each task's status, duration and logged metrics, and the
@@ -47,12 +54,14 @@ def run_local(profile: str, overrides: list[str], root: str | Path, dataset_uri:
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     with object_store(root) as endpoint:
-        summary = _run(profile, overrides, root, dataset_uri)
+        summary = _run(profile, overrides, root, dataset_uri, model_name, base_uri)
     summary["object_store"] = endpoint
     return summary
 
 
-def _run(profile: str, overrides: list[str], root: Path, dataset_uri: str) -> dict[str, Any]:
+def _run(
+    profile: str, overrides: list[str], root: Path, dataset_uri: str, model_name: str, base_uri: str
+) -> dict[str, Any]:
     from kfp import local
 
     from pipelines.craft_pipeline import pipeline_for_profile
@@ -63,7 +72,8 @@ def _run(profile: str, overrides: list[str], root: Path, dataset_uri: str) -> di
     start = time.time()
     error: Exception | None = None
     try:
-        pipeline_for_profile(profile, overrides)(profile=profile, overrides=list(overrides), dataset_uri=dataset_uri)
+        pipeline_for_profile(profile, overrides)(profile=profile, overrides=list(overrides), dataset_uri=dataset_uri,
+                                                 model_name=model_name, base_uri=base_uri)  # fmt: skip
     except Exception as e:  # summarise what ran, then re-raise below
         error = e
     new = sorted(
@@ -71,11 +81,33 @@ def _run(profile: str, overrides: list[str], root: Path, dataset_uri: str) -> di
     )
     summary = summarize_run(new[-1]) if new else {"run_dir": None, "tasks": []}
     summary.update(profile=profile, wall_s=round(time.time() - start, 1), ok=error is None)
+    summary["decision"] = decision_line(Path(summary["run_dir"]) if summary["run_dir"] else None, error)
     if error is not None:
         summary["error"] = str(error)
         print(format_summary(summary))
         raise error
     return summary
+
+
+def decision_line(run_dir: Path | None, error: Exception | None = None) -> str:
+    """The one line a run ends with: registered as candidate (version), or refused and why."""
+    registered = sorted(run_dir.rglob("registered.json")) if run_dir else []
+    if registered:
+        return json.loads(registered[-1].read_text())["line"]
+    decisions = sorted(run_dir.rglob("decision.json")) if run_dir else []
+    if decisions:
+        d = json.loads(decisions[-1].read_text())
+        if not d.get("passed"):
+            return f"{d.get('model')}: candidate REFUSED by the gates: {d.get('failures')}; nothing registered"
+    reports = [p for p in (run_dir.rglob("report.json") if run_dir else []) if "validat" in str(p.parent)]
+    for r in reports:
+        doc = json.loads(r.read_text())
+        if doc.get("ok") is False:
+            n = len(doc.get("failures") or [])
+            return f"dataset REFUSED by validation ({n} failures, report {r.parent}); nothing trained or registered"
+    if error is not None:
+        return f"run FAILED before the gate ({str(error).splitlines()[0][:300]}); nothing registered"
+    return "no gate decision found in the run folder"
 
 
 def summarize_run(run_dir: Path) -> dict[str, Any]:
@@ -118,4 +150,6 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"run folder: {summary.get('run_dir')}")
     for r in summary.get("reports", []):
         lines.append(f"report: {r}")
+    if summary.get("decision"):
+        lines.append(summary["decision"])  # last: the one line a user looks for
     return "\n".join(lines)

@@ -55,6 +55,8 @@ _GPU = {
     "caching": False,
 }
 DEFAULT_RESOURCES: dict[str, dict[str, Any]] = {
+    # never cached: it reads the dataset's latest pointer, and its output is every data step's cache key
+    "dataset-version": dict(_CPU, caching=False),
     "data": dict(_CPU),
     "validate": dict(_CPU),
     "annotate": dict(_CPU, mllm_secret="craft-mllm", caching=False),
@@ -66,6 +68,7 @@ DEFAULT_RESOURCES: dict[str, dict[str, Any]] = {
     "craft": dict(_GPU),
     "controlnet": dict(_GPU),
     "evaluate": dict(_GPU, memory="32Gi"),
+    "champion": dict(_CPU, caching=False),  # production moves between runs
     "gate": dict(_CPU, cpu="500m", memory="1Gi", retries=0, caching=False),
     "register": dict(_CPU, retries=3, caching=False),
 }
