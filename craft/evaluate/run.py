@@ -519,6 +519,7 @@ def main(
     critic_weights: dict[str, float] | None = None,
     audit_judge=None,
     champion_version: str | None = None,
+    gates=None,
 ) -> dict[str, Any]:
     """Evaluate ``variants`` ({name: "real" | model dir | VariantSpec | {"model", "adapter"}}); returns metrics.json's dict.
 
@@ -832,6 +833,11 @@ def main(
     if CHAMPION in out_variants:
         metrics["champion"] = {**gate_block(CHAMPION, out_variants[CHAMPION]), "version": champion_version}
     metrics["zero_shot"] = gate_block(ZERO_SHOT, out_variants[ZERO_SHOT]) if ZERO_SHOT in out_variants else None
+    if gates is not None and cand is not None:  # the verdict report.html opens with (craft.promote.decide)
+        from craft.promote import decide, gate_view
+
+        d = decide(gate_view(metrics), gates)
+        metrics["gate_verdict"] = {"passed": d.passed, "failures": d.failure_text(), "results": d.to_dict()["results"]}
     metrics["seconds"] = time.time() - t0
     metrics = _finite(metrics)
 
@@ -919,7 +925,18 @@ def write_report(out_dir: Path, metrics: dict, per_image: pd.DataFrame, images: 
                    "image-image cos": d["fidelity"].get("image_image"), "image-text cos": d["fidelity"].get("image_text"),
                    "silhouette": d["fidelity"].get("silhouette"), "diversity": d["fidelity"].get("diversity")}
                   for v, d in V.items()])  # fmt: skip
-    tables: dict[str, Any] = {
+    tables: dict[str, Any] = {}
+    verdict = metrics.get("gate_verdict")
+    if verdict:  # first: the decision and the champion-vs-challenger numbers it rests on
+        champ = (metrics.get("champion") or {}).get("version") or "none in production"
+        word = "PASSED: registered as a candidate" if verdict["passed"] else f"REFUSED: {verdict['failures']}"
+        tables[f"Verdict of the gates: {word} (champion: {champ})"] = _frame(
+            [{"gate": r["name"], "result": "skip" if r["skipped"] else "PASS" if r["passed"] else "FAIL",
+              "candidate": r["candidate"], "champion": r["production"],
+              "zero-shot": (metrics.get("zero_shot") or {}).get(r["name"]), "threshold": r["threshold"],
+              "note": r["message"]} for r in verdict["results"]]
+        )  # fmt: skip
+    tables |= {
         "Clinical alignment under the evaluator (CRAFT Table 1 shape)": t1,
         "Low-alignment tail (CRAFT Table 14 shape; rate = share strictly below the real P25)": t14,
         "Fidelity in the evaluator's embedding (CRAFTS eqs. 16-21)": fid,
@@ -1025,7 +1042,7 @@ def evaluate_step(dataset_dir, annotations_dir, evaluator_dir, evaluator_probe_d
     critic_identity = load_encoder(critic_dir).identity if critic_dir else None
     metrics = main(cfg, dataset_dir, annotations_dir, specs, evaluator_dir, evaluator_probe_dir, out_dir,
                    critic_identity=critic_identity, critic_dir=critic_dir, critic_probe_dir=critic_probe_dir,
-                   champion_version=champion_version)  # fmt: skip
+                   champion_version=champion_version, gates=load_stage_config("gates", profile, []))  # fmt: skip
     if report_file:
         Path(report_file).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(out_dir) / "report.html", report_file)
