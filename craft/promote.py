@@ -323,7 +323,7 @@ def promote_version(
     current_version = current["version"] if current else None
     evaluated = (view["champion"] or {}).get("version")
     decision = decide(view, cfg)
-    if evaluated != current_version:
+    if evaluated != current_version and version != current_version:
         stale = GateResult("champion", False, None, None, None,
                            f"evaluated against champion {evaluated or '(none)'}, but production is now "
                            f"{current_version or '(none)'}: re-run the pipeline to compare with it")  # fmt: skip

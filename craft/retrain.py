@@ -178,7 +178,7 @@ def main(
                     action, message = "already-claimed", f"{cfg.model}: another invocation updated the run first"
             base.action, base.marker, base.message = action, updated or existing, message
             return base
-        claim["attempts"] = list(existing.get("attempts") or [])
+        claim["attempts"] = list((decision[2] if len(decision) > 2 else existing).get("attempts") or [])
         claim["takeover"] = {"from": existing.get("owner"), "reason": decision[1]}
         try:
             etag = put_json_conditional(registry.store, uri, claim, if_match=old_etag)
@@ -257,6 +257,8 @@ def _reconcile(cfg: RetrainConfig, marker: dict[str, Any], now: datetime, run_st
             return ("invalid", f"{who}: run {run_id} stopped at validation; recorded, not retried", updated)
         state = "failed"
         marker = updated
+        if len(attempts) < cfg.max_attempts:  # restart, keeping the failed attempt recorded as failed
+            return ("restart", f"run {run_id} failed (attempt {len(attempts)} of {cfg.max_attempts})", updated)
     if state == "succeeded":
         return ("done", f"{who}: a run for it succeeded already ({(marker.get('run') or {}).get('run_id')})", None)
     if state == "invalid":

@@ -136,3 +136,51 @@ def test_dotted_override_changes_one_entry_of_a_default_mapping():
     assert cfg.reward_weights == {**DEFAULT_REWARD_WEIGHTS, "vdc": 0.0}  # leave-one-out keeps the others
     again = load_stage_config("reward", "demo-histo", [])
     assert again.reward_weights == DEFAULT_REWARD_WEIGHTS  # the default mapping itself was not mutated
+
+
+@pytest.mark.parametrize(
+    "item, why",
+    [
+        ("gates.cas.absolute=0", "promotion gates"),
+        ("gates.near_duplicates.enabled=false", "promotion gates"),
+        ("registry.root=s3://elsewhere", "model registry"),
+        ("annotate.api_key_env=MY_KEY", "'api_key_env'"),
+        ("api_key_env=MY_KEY", "'api_key_env'"),
+        ("dpo.judge.api_key_env=MY_KEY", "'api_key_env'"),
+    ],
+)
+def test_protected_overrides_are_refused(item, why):
+    assert why in config.protected_override(item)
+    with pytest.raises(ConfigError, match="refused"):
+        config.check_run_overrides(["data.n=64", item])
+
+
+def test_ordinary_run_overrides_pass():
+    items = ("reward.loop.steps=10", "data.n=64", "validate.min_per_class=1", "pipeline.until=validate")
+    for item in items:
+        assert config.protected_override(item) is None
+    assert config.check_run_overrides(items) == list(items)  # returned as a list
+    assert config.check_run_overrides(None) == []
+    assert config.protected_override("data.environment=x") is None  # only a field *ending* in _env is protected
+    with pytest.raises(ConfigError, match="not of the form stage.key=value"):
+        config.check_run_overrides(["data.n"])
+
+
+@pytest.mark.parametrize("item", ["gates.cas.absolute=0", "registry.root=s3://elsewhere", "toy.name_env=X"])
+def test_every_stage_refuses_protected_overrides(toy_stage, item):
+    """A qualified gates.* / registry.* / *_env override is refused by whichever stage loads the list."""
+    with pytest.raises(ConfigError, match="refused"):
+        load_stage_config("toy", toy_stage, ["steps=2", item])
+    with pytest.raises(ConfigError, match="refused"):
+        load_stage_config("data", "demo-histo", [item])
+
+
+def test_bundled_stages_refuse_protected_overrides():
+    with pytest.raises(ConfigError, match="promotion gates"):
+        load_stage_config("gates", "demo-histo", ["gates.cas.absolute=0.01"])  # not even by the gates stage
+    with pytest.raises(ConfigError, match="model registry"):
+        load_stage_config("registry", "demo-histo", ["registry.root=s3://elsewhere"])
+    with pytest.raises(ConfigError, match="api_key_env"):
+        load_stage_config("annotate", "demo-histo", ["api_key_env=ATTACKER_KEY"])  # unqualified too
+    # the overrides that are not protected still route as before
+    assert load_stage_config("data", "demo-histo", ["data.seed=7", "reward.loop.steps=1"]).seed == 7

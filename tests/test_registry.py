@@ -15,6 +15,11 @@ from craft.storage.registry import ConcurrentUpdateError, Registry, RegistryConf
 FAST = StorageConfig(retries=2, backoff_s=0.01)
 
 
+def lineage(dataset_version: str = "0123456789abcdef", **extra) -> dict:
+    """The least a version must carry: its dataset version and a passed validation (check_lineage)."""
+    return {"dataset": {"name": "d", "version": dataset_version}, "validation": {"ok": True}, **extra}
+
+
 def make_model(root: Path, seed: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "unet").mkdir(exist_ok=True)
@@ -67,28 +72,81 @@ def test_only_one_concurrent_creator_wins(registry):
 def test_register_is_content_addressed_and_complete(registry, tmp_path):
     model = make_model(tmp_path / "m1", 1)
     metrics = {"cas": 0.61, "near_duplicates": 0}
-    lineage = {"dataset_version": "abc.dir", "parent": None}
-    v1 = registry.register("histo", model, metrics, lineage)
+    lin = lineage(parent=None)
+    v1 = registry.register("histo", model, metrics, lin)
     assert len(v1) == 12
-    assert registry.register("histo", model, metrics, lineage) == v1  # idempotent
-    v2 = registry.register("histo", make_model(tmp_path / "m2", 2), metrics, lineage)
+    assert registry.register("histo", model, metrics, lin) == v1  # idempotent
+    v2 = registry.register("histo", make_model(tmp_path / "m2", 2), metrics, lin)
     assert v2 != v1
     assert [v["version"] for v in registry.list_versions("histo")] in ([v1, v2], [v2, v1])
     assert {v["version"] for v in registry.list_versions("histo")} == {v1, v2}
     info = registry.get_version("histo", v1)
-    assert info["metrics"] == metrics and info["lineage"] == lineage
+    assert info["metrics"] == metrics and info["lineage"] == lin
     weights = registry.download("histo", v1, tmp_path / "dl")
     assert (weights / "unet" / "weights.bin").read_bytes() == (model / "unet" / "weights.bin").read_bytes()
     card = (tmp_path / "dl" / "MODEL_CARD.md").read_text()
-    assert v1 in card and "cas | 0.61" in card and "dataset_version: abc.dir" in card
+    assert v1 in card and "cas | 0.61" in card and '"version": "0123456789abcdef"' in card
     with pytest.raises(RegistryError, match="no committed version"):
         registry.get_version("histo", "0123456789ab")
     with pytest.raises(RegistryError, match="model name"):
-        registry.register("../evil", model, metrics, lineage)
+        registry.register("../evil", model, metrics, lin)
+
+
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        ({"dataset_version": "0123456789abcdef"}, "no dataset version"),  # the old flat key is not enough
+        ({"dataset": {"name": "d"}, "validation": {"ok": True}}, "no dataset version"),
+        ({"dataset": "0123456789abcdef", "validation": {"ok": True}}, "no dataset version"),
+        ({"dataset": {"name": "d", "version": "0123456789abcdef"}}, "passed validation"),
+        ({"dataset": {"name": "d", "version": "0123456789abcdef"}, "validation": {"ok": False}}, "passed validation"),
+        ({"dataset": {"name": "d", "version": "0123456789abcdef"}, "validation": {"ok": "true"}}, "passed validation"),
+    ],
+)
+def test_register_refuses_unaudited_lineage(registry, tmp_path, bad, needle):
+    """No dataset version or no passed validation in the lineage: refused before anything is uploaded."""
+    with pytest.raises(RegistryError, match=needle):
+        registry.register("audit", make_model(tmp_path / "m", 1), {"cas": 0.6}, bad)
+    assert registry.list_versions("audit") == []
+    assert registry.store.list(f"{registry.root}/models/audit") == []
+
+
+def test_candidate_and_production_aliases_are_independent(registry, tmp_path):
+    vs = [registry.register("a", make_model(tmp_path / f"a{i}", i), {"cas": i}, lineage()) for i in range(3)]
+    assert registry.get_alias("a", "candidate") is None and registry.aliases("a") == {}
+    cand = registry.set_alias("a", "candidate", vs[0], expected_current=None, actor="pipeline")
+    assert cand["alias"] == "candidate" and cand["action"] == "set" and cand["previous"] is None
+    assert registry.get_production("a") is None  # setting the candidate moves nothing else
+    registry.promote("a", vs[0], expected_current=None)
+    registry.set_alias("a", "candidate", vs[1], expected_current=vs[0])
+    registry.set_alias("a", "candidate", vs[2])
+    assert registry.get_production("a")["version"] == vs[0]
+    assert registry.alias_uri("a", "production") == registry.pointer_uri("a")
+    assert registry.pointer_uri("a") == f"{registry.root}/models/a/aliases/production.json"
+    assert {k: d["version"] for k, d in registry.aliases("a").items()} == {"candidate": vs[2], "production": vs[0]}
+    with pytest.raises(ConcurrentUpdateError, match="candidate is"):
+        registry.set_alias("a", "candidate", vs[0], expected_current=vs[1])  # the candidate moved meanwhile
+    with pytest.raises(RegistryError, match="alias"):
+        registry.set_alias("a", "../production", vs[0])
+    with pytest.raises(RegistryError, match="no committed version"):
+        registry.set_alias("a", "candidate", "0123456789ab")
+    registry.promote("a", vs[1], expected_current=vs[0])
+    # every move is in the history with its alias; rollback walks production's moves only
+    assert [(h["alias"], h["version"]) for h in registry.history("a")] == [
+        ("candidate", vs[0]),
+        ("production", vs[0]),
+        ("candidate", vs[1]),
+        ("candidate", vs[2]),
+        ("production", vs[1]),
+    ]
+    assert registry.rollback("a")["version"] == vs[0]  # not vs[2], the last candidate
+    with pytest.raises(RegistryError, match="no earlier production"):
+        registry.rollback("a")
+    assert registry.get_alias("a", "candidate")["version"] == vs[2]  # a rollback leaves the candidate alone
 
 
 def test_promote_rollback_and_history(registry, tmp_path):
-    vs = [registry.register("m", make_model(tmp_path / f"m{i}", i), {"cas": i}, {"i": i}) for i in range(3)]
+    vs = [registry.register("m", make_model(tmp_path / f"m{i}", i), {"cas": i}, lineage(i=i)) for i in range(3)]
     assert registry.get_production("m") is None
     with pytest.raises(RegistryError, match="nothing in production"):
         registry.rollback("m")
@@ -118,7 +176,7 @@ def test_promote_rollback_and_history(registry, tmp_path):
 
 
 def test_concurrent_promotions_one_winner(registry, tmp_path):
-    vs = [registry.register("c", make_model(tmp_path / f"c{i}", i), {"cas": i}, {}) for i in range(5)]
+    vs = [registry.register("c", make_model(tmp_path / f"c{i}", i), {"cas": i}, lineage()) for i in range(5)]
     registry.promote("c", vs[0])
     results = {}
 
@@ -141,7 +199,7 @@ def test_concurrent_promotions_one_winner(registry, tmp_path):
 
 
 def test_history_healed_after_crash_between_pointer_and_entry(registry, tmp_path, monkeypatch):
-    vs = [registry.register("h", make_model(tmp_path / f"h{i}", i), {}, {}) for i in range(2)]
+    vs = [registry.register("h", make_model(tmp_path / f"h{i}", i), {}, lineage()) for i in range(2)]
     monkeypatch.setattr(Registry, "_write_history", lambda self, name, pointer: None)  # "crash" after pointer
     registry.promote("h", vs[0])
     monkeypatch.undo()
@@ -157,7 +215,7 @@ def test_open_registry_from_environment(s3_env, monkeypatch, tmp_path):
     monkeypatch.setenv("CRAFT_REGISTRY", f"s3://{bucket}/team")
     reg = open_registry(storage=FAST)
     assert reg.root == f"s3://{bucket}/team"
-    v = reg.register("e", make_model(tmp_path / "e", 5), {}, {})
+    v = reg.register("e", make_model(tmp_path / "e", 5), {}, lineage())
     assert reg.store.is_committed(f"s3://{bucket}/team/models/e/versions/{v}")
 
 
