@@ -1,4 +1,4 @@
-"""craft validate: a clean dataset passes; each defect of issue 2 ("Done when") is refused, naming row and file."""
+"""craft validate: a clean dataset passes; each defect of issue 2 ("Done when") is refused, naming row, image id and file."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from craft.data.manifest import DatasetMeta, read_manifest, write_manifest, write_meta
-from craft.data.validate import ValidateConfig, main, validate
+from craft.data.validate import PHASH_BITS, ValidateConfig, main, phash, validate
 
 CLASSES = ["benign", "malignant"]
 
@@ -23,6 +23,23 @@ def _png(path: Path, seed: int, size: int = 16, mode: str = "RGB") -> None:
     rng = np.random.default_rng(seed)
     shape = (size, size, 3) if mode == "RGB" else (size, size)
     Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+
+
+def _natural(path: Path | None, seed: int, size: int = 96) -> Image.Image:
+    """A photo-like RGB image (1/f noise, the spectrum of natural images; saved when ``path``): what pHash is for.
+
+    Not ``_png``'s white noise, whose fine detail a re-encode destroys; nor a blob on a gradient, whose
+    DCT is so nearly zero past the first few frequencies that the median-thresholded bits are noise.
+    """
+    rng = np.random.default_rng(seed)
+    f = np.hypot(*np.meshgrid(np.fft.fftfreq(size), np.fft.fftfreq(size)))
+    f[0, 0] = 1.0
+    img = np.real(np.fft.ifft2((rng.normal(size=(3, size, size)) + 1j * rng.normal(size=(3, size, size))) / f))
+    img = (img - img.mean()) / img.std() * 40 + 128
+    im = Image.fromarray(img.transpose(1, 2, 0).clip(0, 255).astype(np.uint8), "RGB")
+    if path is not None:
+        im.save(path)
+    return im
 
 
 def make_dataset(root: Path) -> Path:
@@ -116,7 +133,46 @@ def test_unknown_label(ds: Path):
     report = validate(ds)
     assert not report.ok
     (f,) = failures_of(report, "gx.label_in_classes")
-    assert f.row == 2 and f.image_id == "img002" and "lymphoma" in f.message and "row 2" in f.message
+    assert f.row == 2 and f.image_id == "img002" and "lymphoma" in f.message
+    assert f.message.startswith("row 2 (image_id 'img002'): ")
+
+
+@pytest.mark.parametrize("blank", [None, float("nan"), "", "  \t"])
+def test_empty_label(ds: Path, blank):
+    edit(ds, 2, label=blank)
+    report = validate(ds)
+    assert not report.ok
+    (f,) = failures_of(report, "gx.label_not_empty")
+    assert f.row == 2 and f.image_id == "img002" and f.message.startswith("row 2 (image_id 'img002'): ")
+    assert report.checks["gx.label_in_classes"] == 0  # reported once, as empty
+
+
+def test_missing_split(ds: Path):
+    edit(ds, 8, split=None)  # GX skips nulls in a set check: this row passed before
+    (f,) = failures_of(validate(ds), "gx.split_in_set")
+    assert f.row == 8 and f.image_id == "img008" and "img008" in f.message
+
+
+def test_every_row_failure_names_row_and_image(ds: Path):
+    edit(ds, 1, label="lymphoma")
+    edit(ds, 3, label="")
+    edit(ds, 7, patient_id="p0")
+    (ds / "images/malignant/img004.png").unlink()
+    (ds / "images/benign/img006.png").write_bytes((ds / "images/benign/img000.png").read_bytes())
+    path = ds / "images/malignant/img005.png"
+    path.write_bytes(path.read_bytes()[:60])
+    report = validate(ds)
+    rows = [f for f in report.failures if f.row is not None]
+    assert {f.check for f in rows} >= {
+        "gx.label_in_classes",
+        "gx.label_not_empty",
+        "patient_leak",
+        "file_exists",
+        "train_test_duplicate",
+        "decode",
+    }
+    for f in rows:
+        assert f.image_id == f"img{f.row:03d}" and f"row {f.row} " in f.message and f.image_id in f.message, f
 
 
 def test_missing_file(ds: Path):
@@ -141,6 +197,70 @@ def test_same_image_in_train_and_test(ds: Path):
     assert not report.ok
     (f,) = failures_of(report, "train_test_duplicate")
     assert f.row == 6 and f.file == "images/benign/img006.png" and "row 0" in f.message
+    assert "img006" in f.message and "img000" in f.message
+    assert report.checks["near_duplicate"] == 0  # a byte copy is reported once
+
+
+def _plant_copy(ds: Path, how: str) -> None:
+    """Train row 0 becomes a photo-like image; test row 6 becomes a re-encoded JPEG copy of it."""
+    im = _natural(ds / "images/benign/img000.png", seed=1)
+    (ds / "images/benign/img006.png").unlink()
+    if how == "resize":  # 10% smaller: a re-export from a viewer
+        im = im.resize((86, 86), Image.Resampling.BILINEAR)
+    im.save(ds / "images/benign/img006.jpg", quality=90)
+    edit(ds, 6, image_path="images/benign/img006.jpg")
+
+
+@pytest.mark.parametrize("how", ["jpeg90", "resize"])
+def test_near_duplicate_across_splits(ds: Path, how: str):
+    _plant_copy(ds, how)
+    report = validate(ds)
+    assert not report.ok and report.checks["train_test_duplicate"] == 0  # other bytes: sha256 misses it
+    (f,) = failures_of(report, "near_duplicate")
+    assert f.row == 6 and f.image_id == "img006" and f.file == "images/benign/img006.jpg"
+    assert f.message.startswith("row 6 (image_id 'img006'): test image images/benign/img006.jpg is a near-dup")
+    assert "near-duplicate of row 0 (train, image_id 'img000', images/benign/img000.png)" in f.message
+    assert report.stats["phash_min_distance"]["train-test"] <= ValidateConfig().near_duplicate_distance
+
+
+def test_near_duplicate_train_val(ds: Path):
+    _plant_copy(ds, "jpeg90")
+    edit(ds, 6, split="val")
+    (f,) = failures_of(validate(ds), "near_duplicate")
+    assert f.row == 6 and "val image" in f.message and "row 0 (train, image_id 'img000'" in f.message
+
+
+def test_distinct_image_is_no_near_duplicate(ds: Path):
+    _natural(ds / "images/benign/img000.png", seed=1)
+    _natural(ds / "images/benign/img006.png", seed=2)
+    report = validate(ds)
+    assert report.ok, report.failures
+    assert report.stats["phash_min_distance"]["train-test"] > 4 * ValidateConfig().near_duplicate_distance
+
+
+def test_near_duplicate_switch_and_threshold(ds: Path):
+    _plant_copy(ds, "jpeg90")
+    off = validate(ds, ValidateConfig(check_near_duplicates=False))
+    assert off.ok and "phash_min_distance" not in off.stats
+    loose = validate(ds, ValidateConfig(check_near_duplicates=True, near_duplicate_distance=PHASH_BITS - 1))
+    assert {f.row for f in failures_of(loose, "near_duplicate")} == set(range(6, 10))  # every test row
+    with pytest.raises(ValueError, match="near_duplicate_distance"):
+        validate(ds, ValidateConfig(near_duplicate_distance=PHASH_BITS))
+
+
+def test_phash_is_imagehash_phash():
+    imagehash = pytest.importorskip("imagehash")
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8), "RGB"),
+        Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8), "L"),
+        _natural(None, seed=3, size=100),
+        Image.new("L", (20, 20), 128),  # flat: every coefficient but DC ties with the median
+    ]
+    for im in images:
+        for size in (8, 16):
+            want = np.packbits(imagehash.phash(im, hash_size=size).hash.ravel()).view(">u8").astype(np.uint64)
+            assert np.array_equal(phash(im, hash_size=size), want)
 
 
 @pytest.mark.parametrize("bad", ["../outside.png", "images/../../outside.png", "/etc/passwd"])

@@ -1,13 +1,15 @@
 """``craft validate DATASET_DIR``: refuse a dataset directory that breaks the contract (issue 2, item 6).
 
-Two layers of checks, both always run, every failure kept (nothing stops at the first one):
+Two layers of checks, both always run, every failure kept (nothing stops at the first one). Every
+per-row failure names its row number (0-based) and image id, in ``Failure.row`` / ``Failure.image_id``
+and in the message text (``row 3 (image_id 'h000003'): ...``), so a curator can find the image.
 
 1. Table checks with great-expectations 1.x on the manifest (an ephemeral context, a pandas data
    source, one ``ExpectationSuite``): required columns exist, ``image_id`` not null and unique,
-   ``label`` in the declared class set, ``split`` in {train, val, test}, ``patient_id`` not null,
-   ``image_path`` not null and a safe relative path. Each failed expectation is mapped back to its
-   rows through ``unexpected_index_list`` (result format COMPLETE), so every failure names the row
-   number, the image id and the file.
+   ``label`` set (not null, NaN, empty or whitespace) and in the declared class set, ``split`` set
+   and in {train, val, test}, ``patient_id`` not null, ``image_path`` not null and a safe relative path.
+   Each failed expectation is mapped back to its rows through ``unexpected_index_list`` (result
+   format COMPLETE). A blank label is reported once, as empty, not also as an unknown class.
 2. File and cross-row checks in plain Python: a path that escapes the dataset root once symlinks are
    resolved; every referenced file exists (``image_path``, ``mask_path``, ``condition_path``); each
    image's header gives a size within bounds and a pixel count under ``max_pixels`` BEFORE any
@@ -16,6 +18,12 @@ Two layers of checks, both always run, every failure kept (nothing stops at the 
    ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never switched on); its mode is the declared ``mode``;
    the same file content (sha256 of the bytes) in train and test; a patient in two splits; too few
    images of a class.
+3. Near-duplicates across splits: the same picture re-encoded or re-exported (PNG re-saved as JPEG,
+   slightly resized) has other bytes, so the sha256 check misses it. Each image gets a perceptual hash
+   once (``phash``: DCT of a grey thumbnail, 256 bits); any train-val, train-test or val-test pair whose
+   hashes differ in at most ``near_duplicate_distance`` bits fails, naming both rows, image ids, splits
+   and files. Hashes are compared with XOR + popcount on chunks of rows (``nearest_hamming``), no loop
+   over pairs. The smallest cross-split distances land in ``stats["phash_min_distance"]``: the margin.
 
 A dataset is valid only when every check passed: ``report.ok`` is False on any failure, and
 ``craft validate`` then exits non-zero. ``main`` writes ``report.json`` and ``report.html``.
@@ -35,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile
 
@@ -49,6 +58,15 @@ SAFE_PATH_REGEX = r"^(?![A-Za-z]:)(?!/)(?!.*(?:^|/)\.{1,2}(?:/|$))(?!.*//)[^\\\x
 _SAFE_PATH = re.compile(SAFE_PATH_REGEX)
 FILE_COLUMNS = ("image_path", "mask_path", "condition_path")
 MODES = ("RGB", "L")
+BLANK_REGEX = r"^\s*$"  # an empty or whitespace-only label
+# pHash size: imagehash's phash(hash_size=16), i.e. the 16x16 lowest DCT frequencies of a 64x64 grey
+# thumbnail (highfreq_factor 4) -> 256 bits. The common 8x8 (64-bit) hash encodes little more than the
+# coarse layout: distinct demo chest radiographs of different patients (one anatomy, one positioning)
+# collide at distance 0, so no threshold separates them from copies; at 16x16 they stay apart.
+PHASH_SIZE = 16
+PHASH_HIGHFREQ = 4
+PHASH_BITS = PHASH_SIZE * PHASH_SIZE
+CROSS_SPLITS = (("train", "val"), ("train", "test"), ("val", "test"))  # (reference split, query split)
 
 
 @dataclass
@@ -60,9 +78,18 @@ class ValidateConfig:
     max_pixels: int = 50_000_000  # decompression-bomb guard: width*height from the header, checked before decoding
     min_side: int = 8  # smallest allowed image width / height in pixels
     max_side: int = 8192  # largest allowed image width / height in pixels
-    check_decode: bool = True  # decode every image (and mask / condition) fully; False checks headers only
+    check_decode: bool = True  # decode every image (and mask / condition) fully; False: headers (and pHash) only
     check_mode: bool = True  # each image's PIL mode must equal dataset.yaml `mode`
     require_test_split: bool = True  # a dataset without test rows is invalid (evaluation needs them)
+    # pHash near-duplicates between splits (re-encoded / resized copies that the sha256 check misses);
+    # needs every image decoded, even with check_decode off.
+    check_near_duplicates: bool = True
+    # Largest Hamming distance between two 256-bit pHashes (PHASH_BITS) that still counts as one image.
+    # 8 (3% of the bits): wide enough for a JPEG re-save at quality 90 or a +-10% resize even of a
+    # 64-pixel image (a bigger image's 64x64 thumbnail moves less), and still below the closest pairs
+    # of distinct demo chest radiographs, which all share one layout. A 1-pixel shift of a small image
+    # moves more bits than that: pHash is not shift-invariant.
+    near_duplicate_distance: int = 8
     max_failures_logged: int = 200  # failures beyond this are kept in the report but not logged one by one
 
     def validate(self) -> None:
@@ -72,6 +99,8 @@ class ValidateConfig:
             raise ValueError("validate.max_pixels must be > 0")
         if not 1 <= self.min_side <= self.max_side:
             raise ValueError("validate.min_side must be >= 1 and <= max_side")
+        if not 0 <= self.near_duplicate_distance < PHASH_BITS:
+            raise ValueError(f"validate.near_duplicate_distance must be in [0, {PHASH_BITS})")
 
 
 @dataclass
@@ -110,8 +139,9 @@ CHECKS: dict[str, str] = {
     "gx.columns_exist": "required columns exist (great-expectations)",
     "gx.image_id_not_null": "image_id is set (great-expectations)",
     "gx.image_id_unique": "image_id is unique (great-expectations)",
+    "gx.label_not_empty": "label is set: not null, empty or whitespace (great-expectations)",
     "gx.label_in_classes": "label is one of the declared classes (great-expectations)",
-    "gx.split_in_set": "split is train, val or test (great-expectations)",
+    "gx.split_in_set": "split is set and is train, val or test (great-expectations)",
     "gx.patient_id_not_null": "patient_id is set (great-expectations)",
     "gx.image_path_not_null": "image_path is set (great-expectations)",
     "gx.image_path_safe": "image_path is a safe relative path (great-expectations)",
@@ -123,6 +153,7 @@ CHECKS: dict[str, str] = {
     "mode": "image mode equals dataset.yaml mode",
     "duplicate_id": "no duplicate image_id",
     "train_test_duplicate": "no identical image content in both train and test",
+    "near_duplicate": "no perceptually near-identical images (pHash) in two splits",
     "patient_leak": "no patient in two splits",
     "min_per_class": "enough images per class",
     "test_split": "a test split exists",
@@ -161,9 +192,14 @@ def _gx_checks(df: pd.DataFrame, meta: DatasetMeta) -> list[Failure]:
     if "image_id" in present:
         add("gx.image_id_not_null", gxe.ExpectColumnValuesToNotBeNull(column="image_id"))
         add("gx.image_id_unique", gxe.ExpectColumnValuesToBeUnique(column="image_id"))
+    # GX skips nulls in its column-map expectations, so a null label or split passes a set check:
+    # each gets its own not-null expectation.
     if "label" in present:
+        add("gx.label_not_empty", gxe.ExpectColumnValuesToNotBeNull(column="label"))
+        add("gx.label_not_empty", gxe.ExpectColumnValuesToNotMatchRegex(column="label", regex=BLANK_REGEX))
         add("gx.label_in_classes", gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(meta.classes)))
     if "split" in present:
+        add("gx.split_in_set", gxe.ExpectColumnValuesToNotBeNull(column="split"))
         add("gx.split_in_set", gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)))
     if "patient_id" in present:
         add("gx.patient_id_not_null", gxe.ExpectColumnValuesToNotBeNull(column="patient_id"))
@@ -176,13 +212,24 @@ def _gx_checks(df: pd.DataFrame, meta: DatasetMeta) -> list[Failure]:
     batch = batch_definition.get_batch(batch_parameters={"dataframe": table})
     result = batch.validate(suite, result_format={"result_format": "COMPLETE"})
 
+    def name_of(r: Any) -> str:
+        cfg = r.expectation_config
+        return names.get((cfg.type, cfg.kwargs.get("column")), cfg.type)
+
+    # A row failed as an empty label is not reported again as an unknown class.
+    blank_label = {
+        int(i)
+        for r in result.results
+        if not r.success and name_of(r) == "gx.label_not_empty"
+        for i in (r.result or {}).get("unexpected_index_list") or ()
+    }
     failures: list[Failure] = []
     for r in result.results:
         if r.success:
             continue
         cfg = r.expectation_config
         col = cfg.kwargs.get("column")
-        name = names.get((cfg.type, col), cfg.type)
+        name = name_of(r)
         exc = r.exception_info or {}
         raised = exc.get("raised_exception") if isinstance(exc, dict) else False
         if name == "gx.columns_exist":
@@ -195,18 +242,27 @@ def _gx_checks(df: pd.DataFrame, meta: DatasetMeta) -> list[Failure]:
             continue
         for i in idx:
             i = int(i)
+            if name == "gx.label_in_classes" and i in blank_label:
+                continue
             value = table.at[i, col]
+            image_id = _s(table.at[i, "image_id"]) if "image_id" in table.columns else None
             failures.append(
                 Failure(
                     name,
-                    f"row {i}: {col} = {value!r} fails {CHECKS.get(name, name)}"
+                    f"{_row_name(i, image_id)}: {col} = {value!r} fails {CHECKS.get(name, name)}"
                     + (f" (declared: {', '.join(meta.classes)})" if name == "gx.label_in_classes" else ""),
                     row=i,
-                    image_id=_s(table.at[i, "image_id"]) if "image_id" in table.columns else None,
+                    image_id=image_id,
                     file=_s(table.at[i, "image_path"]) if "image_path" in table.columns else None,
                 )
             )
     return failures
+
+
+def _row_name(i: int, image_id: str | None, split: str | None = None, file: str | None = None) -> str:
+    """How a failure message names a manifest row: ``row 3 (image_id 'h3')``, ``row 3 (train, image_id 'h3', a.png)``."""
+    parts = (split, "no image_id" if image_id is None else f"image_id {image_id!r}", file)
+    return f"row {i} ({', '.join(p for p in parts if p)})"
 
 
 def _s(v: Any) -> str | None:
@@ -236,14 +292,74 @@ def _png_header_size(path: Path) -> tuple[int, int] | None:
     return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
-def _check_image(path: Path, cfg: ValidateConfig, want_mode: str | None) -> tuple[list[tuple[str, str]], tuple | None]:
-    """Header checks, then a full decode. Returns ([(check, message)], (width, height, mode) or None)."""
+@functools.lru_cache(maxsize=4)
+def _dct_matrix(n: int) -> np.ndarray:
+    """DCT-II basis, row k = cos(pi * k * (2m + 1) / (2n)): ``D @ X @ D.T`` is the 2-D DCT of X (unscaled)."""
+    k = np.arange(n)
+    return np.cos(np.pi * k[:, None] * (2 * k[None, :] + 1) / (2 * n))
+
+
+def phash(im: Image.Image, hash_size: int = PHASH_SIZE, highfreq_factor: int = PHASH_HIGHFREQ) -> np.ndarray:
+    """Perceptual hash of one image: (hash_size**2 // 64,) uint64 words.
+
+    Grey (PIL "L"), Lanczos resize to (hash_size * highfreq_factor)^2, 2-D DCT-II as two matrix products,
+    keep the top-left hash_size x hash_size low frequencies, bit = coefficient > their median; bits
+    row-major, packed big-endian. The same bits as ``imagehash.phash(im, hash_size)`` and as
+    ``craft.evaluate.memorization.phash_bits`` (whose scipy DCT differs only by a positive scale).
+    """
+    if hash_size < 8 or hash_size % 8:
+        raise ValueError(f"hash_size: {hash_size} must be a positive multiple of 8 (whole 64-bit words)")
+    n = hash_size * highfreq_factor
+    grey = np.asarray(im.convert("L").resize((n, n), Image.Resampling.LANCZOS), dtype=np.float64)
+    d = _dct_matrix(n)[:hash_size]  # only the low-frequency rows are needed
+    # Rounded so that float error (~1e-10 here) cannot break exact ties: a flat image's AC terms stay 0.
+    low = np.round(d @ grey @ d.T, 6).ravel()
+    return np.packbits(low > np.median(low)).view(">u8").astype(np.uint64)
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Differing bits between packed hashes ``a`` (..., W) and ``b`` (..., W), summed over the W words.
+
+    >>> int(hamming(np.array([0b1011], np.uint64), np.array([0b0001], np.uint64)))
+    2
+    """
+    return np.bitwise_count(np.bitwise_xor(a, b)).sum(-1, dtype=np.int64)
+
+
+def nearest_hamming(
+    query: np.ndarray, ref: np.ndarray, max_distance: int, chunk_elems: int = 1 << 22
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each query hash (Nq, W) against ref (Nr, W): (distance to the nearest ref, its index, refs within max_distance).
+
+    Chunked over query rows so that one block's (rows, Nr, W) XOR holds about ``chunk_elems`` words (32 MiB).
+    """
+    if len(ref) == 0:
+        raise ValueError("ref: empty")
+    rows = max(1, chunk_elems // (len(ref) * ref.shape[1]))
+    dmin = np.empty(len(query), np.int64)
+    arg = np.empty(len(query), np.int64)
+    cnt = np.empty(len(query), np.int64)
+    for s in range(0, len(query), rows):
+        d = hamming(query[s : s + rows, None, :], ref[None, :, :])
+        arg[s : s + rows] = d.argmin(1)
+        dmin[s : s + rows] = d.min(1)
+        cnt[s : s + rows] = (d <= max_distance).sum(1)
+    return dmin, arg, cnt
+
+
+def _check_image(
+    path: Path, cfg: ValidateConfig, want_mode: str | None, want_hash: bool = False
+) -> tuple[list[tuple[str, str]], tuple | None]:
+    """Header checks, then a full decode (and a pHash when ``want_hash``).
+
+    Returns ([(check, message)], (width, height, mode, phash or None) or None).
+    """
     problems: list[tuple[str, str]] = []
     size = _png_header_size(path)
     if size is not None and size[0] * size[1] > cfg.max_pixels:
         w, h = size
         problems.append(("decompression_bomb", f"{w}x{h} = {w * h} pixels > max_pixels {cfg.max_pixels}; not decoded"))
-        return problems, (w, h, "")
+        return problems, (w, h, "", None)
     try:
         with warnings.catch_warnings():
             # Our own bound below decides; PIL's warning tier would only duplicate it.
@@ -255,14 +371,14 @@ def _check_image(path: Path, cfg: ValidateConfig, want_mode: str | None) -> tupl
                     problems.append(
                         ("decompression_bomb", f"{w}x{h} = {w * h} pixels > max_pixels {cfg.max_pixels}; not decoded")
                     )
-                    return problems, (w, h, mode)
+                    return problems, (w, h, mode, None)
                 if not (cfg.min_side <= w <= cfg.max_side and cfg.min_side <= h <= cfg.max_side):
                     problems.append(("image_size", f"{w}x{h} outside [{cfg.min_side}, {cfg.max_side}] per side"))
                 if want_mode is not None and mode != want_mode:
                     problems.append(("mode", f"mode {mode} but dataset.yaml declares {want_mode}"))
                 if cfg.check_decode:
                     im.load()  # full decode; validate() holds LOAD_TRUNCATED_IMAGES at False meanwhile
-                return problems, (w, h, mode)
+                return problems, (w, h, mode, phash(im) if want_hash else None)
     except Image.DecompressionBombError as e:
         problems.append(("decompression_bomb", f"refused by PIL before decoding: {e}"))
     except Exception as e:  # noqa: BLE001 - any decoder error means the file is not a usable image
@@ -340,9 +456,18 @@ def _row_checks(
 ) -> list[Failure]:
     failures: list[Failure] = []
     ids = df["image_id"].astype(object).where(df["image_id"].notna(), None)
+    paths = df["image_path"].astype(object).where(df["image_path"].notna(), None)
+    split = df["split"].astype(object).where(df["split"].notna(), None)
+    label = df["label"].astype(object).where(df["label"].notna(), None)
+    patient = df["patient_id"].astype(object).where(df["patient_id"].notna(), None)
 
-    def fail(check: str, msg: str, i: int | None = None, file: str | None = None) -> None:
-        failures.append(Failure(check, msg, row=i, image_id=None if i is None else _s(ids.iat[i]), file=file))
+    def where(i: int, split_name: str | None = None, file: str | None = None) -> str:
+        return _row_name(i, ids.iat[i], split_name, file)
+
+    def fail(check: str, msg: str, i: int | None = None, file: str | None = None, prefix: bool = True) -> None:
+        """Record a failure; a per-row one (``i`` given) is named ``row i (image_id ...)`` unless ``prefix`` is off."""
+        text = f"{where(i)}: {msg}" if i is not None and prefix else msg
+        failures.append(Failure(check, text, row=i, image_id=None if i is None else _s(ids.iat[i]), file=file))
 
     # Duplicate ids, named in full (GX flags them too; this check names the first row of each id).
     first: dict[str, int] = {}
@@ -350,16 +475,13 @@ def _row_checks(
         if v is None:
             continue
         if v in first:
-            fail(
-                "duplicate_id",
-                f"row {i}: image_id {v!r} already used by row {first[v]}",
-                i,
-                _s(df.at[i, "image_path"]),
-            )
+            j = first[v]
+            fail("duplicate_id", f"image_id already used by row {j} ({paths.iat[j]})", i, paths.iat[i])
         else:
             first[v] = i
 
     digests: dict[int, str] = {}
+    phashes: dict[int, np.ndarray] = {}
     sizes: list[tuple[int, int]] = []
     for i, row in df.iterrows():
         i = int(i)
@@ -369,51 +491,66 @@ def _row_checks(
                 continue
             path, why = _inside(root, rel)
             if path is None:
-                fail("path_escape", f"row {i}: {col} {rel!r} {why}", i, rel)
+                fail("path_escape", f"{col} {rel!r} {why}", i, rel)
                 continue
             if not path.is_file():
-                fail("file_exists", f"row {i}: {col} {rel!r} does not exist (looked for {path})", i, rel)
+                fail("file_exists", f"{col} {rel!r} does not exist (looked for {path})", i, rel)
                 continue
-            want = meta.mode if (col == "image_path" and cfg.check_mode) else None
-            problems, info = _check_image(path, cfg, want)
+            is_image = col == "image_path"
+            want = meta.mode if (is_image and cfg.check_mode) else None
+            problems, info = _check_image(path, cfg, want, want_hash=is_image and cfg.check_near_duplicates)
             for check, msg in problems:
-                fail(check, f"row {i}: {col} {rel!r}: {msg}", i, rel)
-            if col == "image_path":
+                fail(check, f"{col} {rel!r}: {msg}", i, rel)
+            if is_image:
                 if info is not None:
                     sizes.append(info[:2])
+                    if info[3] is not None:
+                        phashes[i] = info[3]
                 digests[i] = sha256_file(path)
 
-    split = df["split"].astype(object)
-    label = df["label"].astype(object)
-    patient = df["patient_id"].astype(object)
-
     # Same image bytes in train and test: the test score would be measured on training data.
-    train_hashes: dict[str, int] = {}
+    train_digests: dict[str, int] = {}
     for i, d in digests.items():
         if split.iat[i] == "train":
-            train_hashes.setdefault(d, i)
+            train_digests.setdefault(d, i)
+    exact: set[int] = set()  # test rows already failed as byte copies (not reported again as near-duplicates)
     for i, d in digests.items():
-        if split.iat[i] == "test" and d in train_hashes:
-            j = train_hashes[d]
+        if split.iat[i] == "test" and d in train_digests:
+            j = train_digests[d]
+            exact.add(i)
             fail(
                 "train_test_duplicate",
-                f"row {i} (test, {df.at[i, 'image_path']}) has the same bytes (sha256 {d[:12]}) as row {j} "
-                f"(train, {df.at[j, 'image_path']}, image_id {ids.iat[j]!r})",
+                f"test image {paths.iat[i]} has the same bytes (sha256 {d[:12]}) as {where(j, 'train', paths.iat[j])}",
                 i,
-                _s(df.at[i, "image_path"]),
+                paths.iat[i],
+            )
+
+    # The same picture re-encoded or resized in two splits: as much a leak as a byte copy, invisible to sha256.
+    if cfg.check_near_duplicates:
+        matches, stats["phash_min_distance"] = _near_duplicates(phashes, split, cfg.near_duplicate_distance, exact)
+        for i, j, dist, n in matches:
+            more = f"; {n - 1} more {split.iat[j]} images within it" if n > 1 else ""
+            fail(
+                "near_duplicate",
+                f"{split.iat[i]} image {paths.iat[i]} is a near-duplicate of {where(j, split.iat[j], paths.iat[j])}: "
+                f"pHash distance {dist} <= near_duplicate_distance {cfg.near_duplicate_distance} "
+                f"of {PHASH_BITS} bits{more}",
+                i,
+                paths.iat[i],
             )
 
     # A patient in two splits (patient-level split required: images of one patient are correlated).
     rows_of: dict[str, list[int]] = defaultdict(list)
     for i, p in enumerate(patient):
-        if p is not None and not pd.isna(p) and split.iat[i] in SPLITS:
+        if p is not None and split.iat[i] in SPLITS:
             rows_of[str(p)].append(i)
     for p, rows in rows_of.items():
         splits = sorted({split.iat[i] for i in rows})
         if len(splits) > 1:
-            detail = "; ".join(f"row {i} ({split.iat[i]}, {ids.iat[i]})" for i in rows[:10])
+            detail = "; ".join(where(i, split.iat[i]) for i in rows[:10])
             more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
-            fail("patient_leak", f"patient {p!r} is in splits {', '.join(splits)}: {detail}{more}", rows[0])
+            msg = f"patient {p!r} is in splits {', '.join(splits)}: {detail}{more}"
+            fail("patient_leak", msg, rows[0], paths.iat[rows[0]], prefix=False)
 
     # Images per class and split.
     per: dict[str, dict[str, int]] = {s: {c: 0 for c in meta.classes} for s in SPLITS}
@@ -446,6 +583,34 @@ def _row_checks(
         }
     )
     return failures
+
+
+def _near_duplicates(
+    hashes: dict[int, np.ndarray], split: pd.Series, max_distance: int, skip: set[int]
+) -> tuple[list[tuple[int, int, int, int]], dict[str, int]]:
+    """Rows whose pHash lies within ``max_distance`` bits of an image in an earlier split (train < val < test).
+
+    Returns ([(row, nearest row of the earlier split, distance, images of that split within max_distance)],
+    {"train-test": smallest distance between the two splits, ...}). Rows in ``skip`` (already failed as
+    byte copies) are not matched against train.
+    """
+    rows = {s: np.array([i for i in hashes if split.iat[i] == s], dtype=np.int64) for s in SPLITS}
+    matches: list[tuple[int, int, int, int]] = []
+    closest: dict[str, int] = {}
+    for ref_split, query_split in CROSS_SPLITS:
+        ref, query = rows[ref_split], rows[query_split]
+        if not len(ref) or not len(query):
+            continue
+        dmin, arg, cnt = nearest_hamming(
+            np.stack([hashes[i] for i in query]), np.stack([hashes[i] for i in ref]), max_distance
+        )
+        closest[f"{ref_split}-{query_split}"] = int(dmin.min())
+        for k in np.flatnonzero(dmin <= max_distance):
+            i = int(query[k])
+            if not (ref_split == "train" and query_split == "test" and i in skip):
+                matches.append((i, int(ref[arg[k]]), int(dmin[k]), int(cnt[k])))
+    matches.sort()
+    return matches, closest
 
 
 def render_html(report: ValidationReport) -> str:
