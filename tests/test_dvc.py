@@ -1,8 +1,11 @@
-"""DVC with the SeaweedFS S3 server as remote: push, wipe cache and data, pull, identical files."""
+"""DVC with the SeaweedFS S3 server as remote: push, wipe cache and data, pull, identical files; and dvc.yaml
+mirrors the KFP pipeline (same stages, same edges, every stage complete, every command parses)."""
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -78,7 +81,7 @@ def test_push_wipe_pull_round_trip(s3_env, git_repo):
 def test_repo_dvc_files_parse():
     """The committed dvc.yaml / data.dvc / .dvc/config are valid and carry no endpoint or keys."""
     stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
-    for name in ("validate_histo", "validate_cxr"):
+    for name in ("validate", "validate_cxr"):
         st = stages[name]
         assert {"cmd", "deps", "params", "outs"} <= set(st), name
     cfg = (REPO_ROOT / ".dvc" / "config").read_text()
@@ -86,3 +89,197 @@ def test_repo_dvc_files_parse():
     for line in cfg.splitlines():
         assert not line.strip().startswith(("access_key_id", "secret_access_key", "endpointurl")), line
     assert dvc.dataset_version(REPO_ROOT / "data.dvc").endswith(".dir")
+
+
+# ---------------------------------------------------------------------------------- dvc.yaml mirrors the pipeline
+
+# KFP task (display name) -> DVC stage (dvc.yaml): the same names, so `dvc dag` reads like the Kubeflow graph.
+KFP_TO_DVC = {
+    "data": "data",
+    "validate": "validate",
+    "annotate": "annotate",
+    "pretrain": "pretrain",
+    "finetune": "finetune",
+    "critic": "critic",
+    "evaluator": "evaluator",
+    "critic-probe": "critic-probe",
+    "evaluator-probe": "evaluator-probe",
+    "ti": "ti",
+    "ti-lora": "ti-lora",
+    "dpo": "dpo",
+    "craft": "craft",
+    "controlnet-mask": "controlnet-mask",
+    "controlnet-mask-plain-base": "controlnet-mask-plain-base",
+    "controlnet-mask-eval": "controlnet-mask-eval",
+    "controlnet-fluorescence": "controlnet-fluorescence",
+    "controlnet-fluorescence-plain-base": "controlnet-fluorescence-plain-base",
+    "controlnet-fluorescence-eval": "controlnet-fluorescence-eval",
+    "evaluate": "evaluate",
+}
+# KFP tasks with no DVC stage (dvc.yaml's header says more); their edges are not compared. A pipeline may lack
+# some of them (dataset-version and champion are newer than the others).
+KFP_ONLY = {
+    "dataset-version": "resolves a dataset pointer on the object store; DVC hashes every dep itself",
+    "champion": "downloads the production model from the registry; a local run has none",
+    "gate": "pure on evaluate's metrics.json, but no craft command runs it on a local evaluation (MISSING_COMMANDS)",
+    "register": "writes to the registry; only craft promote moves production",
+}
+# DVC nodes with no KFP task
+DVC_ONLY = {
+    "data.dvc": "the tracked datasets (dvc pull); the demo-histo run generates its own, as the KFP data step does",
+    "validate_cxr": "validates the other tracked dataset, data/demo-cxr; not part of the demo-histo pipeline",
+}
+# KFP edges dvc.yaml cannot carry until the CLI has the option: edge -> (command, missing option)
+CLI_GAPS = {
+    ("critic-probe", "evaluate"): ("evaluate", "--critic-probe"),  # KFP evaluate_op's critic_probe (training reward)
+}
+# KFP tasks that would have a stage if the CLI exposed their step: task -> the command it would be
+MISSING_COMMANDS = {"gate": "gate"}  # craft.promote.gate_step; `craft promote` gates a registered version only
+# deps that only order two stages (KFP `.after`); every other outputs/ dep is a path the command reads
+ORDER_ONLY = {("annotate", "outputs/validate/demo-histo"), ("pretrain", "outputs/validate/demo-histo")}
+
+
+def _stages() -> dict:
+    return yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _dep_paths(entries) -> list[str]:
+    """dvc.yaml deps/outs entries (a path, or {path: options}) -> paths."""
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries]
+
+
+def kfp_graph(spec: dict) -> tuple[set[str], set[tuple[str, str]]]:
+    """(task display names, upstream -> downstream edges) of a compiled pipeline spec.
+
+    An edge is a ``dependentTasks`` entry or an input produced by another task (taskOutputArtifact /
+    taskOutputParameter). A task inside a sub-DAG (a dsl.If condition such as gates-passed) also waits for
+    everything its group waits for, the condition's own inputs included.
+    """
+    tasks: set[str] = set()
+    edges: set[tuple[str, str]] = set()
+
+    def walk(dag: dict, inherited: set[str]) -> None:
+        names = {key: t["taskInfo"]["name"] for key, t in dag["tasks"].items()}
+        for key, t in dag["tasks"].items():
+            ups = set(t.get("dependentTasks", []))
+            for kind in ("artifacts", "parameters"):
+                for inp in t.get("inputs", {}).get(kind, {}).values():
+                    for ref in ("taskOutputArtifact", "taskOutputParameter"):
+                        if ref in inp:
+                            ups.add(inp[ref]["producerTask"])
+            upstream = inherited | {names[k] for k in ups}
+            sub = spec["components"][t["componentRef"]["name"]].get("dag")
+            if sub is not None:
+                walk(sub, upstream)
+            else:
+                tasks.add(names[key])
+                edges.update((u, names[key]) for u in upstream)
+
+    walk(spec["root"]["dag"], set())
+    return tasks, edges
+
+
+def dvc_graph(repo: Path) -> tuple[set[str], set[tuple[str, str]]]:
+    """Nodes and edges of `dvc dag --dot` in ``repo``."""
+    dot = dvc.run_dvc(repo, "dag", "--dot")
+    edges = set(re.findall(r'^"([^"]+)" -> "([^"]+)";$', dot, re.M))
+    nodes = set(re.findall(r'^"([^"]+)";$', dot, re.M))
+    return nodes, edges
+
+
+def _cli_command(args: list[str]):
+    """The `craft` command ``args`` name (through its groups), the arguments left for it, its name and parent
+    context. Only click's command protocol (make_context, resolve_command): typer 0.29 ships its own click."""
+    import typer
+
+    from craft.cli import app
+
+    cmd, rest, path, ctx = typer.main.get_command(app), list(args), "craft", None
+    while hasattr(cmd, "resolve_command"):  # a group: `craft train ...`; the groups have no options of their own
+        ctx = cmd.make_context(path, list(rest), parent=ctx)
+        name, cmd, rest = cmd.resolve_command(ctx, rest)
+        path = f"{path} {name}"
+    return cmd, rest, path, ctx
+
+
+def test_dvc_dag_mirrors_the_kfp_pipeline(tmp_path, git_repo):
+    """`dvc dag` has one stage per KFP task and the same edges (names: KFP_TO_DVC; exceptions listed above)."""
+    from pipelines.craft_pipeline import compile_pipeline
+
+    spec = next(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", "demo-histo").read_text()))
+    kfp_tasks, kfp_edges = kfp_graph(spec)
+    unmapped = kfp_tasks - set(KFP_TO_DVC) - set(KFP_ONLY)
+    assert not unmapped, f"KFP tasks with no DVC stage: {sorted(unmapped)}; add them to dvc.yaml and KFP_TO_DVC"
+    assert set(KFP_TO_DVC) <= kfp_tasks, f"no longer in the pipeline: {sorted(set(KFP_TO_DVC) - kfp_tasks)}"
+    assert set(CLI_GAPS) <= kfp_edges, "a CLI gap names an edge the pipeline no longer has: drop it"
+    want = {(KFP_TO_DVC[u], KFP_TO_DVC[v]) for u, v in kfp_edges if u not in KFP_ONLY and v not in KFP_ONLY}
+    want -= {(KFP_TO_DVC[u], KFP_TO_DVC[v]) for u, v in CLI_GAPS}
+
+    # `dvc dag` for real, on a copy of the files it reads (it writes .dvc/tmp; the repo stays untouched)
+    (git_repo / ".dvc").mkdir()
+    for name in (".dvc/config", "dvc.yaml", "data.dvc"):
+        shutil.copyfile(REPO_ROOT / name, git_repo / name)
+    dvc.init_repo(git_repo)  # keeps DVC's site cache inside the copy
+    nodes, edges = dvc_graph(git_repo)
+    assert nodes - set(DVC_ONLY) == set(KFP_TO_DVC.values())
+    got = {(u, v) for u, v in edges if u not in DVC_ONLY and v not in DVC_ONLY}
+    assert not want - got, f"KFP edges missing from dvc.yaml (add the deps): {sorted(want - got)}"
+    assert not got - want, f"dvc.yaml edges the pipeline does not have: {sorted(got - want)}"
+
+
+def test_cli_gaps_are_still_gaps():
+    """Once the CLI gains an option of CLI_GAPS or a command of MISSING_COMMANDS, dvc.yaml must use it."""
+    for edge, (command, option) in CLI_GAPS.items():
+        cmd, _, name, _ = _cli_command([command])
+        opts = {o for p in cmd.params for o in p.opts}
+        assert option not in opts, f"`{name}` has {option} now: mirror {edge} in dvc.yaml and drop it from CLI_GAPS"
+    for task, command in MISSING_COMMANDS.items():
+        try:
+            _cli_command([command])
+        except Exception as e:  # click's UsageError
+            assert "No such command" in str(e), e
+        else:
+            raise AssertionError(f"`craft {command}` exists now: add the {task} stage, drop it from MISSING_COMMANDS")
+
+
+def test_every_stage_is_complete():
+    """STYLE 8: cmd, deps (data and code), params (existing profile sections) and outs in every stage; each dep
+    is a repository file, a tracked dataset or another stage's output, and the command reads what it lists."""
+    stages = _stages()
+    outs = {p: name for name, st in stages.items() for p in _dep_paths(st.get("outs", []))}
+    tracked = [o["path"] for o in yaml.safe_load((REPO_ROOT / "data.dvc").read_text())["outs"]]
+    for name, st in stages.items():
+        assert {"cmd", "deps", "params", "outs"} <= set(st), name
+        deps = _dep_paths(st["deps"])
+        assert any(d.startswith("craft/") and d.endswith(".py") for d in deps), f"{name}: no code dep"
+        for d in deps:
+            if d in outs:
+                assert outs[d] != name, f"{name}: {d} is its own output"
+            elif d.startswith(tuple(f"{t}/" for t in tracked)):
+                continue  # a tracked dataset (dvc pull)
+            else:
+                assert (REPO_ROOT / d).is_file(), f"{name}: dep {d} is neither a file nor a stage output"
+        assert all(o.startswith("outputs/") for o in _dep_paths(st["outs"])), name
+        args = shlex.split(st["cmd"])
+        assert args[:1] == ["craft"], f"{name}: not a craft command"
+        (params,) = st["params"]
+        ((pfile, sections),) = params.items()
+        profile = yaml.safe_load((REPO_ROOT / pfile).read_text())
+        assert sections and set(sections) <= set(profile), f"{name}: {pfile} lacks {set(sections) - set(profile)}"
+        assert args[args.index("--config") + 1] == pfile, f"{name}: --config differs from the params file"
+        paths = {p for a in args for p in re.split(r"[=:]", a) if p.startswith(("outputs/", "data/"))}
+        listed = set(deps) | set(_dep_paths(st["outs"]))
+        assert paths <= listed, f"{name}: the command uses {sorted(paths - listed)} without listing them"
+        order_only = {d for s, d in ORDER_ONLY if s == name}
+        unread = {d for d in deps if d.startswith("outputs/") and d not in paths} - order_only
+        assert not unread, f"{name}: deps the command never reads {sorted(unread)} (ORDER_ONLY if intended)"
+
+
+def test_every_stage_command_parses_with_the_cli():
+    """Each cmd parses with the real `craft` CLI (options, required arguments, types): a renamed option fails."""
+    for name, st in _stages().items():
+        try:
+            cmd, rest, path, parent = _cli_command(shlex.split(st["cmd"])[1:])
+            cmd.make_context(path, rest, parent=parent)
+        except Exception as e:  # click's UsageError / BadParameter: name the stage
+            raise AssertionError(f"dvc.yaml stage {name}: `{st['cmd']}` does not parse: {e}") from None
