@@ -136,14 +136,21 @@ def validate(
 @store_app.command("upload")
 def store_upload(
     local_dir: Annotated[Path, typer.Argument(help="Folder to upload.")],
-    uri: Annotated[str, typer.Argument(help="s3://bucket/prefix")],
+    uri: Annotated[str, typer.Argument(help="s3://bucket/datasets/NAME (a versioned dataset) or s3://bucket/prefix")],
     config: ConfigOpt = None,
     overrides: Overrides = None,
 ) -> None:
-    """Upload a folder; the prefix counts as committed only once its MANIFEST.json is written (last)."""
+    """Upload a folder. To s3://B/datasets/NAME: an immutable NAME/<version>/ and then the `latest` pointer
+    (moved last); prints the version. Elsewhere: the prefix, committed once its MANIFEST.json is written."""
+    from craft.storage import datasets
     from craft.storage.objectstore import ObjectStore
 
     store = ObjectStore.from_env(stage_config("storage", config, overrides))
+    if datasets.is_dataset_base(uri):
+        ref = datasets.upload(store, local_dir, uri)
+        typer.echo(f"dataset {ref.name} version {ref.version} committed at {ref.resolved_uri}; "
+                   f"{uri.rstrip('/')}/{datasets.POINTER} -> {ref.version}")  # fmt: skip
+        return
     manifest = store.upload_dir(local_dir, uri)
     typer.echo(f"committed {uri} ({len(manifest['files'])} files)")
 
@@ -188,12 +195,15 @@ def demo(
     profile: Annotated[str, typer.Option(help="Profile to run.")] = "demo-histo",
     root: Annotated[Path, typer.Option(help="Local pipeline root (artifacts land here).")] = Path("runs"),
     dataset_uri: Annotated[str, typer.Option(help="Use this dataset instead of generating demo data.")] = "",
+    model_name: Annotated[str, typer.Option(help="Registry name of the candidate ('' = the profile's).")] = "",
+    base_uri: Annotated[str, typer.Option(help="Foundation checkpoint (folder or s3:// prefix).")] = "",
     overrides: Annotated[list[str] | None, typer.Argument(help="Pipeline-wide overrides: stage.key=value ...")] = None,
 ) -> None:
-    """Run the whole KFP pipeline locally (kfp.local, no cluster) and print a summary table."""
+    """Run the whole KFP pipeline locally (kfp.local, no cluster); the last line is the gate's verdict."""
     from pipelines.local import format_summary, run_local
 
-    summary = run_local(profile, list(overrides or []), root, dataset_uri=dataset_uri)
+    summary = run_local(profile, list(overrides or []), root, dataset_uri=dataset_uri, model_name=model_name,
+                        base_uri=base_uri)  # fmt: skip
     typer.echo(format_summary(summary))
 
 
@@ -252,11 +262,18 @@ def evaluate_cmd(
     evaluator_probe: Annotated[Path, typer.Option("--evaluator-probe", help="DD probe trained on the evaluator.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics.json, per_image.parquet, report.html.")],
     critic: Annotated[str | None, typer.Option(help="Training critic: refused as evaluator.")] = None,
+    critic_probe: Annotated[
+        str | None, typer.Option("--critic-probe", help="The critic's DD probe: report its training reward too.")
+    ] = None,
     evaluator2: Annotated[str | None, typer.Option(help="Optional out-of-family second evaluator.")] = None,
     config: ConfigOpt = None,
     overrides: Overrides = None,
 ) -> None:
-    """Score every variant on the held-out prompts with the evaluator; print the candidate's gate metrics."""
+    """Score every variant on the held-out prompts with the evaluator; print the candidate's gate metrics.
+
+    A variant named ``champion`` is the model it is compared with (e.g. production, downloaded with
+    `craft store download`); report.html opens with the profile's gate verdict.
+    """
     from craft.evaluate import run as ev
     from craft.models.encoders import load_encoder
 
@@ -266,9 +283,27 @@ def evaluate_cmd(
     except ValueError as e:
         raise _fail(str(e)) from None
     critic_id = load_encoder(critic).identity if critic else None
+    gates = load_stage_config("gates", config, []) if config else None
     metrics = ev.main(cfg, dataset_dir, annotations, variants, evaluator, evaluator_probe, out, critic_id, evaluator2,
-                      critic_dir=critic)  # fmt: skip
-    _echo_json({"candidate": metrics["candidate"], "out": str(out)})
+                      critic_dir=critic, critic_probe_dir=critic_probe, gates=gates)  # fmt: skip
+    _echo_json({"candidate": metrics["candidate"], "champion": metrics.get("champion"), "out": str(out)})
+
+
+@app.command("gate")
+def gate_cmd(
+    results: Annotated[Path, typer.Argument(help="An evaluation folder (metrics.json of `craft evaluate`).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for decision.json and decision.html.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name ('' = the profile's).")] = "",
+    fail: Annotated[bool, typer.Option("--fail/--no-fail", help="Exit 1 when refused (--no-fail: like KFP).")] = True,
+    config: ConfigOpt = "gates",
+) -> None:
+    """The pipeline's gate on a local evaluation: candidate vs champion under the profile's gates; exit 1 if refused."""
+    from craft.promote import gate_step
+
+    out.mkdir(parents=True, exist_ok=True)
+    passed, _ = gate_step(results, out / "decision.html", config or "gates", [], model, decision_dir=out)
+    if not passed and fail:
+        raise typer.Exit(1)
 
 
 DataOpt = Annotated[Path, typer.Option("--data", help="Dataset directory.")]
@@ -556,64 +591,104 @@ RegistryOpt = Annotated[
 
 @pipeline_app.command("upload")
 def pipeline_upload(
+    profile: Annotated[
+        str, typer.Option(help="Profile whose `pipeline` plan is compiled and uploaded as pipeline craft-<profile>.")
+    ] = "demo-histo",
     package: Annotated[
-        Path | None, typer.Option("--package", "-p", help="Compiled pipeline YAML (default: compile now).")
+        Path | None,
+        typer.Option(
+            "--package", "-p", help="YAML from `craft pipeline compile --profile PROFILE` (default: compile now)."
+        ),
     ] = None,
-    name: Annotated[str, typer.Option(help="Pipeline name on the KFP host.")] = "craft",
-    version: Annotated[str | None, typer.Option(help="Version name (default: craft-<version>-<UTC time>).")] = None,
+    version: Annotated[
+        str | None, typer.Option(help="Version name (default: craft-<profile>-<code version>-<UTC time>).")
+    ] = None,
     description: Annotated[str, typer.Option(help="Pipeline / version description.")] = "",
 ) -> None:
-    """Upload the pipeline to KFP_HOST, or a new version of it when the name exists (token: KFP_TOKEN)."""
+    """Upload PROFILE's DAG to KFP_HOST as pipeline craft-<profile>, a new version when it exists (token: KFP_TOKEN)."""
     from pipelines import client as kc
 
-    client, namespace = kc.make_client()
-    out = kc.upload(client, package or kc.compile_package(), name, version, description, namespace=namespace)
+    try:
+        client, namespace = kc.make_client()
+        out = kc.upload_profile(client, profile, package, version, description, namespace=namespace)
+    except (kc.KfpConfigError, ConfigError) as e:
+        raise _fail(str(e)) from e
     _echo_json(out)
 
 
 @pipeline_app.command("run")
 def pipeline_run(
-    profile: Annotated[str, typer.Option(help="Profile the run uses (bundled name or YAML path in the image).")],
-    dataset_uri: Annotated[str, typer.Option(help="s3:// prefix of a committed dataset ('' = demo data).")] = "",
-    name: Annotated[str, typer.Option(help="Pipeline name on the KFP host.")] = "craft",
-    version_id: Annotated[str | None, typer.Option(help="Pipeline version id (default: latest).")] = None,
+    profile: Annotated[str, typer.Option(help="Profile of the run; its pipeline craft-<profile> is the one run.")],
+    dataset_uri: Annotated[
+        str, typer.Option(help="s3:// prefix of an uploaded dataset ('' = the profile's demo data).")
+    ] = "",
+    base_uri: Annotated[
+        str, typer.Option(help="Foundation checkpoint, folder or s3:// prefix ('' = stage 1 from scratch).")
+    ] = "",
+    model_name: Annotated[
+        str, typer.Option(help="Registry name the run gates and registers ('' = the profile's name).")
+    ] = "",
+    version_id: Annotated[
+        str | None, typer.Option(help="Version id of craft-<profile> to run (default: its latest).")
+    ] = None,
     experiment: Annotated[str, typer.Option(help="Experiment (created when missing).")] = "craft",
     run_name: Annotated[str | None, typer.Option(help="Run name (default: craft-<profile>-<UTC time>).")] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="Pipeline-wide overrides: stage.key=value ...")] = None,
 ) -> None:
-    """Start a pipeline run on KFP_HOST with a profile and overrides."""
+    """Start a run of PROFILE's pipeline on KFP_HOST with all five run parameters."""
     from pipelines import client as kc
 
-    client, namespace = kc.make_client()
-    out = kc.run(client, profile, list(overrides or []), dataset_uri, name=name, version_id=version_id,
-                 experiment=experiment, namespace=namespace, run_name=run_name)  # fmt: skip
+    try:
+        kc.run_params(profile, overrides, dataset_uri, base_uri, model_name)  # refuse before contacting the host
+        client, namespace = kc.make_client()
+        out = kc.run(client, profile, list(overrides or []), dataset_uri, base_uri, model_name, version_id=version_id,
+                     experiment=experiment, namespace=namespace, run_name=run_name)  # fmt: skip
+    except (kc.KfpConfigError, ConfigError) as e:
+        raise _fail(str(e)) from e
     _echo_json(out)
 
 
 @pipeline_app.command("schedule")
 def pipeline_schedule(
-    cron: Annotated[str, typer.Option(help="Cron expression, 5 fields (UTC) or KFP's 6 with seconds.")],
-    profile: Annotated[str, typer.Option(help="Profile every run uses.")],
-    dataset_uri: Annotated[str, typer.Option(help="s3:// prefix of a committed dataset ('' = demo data).")] = "",
-    name: Annotated[str, typer.Option(help="Pipeline name on the KFP host.")] = "craft",
-    version_id: Annotated[str | None, typer.Option(help="Pipeline version id (default: latest).")] = None,
-    experiment: Annotated[str, typer.Option(help="Experiment (created when missing).")] = "craft",
-    job_name: Annotated[str | None, typer.Option(help="Recurring run name.")] = None,
+    profile: Annotated[str, typer.Option(help="Profile every run uses; the CronJob is craft-retrain-<profile>.")],
+    cron: Annotated[str, typer.Option(help="When to check for new data: 5-field cron in UTC, e.g. '0 3 * * *'.")],
+    dataset: Annotated[str, typer.Option(help="Dataset to watch: s3://BUCKET/datasets/NAME (craft store upload).")],
+    model_name: Annotated[
+        str, typer.Option(help="Registered model to keep up to date ('' = the profile's name, as the pipeline).")
+    ] = "",
+    base_uri: Annotated[
+        str, typer.Option(help="Foundation checkpoint the runs get (needed by profiles that import it).")
+    ] = "",
+    namespace: Annotated[str, typer.Option(help="Namespace of the deployed k8s overlay.")] = "craft",
+    image: Annotated[
+        str | None, typer.Option(help="CLI image (default: the CPU image of components/images.py).")
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the manifest here, not stdout.")] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="Pipeline-wide overrides: stage.key=value ...")] = None,
 ) -> None:
-    """Create a recurring run (cron) of the pipeline on KFP_HOST; one run at a time, no catch-up."""
+    """Render the retraining CronJob for PROFILE (`craft retrain-if-new-data` on a cron) for `kubectl apply -f`."""
     from pipelines import client as kc
 
-    client, namespace = kc.make_client()
-    out = kc.schedule(client, cron, profile, list(overrides or []), dataset_uri, name=name, version_id=version_id,
-                      experiment=experiment, namespace=namespace, job_name=job_name)  # fmt: skip
-    _echo_json(out)
+    try:
+        text = kc.render_retrain_cronjob(profile, cron, dataset, model_name=model_name, base_uri=base_uri,
+                                         overrides=list(overrides or []), namespace=namespace, image=image)  # fmt: skip
+    except (ConfigError, ValueError) as e:
+        raise _fail(str(e)) from e
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    typer.echo(f"wrote {output}: CronJob craft-retrain-{kc.profile_name(profile)} in namespace {namespace} "
+               f"(kubectl apply -f {output})")  # fmt: skip
 
 
 @app.command("retrain-if-new-data")
 def retrain_if_new_data(
     model: Annotated[str, typer.Option("--model", "-m", help="Registered model to keep up to date.")],
-    dataset: Annotated[str, typer.Option(help=".dvc file, DVC-tracked folder, or s3:// committed dataset prefix.")],
+    dataset: Annotated[
+        str, typer.Option(help="s3://B/datasets/NAME (latest pointer), an s3:// prefix, a .dvc file or dvc:// URI.")
+    ],
     profile: Annotated[str, typer.Option(help="Profile of the new run.")] = "demo-histo",
     force: Annotated[bool, typer.Option("--force", help="Start a run even if one was claimed already.")] = False,
     root: Annotated[Path, typer.Option(help="Local pipeline root when KFP_HOST is unset.")] = Path("runs"),
@@ -621,18 +696,26 @@ def retrain_if_new_data(
     config: ConfigOpt = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="Pipeline-wide overrides: stage.key=value ...")] = None,
 ) -> None:
-    """Start a pipeline run only if the dataset version differs from the production model's (CronJob entry point).
+    """Start a pipeline run only for a dataset version no model was trained on (CronJob entry point).
 
-    With KFP_HOST set the run goes to Kubeflow Pipelines; without it the whole pipeline runs here (kfp.local).
+    A claimed run is reconciled by its run id (running: wait; failed: start again, bounded; succeeded:
+    done); a version that failed validation is never retried. With KFP_HOST set the run goes to Kubeflow
+    Pipelines; without it the whole pipeline runs here (kfp.local) against the same object store.
     """
     from craft import retrain as rt
+    from craft.config import check_run_overrides
     from pipelines import client as kc
 
     cfg = stage_config("retrain", config, None, model=model, profile=profile, dataset=dataset, force=force)
-    cfg.overrides = list(cfg.overrides) + list(overrides or [])
-    start = kc.start_run if os.environ.get("KFP_HOST") else kc.local_run_starter(root)
-    outcome = rt.main(cfg, _registry(config, registry), start)
+    cfg.overrides = check_run_overrides(list(cfg.overrides) + list(overrides or []))
+    if os.environ.get("KFP_HOST"):
+        start, status = kc.start_run, kc.run_status
+    else:
+        start, status = kc.local_run_starter(root), None
+    outcome = rt.main(cfg, _registry(config, registry), start, run_status=status)
     typer.echo(f"{outcome.action}: {outcome.message}")
+    if outcome.action in ("failed", "gave-up"):
+        raise typer.Exit(1)
 
 
 def _registry(config: str | None, registry: str | None):
@@ -646,47 +729,53 @@ def _registry(config: str | None, registry: str | None):
 
 @app.command("promote")
 def promote(
-    candidate: Annotated[str, typer.Argument(help="Candidate metrics.json, or a registered version id (12 hex).")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Registered model name.")],
-    gates: Annotated[str, typer.Option("--gates", help="Gates file (section `gates`).")] = "gates",
-    register: Annotated[
-        Path | None, typer.Option("--register", help="Model dir to register on pass (metrics-file candidate).")
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Option("--version", "-v", help="Candidate version id (12 hex, `craft models`).")],
+    gates: Annotated[
+        str | None,
+        typer.Option("--gates", help="Reviewed gates file/profile (section `gates`); default: the version's profile."),
     ] = None,
     registry: RegistryOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Evaluate the gates only; move nothing.")] = False,
+    reason: Annotated[str, typer.Option(help="Why, recorded in the history (e.g. the CI run URL).")] = "",
     report: Annotated[Path | None, typer.Option(help="Write the decision as JSON here.")] = None,
     config: ConfigOpt = None,
-    overrides: Overrides = None,
 ) -> None:
-    """Gate a candidate against production; exit 1 naming each failing gate, else move the production pointer."""
+    """Move `production` to a registered version if the gates pass on its champion-vs-challenger evaluation.
+
+    What CI runs. Exit 1 naming each failing gate (or a champion that changed since the evaluation).
+    Gates come from a reviewed file only: there are no overrides.
+    """
     from craft import promote as p
     from craft.io import atomic_write_json
 
-    cfg = load_stage_config("gates", gates, list(overrides or []))
-    outcome = p.main(cfg, candidate, model, _registry(config, registry), register_dir=register, dry_run=dry_run)
+    outcome = p.promote_version(model, version, _registry(config, registry), gates=gates, dry_run=dry_run,
+                                reason=reason)  # fmt: skip
     typer.echo(outcome.decision.table())
     if report is not None:
         atomic_write_json(report, outcome.to_dict())
     if not outcome.decision.passed:
-        failing = "; ".join(f"{r.name} ({r.message})" for r in outcome.decision.failures)
-        raise _fail(f"{model}: candidate rejected by gate(s): {failing}", 1)
+        raise _fail(f"{model}: version {version} refused: {outcome.decision.failure_text()}", 1)
     if outcome.promoted:
-        typer.echo(f"{model}: production {outcome.production_before or '(none)'} -> {outcome.version}")
+        typer.echo(f"{model}: production {outcome.production_before or '(none)'} -> {version} "
+                   f"(gates {outcome.gates['file']} {outcome.gates['gates_sha256']})")  # fmt: skip
     else:
-        typer.echo(f"{model}: gates passed; production unchanged ({'dry run' if dry_run else outcome.version})")
+        why = "dry run" if dry_run else f"{version} is already in production"
+        typer.echo(f"{model}: gates passed; production unchanged ({why})")
 
 
 @app.command("rollback")
 def rollback(
-    model: Annotated[str, typer.Option("--model", "-m", help="Registered model name.")],
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
     to: Annotated[str | None, typer.Option("--to", help="Version id (default: the previous production).")] = None,
+    reason: Annotated[str, typer.Option(help="Why, recorded in the history.")] = "",
     registry: RegistryOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Point production back at an earlier version; the move is recorded in the history."""
     reg = _registry(config, registry)
     before = reg.get_production(model)
-    pointer = reg.rollback(model, to=to)
+    pointer = reg.rollback(model, to=to, reason=reason)
     typer.echo(f"{model}: production {before['version'] if before else '(none)'} -> {pointer['version']} (rollback)")
 
 
@@ -696,9 +785,16 @@ def models(
     registry: RegistryOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """List a model's registered versions, its production pointer and the pointer history as JSON."""
+    """A model's versions (with dataset and gate numbers), its aliases and the alias history, as JSON."""
     reg = _registry(config, registry)
-    _echo_json({"production": reg.get_production(model), "versions": reg.list_versions(model),
+    versions = []
+    for v in reg.list_versions(model):
+        info = reg.get_version(model, v["version"])
+        lin, met = info["lineage"], info["metrics"]
+        versions.append({**v, "dataset": lin.get("dataset"), "code_version": lin.get("code_version"),
+                         "run": lin.get("run"), "champion": (met.get("champion") or {}).get("version"),
+                         "candidate_metrics": met.get("candidate")})  # fmt: skip
+    _echo_json({"aliases": reg.aliases(model), "production": reg.get_production(model), "versions": versions,
                 "history": reg.history(model)})  # fmt: skip
 
 

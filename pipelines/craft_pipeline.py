@@ -57,11 +57,13 @@ def build_pipeline(
     *,
     name: str = PIPELINE_NAME,
     pipeline_version: str = "",
+    default_profile: str = DEFAULT_PROFILE,
 ):
     """The pipeline function for ``plan`` (which optional tasks exist); compile it or call it under kfp.local.
 
     ``pipeline_version`` (profile and code version, fixed at compile time) is recorded in the lineage of
-    what the run registers.
+    what the run registers. ``default_profile`` is the run form's default for ``profile``: the profile whose
+    plan this DAG is, so a run started from the UI with the defaults runs that profile's settings.
     """
     from craft.version import code_version
 
@@ -76,7 +78,7 @@ def build_pipeline(
         description="CRAFTS foundation training + CRAFT clinical reward finetuning, evaluation and gated promotion.",
     )
     def craft_pipeline(
-        profile: str = DEFAULT_PROFILE,
+        profile: str = default_profile,
         overrides: list = [],  # noqa: B006  (KFP parameter default)
         dataset_uri: str = "",
         base_uri: str = "",
@@ -204,7 +206,7 @@ def pipeline_for_profile(profile: str | None, overrides: list[str] = ()):
     if "controlnet" in load_profile(profile) and plan.until == "all":
         cn = load_stage_config("controlnet", profile, overrides)
         conditions = tuple(cn.conditions) if cn.enabled else ()
-    return build_pipeline(plan, conditions, name=pipeline_name(profile))
+    return build_pipeline(plan, conditions, name=pipeline_name(profile), default_profile=str(profile))
 
 
 def compile_pipeline(output: str | Path, profile: str | None = DEFAULT_PROFILE) -> Path:

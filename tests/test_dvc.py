@@ -115,13 +115,13 @@ KFP_TO_DVC = {
     "controlnet-fluorescence-plain-base": "controlnet-fluorescence-plain-base",
     "controlnet-fluorescence-eval": "controlnet-fluorescence-eval",
     "evaluate": "evaluate",
+    "gate": "gate",
 }
 # KFP tasks with no DVC stage (dvc.yaml's header says more); their edges are not compared. A pipeline may lack
 # some of them (dataset-version and champion are newer than the others).
 KFP_ONLY = {
     "dataset-version": "resolves a dataset pointer on the object store; DVC hashes every dep itself",
     "champion": "downloads the production model from the registry; a local run has none",
-    "gate": "pure on evaluate's metrics.json, but no craft command runs it on a local evaluation (MISSING_COMMANDS)",
     "register": "writes to the registry; only craft promote moves production",
 }
 # DVC nodes with no KFP task
@@ -130,11 +130,9 @@ DVC_ONLY = {
     "validate_cxr": "validates the other tracked dataset, data/demo-cxr; not part of the demo-histo pipeline",
 }
 # KFP edges dvc.yaml cannot carry until the CLI has the option: edge -> (command, missing option)
-CLI_GAPS = {
-    ("critic-probe", "evaluate"): ("evaluate", "--critic-probe"),  # KFP evaluate_op's critic_probe (training reward)
-}
+CLI_GAPS: dict = {}
 # KFP tasks that would have a stage if the CLI exposed their step: task -> the command it would be
-MISSING_COMMANDS = {"gate": "gate"}  # craft.promote.gate_step; `craft promote` gates a registered version only
+MISSING_COMMANDS: dict = {}
 # deps that only order two stages (KFP `.after`); every other outputs/ dep is a path the command reads
 ORDER_ONLY = {("annotate", "outputs/validate/demo-histo"), ("pretrain", "outputs/validate/demo-histo")}
 

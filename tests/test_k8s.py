@@ -1,5 +1,6 @@
 """Offline checks of everything that ships to a cluster: kustomize renders, strict schema validation,
-pod security, RBAC scope, Secrets without values, and hadolint on the Dockerfiles.
+pod security, RBAC scope, Secrets without values, the per-profile retraining CronJob that
+`craft pipeline schedule` renders, and hadolint on the Dockerfiles.
 
 No cluster and no Docker engine can run here (ENVIRONMENT.md), so the real tools do the checking:
 `kubectl kustomize`, kubernetes-validate (strict: unknown fields are errors) and hadolint.
@@ -118,29 +119,35 @@ def test_expected_objects_per_overlay(rendered):
                 assert d["metadata"].get("namespace") == ns, f"{name}: {d['kind']}/{d['metadata']['name']}"
 
 
+def check_pods_hardened(doc: dict, where: str) -> int:
+    """Assert the restricted pod-security settings and bounded resources on ``doc``'s pods; count containers."""
+    seen = 0
+    for spec in pod_specs(doc):
+        psc = spec.get("securityContext", {})
+        assert psc.get("runAsNonRoot") is True, where
+        assert isinstance(psc.get("runAsUser"), int) and psc["runAsUser"] > 0, where
+        assert psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
+        assert spec.get("automountServiceAccountToken") is False, where
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            seen += 1
+            csc = c.get("securityContext", {})
+            assert csc.get("allowPrivilegeEscalation") is False, f"{where} {c['name']}"
+            assert csc.get("readOnlyRootFilesystem") is True, f"{where} {c['name']}"
+            assert csc.get("capabilities", {}).get("drop") == ["ALL"], f"{where} {c['name']}"
+            assert not csc.get("privileged"), f"{where} {c['name']}"
+            res = c.get("resources", {})
+            for part in ("requests", "limits"):
+                for key in ("cpu", "memory"):
+                    assert key in res.get(part, {}), f"{where} {c['name']}: no {part}.{key}"
+            assert ":" in c["image"] and not c["image"].endswith(":latest"), f"{where}: unpinned image"
+    return seen
+
+
 def test_pods_are_non_root_and_bounded(rendered):
     seen = 0
     for name, docs in rendered.items():
         for doc in docs:
-            for spec in pod_specs(doc):
-                where = f"{name}: {doc['kind']}/{doc['metadata']['name']}"
-                psc = spec.get("securityContext", {})
-                assert psc.get("runAsNonRoot") is True, where
-                assert isinstance(psc.get("runAsUser"), int) and psc["runAsUser"] > 0, where
-                assert psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
-                assert spec.get("automountServiceAccountToken") is False, where
-                for c in spec.get("initContainers", []) + spec["containers"]:
-                    seen += 1
-                    csc = c.get("securityContext", {})
-                    assert csc.get("allowPrivilegeEscalation") is False, f"{where} {c['name']}"
-                    assert csc.get("readOnlyRootFilesystem") is True, f"{where} {c['name']}"
-                    assert csc.get("capabilities", {}).get("drop") == ["ALL"], f"{where} {c['name']}"
-                    assert not csc.get("privileged"), f"{where} {c['name']}"
-                    res = c.get("resources", {})
-                    for part in ("requests", "limits"):
-                        for key in ("cpu", "memory"):
-                            assert key in res.get(part, {}), f"{where} {c['name']}: no {part}.{key}"
-                    assert ":" in c["image"] and not c["image"].endswith(":latest"), f"{where}: unpinned image"
+            seen += check_pods_hardened(doc, f"{name}: {doc['kind']}/{doc['metadata']['name']}")
     assert seen >= 3  # CronJob (dev, prod) + MinIO (dev)
 
 
@@ -171,6 +178,127 @@ def test_cronjob_runs_retrain_without_overlap(rendered):
         refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
         assert refs["AWS_ACCESS_KEY_ID"] == {"name": "mlpipeline-minio-artifact", "key": "accesskey"}
         assert refs["AWS_SECRET_ACCESS_KEY"] == {"name": "mlpipeline-minio-artifact", "key": "secretkey"}
+
+
+def test_overlays_watch_the_model_their_runs_register(rendered):
+    # The CronJob compares the dataset with the lineage of CRAFT_MODEL's production version, so CRAFT_MODEL
+    # must be the name its runs register: the profile's name, the pipeline's default model_name.
+    from craft.config import load_stage_config
+    from pipelines import client as kc
+
+    for name, docs in rendered.items():
+        (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("craft-env")]
+        env = cm["data"]
+        assert cm["metadata"]["name"] == "craft-env", f"{name}: rendered CronJobs refer to craft-env by name"
+        assert env["CRAFT_MODEL"] == kc.run_params(env["CRAFT_PROFILE"], [])["model_name"], name
+        assert env["CRAFT_DATASET"].startswith("s3://"), name
+        assert "KFP_PIPELINE_NAME" not in env, f"{name}: the pipeline follows the profile (craft-<profile>)"
+        if load_stage_config("pipeline", env["CRAFT_PROFILE"]).foundation == "import":
+            assert env["CRAFT_BASE_URI"], f"{name}: {env['CRAFT_PROFILE']} imports its foundation: set CRAFT_BASE_URI"
+
+
+def _schedule(*args: str):
+    from typer.testing import CliRunner
+
+    from craft.cli import app
+
+    return CliRunner().invoke(app, ["pipeline", "schedule", *args])
+
+
+def test_schedule_renders_the_base_cronjob_for_a_profile(rendered, tmp_path):
+    out = tmp_path / "retrain-chexpert.yaml"
+    res = _schedule("--profile", "chexpert", "--cron", "15 4 * * *", "--dataset", "s3://craft/datasets/chexpert",
+                    "--base-uri", "s3://craft/models/base/sd21-base", "-o", str(out), "data.n=800")  # fmt: skip
+    assert res.exit_code == 0 and f"kubectl apply -f {out}" in res.output, res.output
+    (doc,) = [d for d in yaml.safe_load_all(out.read_text()) if d]
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(doc, version, strict=True)
+    cli = subprocess.run([_tool("kubernetes-validate"), "--strict", "--quiet", str(out)], capture_output=True,
+                         text=True, check=False)  # fmt: skip
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert check_pods_hardened(doc, "craft-retrain-chexpert") == 1
+
+    assert doc["metadata"]["name"] == "craft-retrain-chexpert" and doc["metadata"]["namespace"] == "craft"
+    assert doc["spec"]["schedule"] == "15 4 * * *" and doc["spec"]["concurrencyPolicy"] == "Forbid"
+    (c,) = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["craft", "retrain-if-new-data"]
+    assert c["args"] == ["--model=$(CRAFT_MODEL)", "--profile=$(CRAFT_PROFILE)", "--dataset=$(CRAFT_DATASET)",
+                         "data.n=800"]  # fmt: skip
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert {k: env[k] for k in ("CRAFT_PROFILE", "CRAFT_MODEL", "CRAFT_DATASET", "CRAFT_BASE_URI")} == {
+        "CRAFT_PROFILE": "chexpert", "CRAFT_MODEL": "chexpert", "CRAFT_DATASET": "s3://craft/datasets/chexpert",
+        "CRAFT_BASE_URI": "s3://craft/models/base/sd21-base"}  # fmt: skip
+    # every $(VAR) in the args is set on the container itself, not left to whatever the ConfigMap says
+    import re
+
+    assert set(re.findall(r"\$\((\w+)\)", " ".join(c["args"]))) <= set(env)
+
+    # everything else is the base CronJob as it is in git (one template, no copy in code)
+    base = yaml.safe_load((K8S / "base" / "cronjob-retrain.yaml").read_text())
+    base_pod = base["spec"]["jobTemplate"]["spec"]["template"]
+    pod = doc["spec"]["jobTemplate"]["spec"]["template"]
+    (bc,) = base_pod["spec"]["containers"]
+    for key in ("securityContext", "resources", "volumeMounts", "envFrom", "command"):
+        assert c[key] == bc[key], key
+    assert [e for e in c["env"] if "valueFrom" in e or e["name"].startswith("KF")] == bc["env"]
+    assert {k: v for k, v in pod["spec"].items() if k != "containers"} == {
+        k: v for k, v in base_pod["spec"].items() if k != "containers"}  # fmt: skip
+    assert {k: v for k, v in doc["spec"].items() if k not in ("schedule", "jobTemplate")} == {
+        k: v for k, v in base["spec"].items() if k not in ("schedule", "jobTemplate")}  # fmt: skip
+    # what it refers to exists in every overlay: the shared ConfigMap (stable name) and the scheduler identity
+    for name, docs in rendered.items():
+        have = {(d["kind"], d["metadata"]["name"]) for d in docs}
+        assert ("ConfigMap", c["envFrom"][0]["configMapRef"]["name"]) in have, name
+        assert ("ServiceAccount", pod["spec"]["serviceAccountName"]) in have, name
+
+
+def test_schedule_to_stdout_with_defaults_and_options():
+    res = _schedule("--profile", "demo-histo", "--cron", "@daily", "--dataset", "s3://craft/datasets/histo/")
+    assert res.exit_code == 0, res.output
+    (doc,) = [d for d in yaml.safe_load_all(res.output) if d]
+    (c,) = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["CRAFT_MODEL"] == "demo-histo" and env["CRAFT_DATASET"] == "s3://craft/datasets/histo"
+    assert env["CRAFT_BASE_URI"] == ""  # explicit: a base from the overlay's ConfigMap must not leak in
+    assert doc["metadata"]["name"] == "craft-retrain-demo-histo" and doc["spec"]["schedule"] == "@daily"
+
+    res = _schedule("--profile", "demo-cxr", "--cron", "0 * * * *", "--dataset", "s3://b/datasets/cxr",
+                    "--model-name", "cxr-site-a", "--namespace", "craft-dev",
+                    "--image", "registry.example.org/craft/craft-cpu:0.1.1")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    doc = yaml.safe_load(res.output)
+    (c,) = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert {e["name"]: e.get("value") for e in c["env"]}["CRAFT_MODEL"] == "cxr-site-a"
+    assert doc["metadata"]["namespace"] == "craft-dev" and c["image"] == "registry.example.org/craft/craft-cpu:0.1.1"
+    kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cron", "0 0 3 * * *"], "expected 5 fields"),  # KFP's seconds field is not a CronJob schedule
+        (["--cron", "every day"], "expected 5 fields"),
+        (["--cron", "TZ=Europe/Paris 0 3 * * *"], "no TZ= prefix"),
+        (["--dataset", "./data/histo"], "s3://BUCKET/datasets/NAME"),
+        (["--dataset", "s3://craft"], "s3://BUCKET/datasets/NAME"),
+        (["--profile", "chexpert"], "pass --base-uri"),
+        (["--profile", "no-such-profile"], "no-such-profile"),
+        (["--image", "ghcr.io/craft-ml/craft-cpu:latest"], "pin a tag or digest"),
+        (["--namespace", "Craft_Prod"], "not a valid Kubernetes namespace"),
+        (["registry.root=s3://elsewhere"], "refused"),
+    ],
+)
+def test_schedule_refuses_what_would_fail_in_the_cluster(args, message):
+    opts = {"--profile": "demo-histo", "--cron": "0 3 * * *", "--dataset": "s3://craft/datasets/histo"}
+    extra = []
+    for i in range(0, len(args), 2):
+        if args[i].startswith("--"):
+            opts[args[i]] = args[i + 1]
+        else:
+            extra = args[i:]
+            break
+    res = _schedule(*[x for kv in opts.items() for x in kv], *extra)
+    assert res.exit_code == 2 and message in res.output, res.output
 
 
 def test_no_secret_values_in_git_or_renders(rendered):

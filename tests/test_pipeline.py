@@ -116,6 +116,8 @@ def test_cli_compile(tmp_path):
     assert r.returncode == 0, r.stderr
     spec, _ = _load(out)
     assert spec["pipelineInfo"]["name"] == "craft-demo-cxr"  # one pipeline per profile
+    # the UI's run form defaults to the profile whose plan this is (not demo-histo's settings on its DAG)
+    assert spec["root"]["inputDefinitions"]["parameters"]["profile"]["defaultValue"] == "demo-cxr"
     assert "controlnet-mask" not in _tasks(spec)  # demo-cxr has no ControlNet (no nuclei masks)
 
 
@@ -170,7 +172,7 @@ def test_register_records_a_candidate_and_cannot_move_production(compiled):
     assert {"dataset", "validation", "results"} <= set(register["artifacts"])
     assert {"pipeline_version", "run_id", "model_name"} <= set(register["parameters"])
     source = json.dumps(spec["deploymentSpec"]["executors"]["exec-register-op"]["container"])
-    assert "register_step" in source and "promote(" not in source and "production" not in source
+    assert "register_step" in source and ".promote(" not in source and "set_alias" not in source
 
 
 @pytest.mark.parametrize("bad", ["gates.cas.enabled=false", "gates.near_duplicates.enabled=false",
