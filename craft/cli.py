@@ -809,7 +809,7 @@ def main() -> None:
         sys.exit(rc if isinstance(rc, int) else 0)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except (ConfigError, CliError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ConfigError, CliError, FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         sys.exit(2)
     except Exception as e:  # click usage errors carry their own exit code

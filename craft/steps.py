@@ -188,7 +188,12 @@ def import_model(uri: str, out_dir: str | Path) -> dict:
     from craft.io import copy_tree
     from craft.models.diffusion import resolve_model_dir
 
-    src = resolve_model_dir(uri)
+    if uri.startswith("s3://"):
+        src = resolve_model_dir(uri)
+    else:  # a diffusers pipeline (model_index.json) or a transformers encoder such as SigLIP (config.json)
+        src = Path(uri)
+        if not src.is_dir() or not ((src / "model_index.json").is_file() or (src / "config.json").is_file()):
+            raise FileNotFoundError(f"{uri}: not a model folder (neither model_index.json nor config.json)")
     copy_tree(src, out_dir)
     n_files = sum(1 for p in Path(out_dir).rglob("*") if p.is_file())
     return {"n_files": float(n_files)}

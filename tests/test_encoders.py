@@ -182,9 +182,9 @@ def test_components_compile_with_optional_annotations(tmp_path):
     from components.encoders import encoder_op, probe_op
 
     @dsl.pipeline(name="enc")
-    def pipe(ds: dsl.Input[dsl.Dataset], profile: str = "demo-histo"):
-        e = encoder_op(dataset=ds, role="critic", profile=profile, overrides=[])
-        probe_op(encoder=e.outputs["encoder"], dataset=ds, profile=profile, overrides=[])
+    def pipe(ds: dsl.Input[dsl.Dataset], profile: str = "demo-histo", version: str = "v1"):
+        e = encoder_op(dataset=ds, role="critic", profile=profile, overrides=[], dataset_version=version)
+        probe_op(encoder=e.outputs["encoder"], dataset=ds, profile=profile, overrides=[], dataset_version=version)
 
     out = tmp_path / "p.yaml"
     compiler.Compiler().compile(pipe, str(out))
@@ -200,3 +200,124 @@ def test_cli_resolves_stage_configs():
     res = CliRunner().invoke(app, ["show-config", "encoder", "-c", "demo-cxr", "critic.seed=7"])
     assert res.exit_code == 0, res.output
     assert '"seed": 7' in res.output and '"arch": "clip"' in res.output
+
+
+# ----------------------------------------------------------------------------------------------
+# real-layout SigLIP / MedSigLIP snapshots (tests/real_layout.py): the slow SentencePiece tokenizer path
+
+
+@pytest.fixture(scope="module")
+def snapshots(tmp_path_factory):
+    """A MedSigLIP-like critic (48 px) and a SigLIP-like evaluator (32 px), both in the real HF snapshot layout."""
+    from tests.real_layout import build_siglip_dir
+
+    tmp = tmp_path_factory.mktemp("snap")
+    return {"critic": build_siglip_dir(tmp / "medsiglip", seed=0, image_size=48),
+            "evaluator": build_siglip_dir(tmp / "siglip", seed=1, image_size=32)}  # fmt: skip
+
+
+def test_siglip_snapshot_loads_with_its_sentencepiece_tokenizer(snapshots):
+    import numpy as np
+    import sentencepiece as spm
+    from PIL import Image
+    from transformers import AutoProcessor, SiglipTokenizer
+
+    from craft.annotate.checklists import checklist_text, load_checklist
+    from tests.real_layout import SIGLIP_FILES, SIGLIP_MAX_LENGTH, canonical
+
+    d = snapshots["evaluator"]
+    assert sorted(p.name for p in d.iterdir()) == sorted(SIGLIP_FILES)  # no tokenizer.json: the slow tokenizer only
+    enc = load_encoder(d)
+    assert isinstance(enc.tokenizer, SiglipTokenizer) and enc.family == "siglip"
+    assert enc.max_length == SIGLIP_MAX_LENGTH and enc.image_size == (32, 32)
+    item = load_checklist("demo-cxr", list(CHECKLIST), "cxr")["pleural_effusion"][0]
+    sentence = checklist_text([item])
+    pieces = spm.SentencePieceProcessor(model_file=str(d / "spiece.model")).encode(canonical(sentence))
+    assert 2 not in pieces  # <unk>: the sentence is covered by the trained vocabulary
+    ids = enc.tokenize([sentence])
+    assert set(ids) == {"input_ids"}  # SigLIP: max-length padded ids, no attention mask
+    eos = enc.tokenizer.eos_token_id
+    assert eos == enc.tokenizer.pad_token_id == 1
+    assert ids["input_ids"][0].tolist() == pieces + [eos] * (SIGLIP_MAX_LENGTH - len(pieces))
+    # the HF reference usage (SiglipProcessor + SiglipModel.forward) gives the same unit embeddings
+    arr = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    proc = AutoProcessor.from_pretrained(str(d), local_files_only=True)
+    texts = [sentence, "an enlarged heart"]
+    with torch.no_grad():
+        ref = enc.model(**proc(text=texts, images=[Image.fromarray(arr)] * 2, padding="max_length",
+                               return_tensors="pt"))  # fmt: skip
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255
+    torch.testing.assert_close(enc.encode_images(x)[0], ref.image_embeds[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(enc.encode_texts(texts), ref.text_embeds, rtol=0, atol=1e-5)
+    # resized inputs: our differentiable torch bicubic stays close to the PIL processor
+    big = np.random.default_rng(1).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    hf = proc.image_processor(images=Image.fromarray(big), return_tensors="pt")["pixel_values"]
+    ours = enc.preprocess(torch.from_numpy(big).permute(2, 0, 1)[None].float() / 255)
+    assert hf.shape == ours.shape and (hf - ours).abs().mean() < 0.01
+    # the identity is the weights': stable across loads, different for another seed
+    assert load_encoder(d).identity == enc.identity != load_encoder(snapshots["critic"]).identity
+
+
+def test_siglip_snapshots_in_both_roles_local_and_s3(snapshots, s3_env, tmp_path):
+    from craft.storage.objectstore import ObjectStore
+
+    uri = f"s3://{s3_env.make_bucket('enc')}/models/encoders/medsiglip"
+    ObjectStore.from_env().upload_dir(snapshots["critic"], uri)
+    cfg = EncodersConfig(critic=uri, evaluator=str(snapshots["evaluator"]), cache_dir=str(tmp_path / "cache"))
+    roles = load_role_encoders(cfg)
+    local = load_encoder(snapshots["critic"])
+    assert type(roles["critic"].tokenizer).__name__ == "SiglipTokenizer" and roles["critic"].source == uri
+    assert roles["critic"].identity == local.identity != roles["evaluator"].identity
+    x = torch.rand(2, 1, 32, 32)
+    torch.testing.assert_close(roles["critic"].encode_images(x), local.encode_images(x), rtol=0, atol=0)
+    copy = tmp_path / "copy-of-medsiglip"
+    shutil.copytree(snapshots["critic"], copy)
+    with pytest.raises(ValueError, match="same weights"):  # MedSigLIP is never the evaluator too
+        load_role_encoders(EncodersConfig(critic=uri, evaluator=str(copy), cache_dir=str(tmp_path / "cache")))
+
+
+def test_cli_probe_and_evaluate_on_siglip_snapshots(snapshots, demo, tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    import yaml
+
+    from craft import cli
+    from craft.annotate.run import AnnotateConfig
+    from craft.annotate.run import main as annotate
+    from craft.data.manifest import read_meta
+    from craft.models.diffusion import ModelConfig, build_components, save_pipeline
+
+    def run(*args) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["craft", *map(str, args)])
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+        return e.value.code, capsys.readouterr().out
+
+    probes = {}
+    for role, d in snapshots.items():
+        probes[role] = tmp_path / f"{role}-probe"
+        code, out = run("train", "probe", d, demo, "-o", probes[role], "epochs=30", "lr=0.05", "threads=1")
+        assert code == 0, out
+        assert json.loads(out)["n_train"] == 32
+        assert load_probe(probes[role], load_encoder(d)).classes == list(CHECKLIST)
+    ann = tmp_path / "ann"
+    annotate(AnnotateConfig(backend="offline", checklist="demo-cxr", progress=False), demo, ann)
+    mc = ModelConfig(preset="tiny", resolution=32, unet_channels=[8, 16], vae_channels=[8, 8], text_hidden=16,
+                     text_layers=1)  # fmt: skip
+    base = save_pipeline(build_components(mc, list(read_meta(demo).classes), seed=0).pipeline(), tmp_path / "base")
+    off = {"enabled": False}
+    profile = tmp_path / "tiny-eval.yaml"
+    profile.write_text(yaml.safe_dump({"evaluate": {
+        "max_prompts": 4, "samples_per_prompt": 1, "steps": 2, "guidance": 2.0, "batch_size": 4, "grid_per_class": 1,
+        "device": "cpu", "threads": 1, "memorization": off, "downstream": off, "oracle": off, "preferences": off}}))  # fmt: skip
+    common = [demo, "--annotations", ann, "--variant", f"craft={base}", "--critic", snapshots["critic"], "-c", profile]
+    code, _ = run("evaluate", *common, "--evaluator", snapshots["critic"], "--evaluator-probe", probes["critic"],
+                  "--out", tmp_path / "refused")  # fmt: skip
+    assert code == 2 and not (tmp_path / "refused" / "metrics.json").exists()  # MedSigLIP never scores
+    code, out = run("evaluate", *common, "--critic-probe", probes["critic"], "--evaluator", snapshots["evaluator"],
+                    "--evaluator-probe", probes["evaluator"], "--out", tmp_path / "eval")  # fmt: skip
+    assert code == 0, out
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(m["variants"]) == {"real", "craft"} and m["candidate"]["name"] == "craft"
+    assert 0 <= m["variants"]["real"]["dd"] <= 1 and m["variants"]["real"]["critic_reward"]["sfs"] == pytest.approx(1)

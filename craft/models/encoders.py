@@ -320,7 +320,9 @@ def load_encoder(
 
     The directory holds ``config.json``, ``model.safetensors`` (or shards), the tokenizer files and
     ``preprocessor_config.json`` -- the layout of a Hugging Face MedSigLIP / SigLIP / CLIP / PLIP
-    snapshot and of what ``save_encoder`` writes.
+    snapshot and of what ``save_encoder`` writes. SigLIP and MedSigLIP ship the slow ``SiglipTokenizer``
+    (``spiece.model`` + ``tokenizer_config.json``, no ``tokenizer.json``), which needs ``sentencepiece``;
+    ``tests/real_layout.py`` builds such a snapshot at tiny size.
     """
     from transformers import AutoModel, AutoTokenizer
 
@@ -337,11 +339,17 @@ def load_encoder(
         pre = json.loads(pre_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{pre_path}: not valid JSON: {e}") from e
+    # The tokenizer first: it loads in milliseconds, a real checkpoint's weights in many seconds, and a
+    # missing backend (SigLIP / MedSigLIP ship only a SentencePiece spiece.model) should fail before them.
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    except ImportError as e:
+        raise ImportError(f"{d}: its tokenizer needs a package that is not installed ({e}); craft's pyproject "
+                          "lists sentencepiece for SigLIP / MedSigLIP, reinstall craft") from e  # fmt: skip
     kwargs: dict[str, Any] = dict(local_files_only=True, use_safetensors=True)
     if dtype is not None:
         kwargs["dtype"] = dtype
     model = AutoModel.from_pretrained(str(d), **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
     enc = DualEncoder(model, tokenizer, pre, source=str(path_or_uri), where=d)
     return enc.to(device)
 
