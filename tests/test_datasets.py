@@ -193,3 +193,39 @@ def test_a_dvc_file_with_stale_data_is_refused(git_repo):
         datasets.resolve(str(bad))
     with pytest.raises(DatasetError, match="no such .dvc file"):
         datasets.resolve(str(git_repo / "missing.dvc"))
+
+
+def test_a_dvc_path_at_a_git_revision_resolves_to_the_same_content_id(s3_env, git_repo, tmp_path, monkeypatch):
+    """dvc://REPO?rev=REV#PATH: the data as committed at REV, fetched from the DVC remote (SeaweedFS here),
+    versioned like any other copy of those files; a later revision with a changed image is a new version."""
+    from craft.storage import dvc
+
+    for k, v in {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@x", "GIT_COMMITTER_NAME": "t",
+                 "GIT_COMMITTER_EMAIL": "t@x"}.items():  # fmt: skip
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)  # a clone has no config.local: craft hands DVC the endpoint
+    data = make_dataset(git_repo / "data")
+    want = datasets.local_version(data)
+    dvc.init_repo(git_repo)
+    bucket = s3_env.make_bucket("dvcrev")
+    dvc.configure_remote(git_repo, "store", f"s3://{bucket}/dvc", s3_env.endpoint)
+    dvc.add(git_repo, "data")
+    dvc.push(git_repo)
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(git_repo), *args], check=True, capture_output=True, text=True).stdout
+
+    git("add", "data.dvc", ".gitignore", ".dvc/config", ".dvcignore")
+    git("commit", "-qm", "v1")
+    rev1 = git("rev-parse", "HEAD").strip()
+    (data / "images" / "img1.png").write_bytes((data / "images" / "img0.png").read_bytes())
+    dvc.add(git_repo, "data")
+    dvc.push(git_repo)
+    git("commit", "-qam", "v2")
+
+    ref1 = datasets.resolve(f"dvc://{git_repo}?rev={rev1}#data", work_dir=tmp_path / "w1")
+    assert (ref1.version, ref1.source) == (want, "dvc")
+    ref2 = datasets.resolve(f"dvc://{git_repo}?rev=HEAD#data", work_dir=tmp_path / "w2")
+    assert ref2.version == datasets.local_version(data) != want
+    with pytest.raises(DatasetError, match="after '#'"):
+        datasets.resolve(f"dvc://{git_repo}?rev=HEAD", work_dir=tmp_path / "w3")

@@ -30,7 +30,7 @@ MODEL = "toy-histo"
 
 
 def craft(env: dict[str, str], *args: str, ok: bool | None = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([CRAFT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500,
+    proc = subprocess.run([CRAFT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=3000,
                           stdin=subprocess.DEVNULL)  # fmt: skip
     if ok is not None and (proc.returncode == 0) != ok:
         raise AssertionError(
@@ -117,6 +117,7 @@ def retrain(env, dataset_uri: str, root: Path, ok: bool | None = True) -> subpro
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(5400)  # three whole-pipeline runs: about 3 min each on a quiet 2-core machine
 def test_new_data_retrain_candidate_promote_rollback(loop_env):
     env, dataset_uri, tmp = loop_env
     root = tmp / "runs"
@@ -191,6 +192,7 @@ def test_new_data_retrain_candidate_promote_rollback(loop_env):
     assert run_dirs(root) == before
 
 
+@pytest.mark.timeout(1800)
 def test_data_lands_version_pinned_and_corrupt_version_never_retried(loop_env):
     """The fast variant (make test): the same commands with the run stopped after validation
     (`pipeline.until=validate`), so no model trains. A new version is claimed once, the run reads exactly the

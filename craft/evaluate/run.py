@@ -61,22 +61,33 @@ class MemorizationSettings:
     enabled: bool = True  # run the SSIM / pHash / nearest-neighbour search per generator variant
     ssim_threshold: float = 0.95  # SSIM >= this to a training image counts as a near-duplicate (app. M)
     phash_threshold: int = 8  # pHash Hamming distance <= this counts as a near-duplicate (64-bit hash)
-    ssim_top_k: int | None = None  # exact SSIM only for the k nearest thumbnails (None = every pair, exact)
+    # exact SSIM only against each generated image's k nearest training images in 16x16 grey-thumbnail NCC
+    # (plus its pHash- and embedding-nearest); "all" = exhaustive, every (generated, training) pair: hours at 512 px
+    ssim_top_k: int | Literal["all"] = 32
     # embedding for d_train / d_test: an encoder independent of critic and evaluator (CRAFT: DINOv2).
     # auto = the second evaluator when given, else pixels (mean-removed 16x16 grey thumbnails)
     embedding: Literal["auto", "evaluator2", "evaluator", "pixels"] = "auto"
 
+    def validate(self) -> None:
+        if self.ssim_top_k != "all" and self.ssim_top_k < 1:
+            raise ValueError(f"memorization.ssim_top_k must be >= 1 or 'all', got {self.ssim_top_k}")
+
 
 @dataclass
 class DownstreamSettings:
-    """Downstream utility (CRAFT 4.2.5, app. G): a small CNN on real vs real + synthetic images."""
+    """Downstream utility (CRAFT 4.2.5, app. G): a classifier on real vs real + synthetic images."""
 
     enabled: bool = True  # train the classifiers
     prompts: int = 0  # TRAINING-split prompts sampled once per variant for the synthetic set (0 = all)
     scales: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])  # fractions of the real train split
     synth_fraction: float = 0.2  # synthetic share of every batch (CRAFT: 20%)
     epochs: int = 8  # passes over the real images per classifier
-    width: int = 8  # SmallCNN width
+    # classifier (craft.evaluate.downstream.resolve_classifier): small_cnn (the demo's 3-block CNN) or a
+    # transformers ResNet built from its config (random init, nothing downloaded); auto = small_cnn up to
+    # 64 px, resnet18 above
+    arch: Literal["auto", "small_cnn", "resnet18", "resnet34", "resnet50"] = "auto"
+    image_size: int = 0  # classifier input, longest side in px; 0 = small_cnn 32, a ResNet min(resolution, 224)
+    width: int = 0  # first-stage channels; 0 = the arch's default (small_cnn 8, ResNet 64)
     flip: bool = False  # random flips as augmentation (off: radiographs are not left-right symmetric)
 
     def validate(self) -> None:
@@ -84,6 +95,13 @@ class DownstreamSettings:
             raise ValueError(f"downstream.scales must be fractions in (0, 1], got {self.scales}")
         if self.prompts < 0 or self.epochs < 1:
             raise ValueError("downstream.prompts must be >= 0 and downstream.epochs >= 1")
+        if self.image_size < 0 or self.width < 0:
+            raise ValueError("downstream.image_size and downstream.width must be >= 0 (0 = the arch's default)")
+
+    def classifier_kwargs(self) -> dict[str, Any]:
+        """The classifier's keyword arguments for ``craft.evaluate.downstream.downstream_utility``."""
+        return {"arch": self.arch, "image_size": self.image_size, "width": self.width, "epochs": self.epochs,
+                "flip": self.flip}  # fmt: skip
 
 
 @dataclass
@@ -929,7 +947,7 @@ def write_report(out_dir: Path, metrics: dict, per_image: pd.DataFrame, images: 
     verdict = metrics.get("gate_verdict")
     if verdict:  # first: the decision and the champion-vs-challenger numbers it rests on
         champ = (metrics.get("champion") or {}).get("version") or "none in production"
-        word = "PASSED: registered as a candidate" if verdict["passed"] else f"REFUSED: {verdict['failures']}"
+        word = "PASSED: the run registers it as a candidate" if verdict["passed"] else f"REFUSED: {verdict['failures']}"
         tables[f"Verdict of the gates: {word} (champion: {champ})"] = _frame(
             [{"gate": r["name"], "result": "skip" if r["skipped"] else "PASS" if r["passed"] else "FAIL",
               "candidate": r["candidate"], "champion": r["production"],

@@ -234,7 +234,7 @@ def materialise_dvc(uri: str, work_dir: str | os.PathLike | None = None) -> Path
         dest = Path(work_dir) / "dvc-dataset"
         if dest.exists():
             shutil.rmtree(dest)
-        dvc.get(repo, path, dest, rev=rev)
+        dvc.get(repo, path, dest, rev=rev, env=_dvc_endpoint_env())
         return dest
     dvc_file = Path(uri)
     if not dvc_file.is_file():
@@ -252,6 +252,20 @@ def materialise_dvc(uri: str, work_dir: str | os.PathLike | None = None) -> Path
     if recorded != actual:
         raise DatasetError(f"{folder}: content md5 {actual} differs from {recorded} recorded in {uri}; `dvc pull`?")
     return folder
+
+
+def _dvc_endpoint_env() -> dict[str, str]:
+    """A clone made by `dvc get` has no `.dvc/config.local`, where craft keeps the remote's endpoint: hand
+    DVC the object store's endpoint through AWS_ENDPOINT_URL unless the environment already names one."""
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        return {}
+    from craft.storage.objectstore import ObjectStoreError, StorageConfig, _resolve_endpoint
+
+    try:
+        host, secure = _resolve_endpoint(StorageConfig())
+    except ObjectStoreError:
+        return {}  # no store configured: the repository's own remote settings must do
+    return {"AWS_ENDPOINT_URL": f"{'https' if secure else 'http'}://{host}"}
 
 
 def fetch(ref: DatasetRef, out_dir: str | os.PathLike, store=None) -> Path:

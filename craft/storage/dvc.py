@@ -141,11 +141,13 @@ def dataset_version(path: str | os.PathLike) -> str:
     raise DvcError(f"{p}: neither a .dvc file nor an existing file or folder")
 
 
-def get(repo: str, path: str, dest: str | os.PathLike, rev: str | None = None) -> Path:
+def get(
+    repo: str, path: str, dest: str | os.PathLike, rev: str | None = None, env: dict[str, str] | None = None
+) -> Path:
     """``dvc get REPO PATH --rev REV -o DEST``: a DVC-tracked path of a git repository at a revision, fetched
     from that repository's DVC remote (keys from the environment, as for push and pull)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     args = ["get", str(repo), path, "-o", str(dest.resolve())] + (["--rev", rev] if rev else [])
-    run_dvc(dest.parent, *args)
+    run_dvc(dest.parent, *args, env=env)
     return dest
