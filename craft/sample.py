@@ -18,7 +18,10 @@ from craft.io import atomic_write_bytes, atomic_write_json
 
 
 def set_scheduler(pipe, kind: Literal["ddim", "ddpm"]) -> None:
-    """Swap ``pipe``'s sampler, keeping the trained noise schedule; never clip latents (ENVIRONMENT.md)."""
+    """Swap ``pipe``'s sampler, keeping the trained noise schedule; never clip latents (ENVIRONMENT.md).
+
+    ``from_config`` keeps ``prediction_type`` too, so a v-prediction model (SD 2.1 768 px) samples as one.
+    """
     from diffusers import DDIMScheduler, DDPMScheduler
 
     cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}.get(kind)
@@ -33,23 +36,28 @@ def generate(pipe, prompts: list[str], steps: int = 20, guidance: float = 4.0, s
     """PIL images for ``prompts`` (one each); the same seed gives the same images.
 
     Guidance > 1 is classifier-free guidance against the empty prompt (the models are trained
-    with caption dropout to ""); guidance <= 1 samples the conditional model alone.
+    with caption dropout to ""); guidance <= 1 samples the conditional model alone. Images come at
+    ``model_resolution`` (UNet-implied), the size every training stage uses.
     """
+    from craft.models.diffusion import model_resolution, vae_factor
+
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.eval()  # inference mode, as from_pretrained leaves them (train mode changes pixels)
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    res = model_resolution(pipe.unet, pipe.vae)
+    side = res // vae_factor(pipe.vae)
     images = []
     for i in range(0, len(prompts), batch):
         chunk = list(prompts[i : i + batch])
         kwargs = {"eta": eta} if scheduler == "ddim" else {}
         # draw the initial noise on CPU with our generator so results do not depend on the device
-        shape = (len(chunk), pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+        shape = (len(chunk), pipe.unet.config.in_channels, side, side)
         latents = torch.randn(shape, generator=gen).to(pipe.device, pipe.unet.dtype)
         out = pipe(
             chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gen, latents=latents,
-            output_type="pil", **kwargs,
+            height=res, width=res, output_type="pil", **kwargs,
         )  # fmt: skip
         images.extend(out.images)
     return images

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import doctest
 import json
+import math
 
 import numpy as np
 import pytest
@@ -59,14 +61,81 @@ def test_save_load_round_trip_gives_identical_samples(tmp_path):
     assert not np.array_equal(np.asarray(a[0]), np.asarray(c[0]))  # the seed matters
 
 
-def test_loader_refuses_pickles_and_non_pipelines(tmp_path):
+def test_loader_ignores_pickles_beside_safetensors_and_refuses_pickle_only_components(tmp_path, caplog):
+    import logging
+
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         D.load_pipeline(tmp_path)
     comp = D.build_components(tiny_model_config(), CLASSES)
     D.save_pipeline(comp.pipeline(), tmp_path / "m")
-    (tmp_path / "m" / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not allowed")
-    with pytest.raises(ValueError, match="safetensors only"):
+    # not a valid pickle: a loader that unpickled it would crash
+    (tmp_path / "m" / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not a pickle")
+    (tmp_path / "m" / "model.ckpt").write_bytes(b"not a pickle either")
+    with caplog.at_level(logging.INFO, logger="craft.models.diffusion"):
+        pipe = D.load_pipeline(tmp_path / "m")
+    assert pipe.unet is not None
+    assert "ignoring pickle files model.ckpt, unet/diffusion_pytorch_model.bin" in caplog.text
+    assert D.pickle_files(tmp_path / "m") == ["model.ckpt", "unet/diffusion_pytorch_model.bin"]
+    (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").unlink()  # the UNet now has pickle weights only
+    with pytest.raises(
+        ValueError, match=r"component 'unet' has only pickle weights \(unet/diffusion_pytorch_model.bin\)"
+    ):
         D.load_pipeline(tmp_path / "m")
+
+
+def test_doctests_pass():
+    res = doctest.testmod(D)
+    assert res.attempted >= 3 and res.failed == 0
+
+
+def test_training_target_and_x0_estimate_match_hand_computation():
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012, prediction_type="v_prediction")  # SD 2.1's schedule  # fmt: skip
+    t = torch.tensor([10, 500, 990])
+    x0 = torch.tensor([0.5, -1.0, 2.0]).view(3, 1, 1, 1)
+    eps = torch.tensor([1.5, 0.25, -0.75]).view(3, 1, 1, 1)
+    abar = D.alpha_bar(sched, t)
+    assert abar.shape == (3, 1, 1, 1)
+    # by hand from the betas: abar_t = prod_{s<=t} (1 - beta_s), beta linear in sqrt between the two ends
+    betas = [(0.00085**0.5 + (0.012**0.5 - 0.00085**0.5) * i / 999) ** 2 for i in range(1000)]
+    hand_abar = [math.prod(1 - b for b in betas[: k + 1]) for k in t.tolist()]
+    assert abar.flatten().tolist() == pytest.approx(hand_abar, rel=1e-5)
+    a, s = [math.sqrt(x) for x in hand_abar], [math.sqrt(1 - x) for x in hand_abar]
+    x0l, epsl = x0.flatten().tolist(), eps.flatten().tolist()
+    v_hand = [a[i] * epsl[i] - s[i] * x0l[i] for i in range(3)]  # v = alpha_t eps - sigma_t x0 (Salimans & Ho)
+    xt_hand = [a[i] * x0l[i] + s[i] * epsl[i] for i in range(3)]
+    assert D.prediction_type(sched) == "v_prediction"
+    v = D.training_target("v_prediction", x0, eps, abar)
+    assert v.flatten().tolist() == pytest.approx(v_hand, rel=1e-5, abs=1e-6)
+    assert torch.allclose(v, sched.get_velocity(x0, eps, t), atol=1e-6)  # what diffusers' v models train on
+    xt = D.add_noise(x0, eps, abar)
+    assert xt.flatten().tolist() == pytest.approx(xt_hand, rel=1e-5, abs=1e-6)
+    assert torch.allclose(xt, sched.add_noise(x0, eps, t), atol=1e-6)
+    # x0_hat = alpha_t x_t - sigma_t v (v model), (x_t - sigma_t eps) / alpha_t (eps model)
+    x0_v = [a[i] * xt_hand[i] - s[i] * v_hand[i] for i in range(3)]
+    assert D.predicted_x0("v_prediction", xt, v, abar).flatten().tolist() == pytest.approx(x0_v, rel=1e-4, abs=1e-5)
+    assert x0_v == pytest.approx(x0l, rel=1e-6)
+    assert torch.allclose(D.predicted_x0("epsilon", xt, eps, abar), x0, atol=1e-4)
+    assert torch.equal(D.training_target("epsilon", x0, eps, abar), eps)
+    assert torch.equal(D.training_target("sample", x0, eps, abar), x0)
+    assert torch.equal(D.predicted_x0("sample", xt, x0, abar), x0)
+    with pytest.raises(ValueError, match="flow_prediction"):
+        D.training_target("flow_prediction", x0, eps, abar)
+    with pytest.raises(ValueError, match="flow_prediction"):
+        D.predicted_x0("flow_prediction", xt, eps, abar)
+    sched.register_to_config(prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match="not supported"):
+        D.prediction_type(sched)
+
+
+def test_model_resolution_is_unet_implied_not_the_vae_config():
+    comp = D.build_components(tiny_model_config(), CLASSES)  # 32 px, VAE factor 2, UNet sample_size 16
+    comp.vae.register_to_config(sample_size=768)  # what every SD 2.x vae/config.json declares
+    assert D.vae_factor(comp.vae) == 2 and D.model_resolution(comp.unet, comp.vae) == 32
+    img = generate(comp.pipeline(), ["normal"], steps=1, seed=0)[0]
+    assert img.size == (32, 32)
 
 
 def test_sample_cli_function_writes_pngs_and_grid(tmp_path):

@@ -1,10 +1,12 @@
-"""craft.evaluate.downstream and craft.evaluate.oracle: scores vs sklearn, seeding, synthetic share, oracle accuracy."""
+"""craft.evaluate.downstream and craft.evaluate.oracle: scores vs sklearn, seeding, synthetic share, the library
+backbone, the profiles' classifiers, oracle accuracy."""
 
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import f1_score
 
+from craft.config import load_stage_config
 from craft.evaluate import downstream as ds
 from craft.evaluate import oracle as orc
 
@@ -54,7 +56,8 @@ def test_downstream_utility_is_seeded_and_learns():
     train, test = _toy(60, 0), _toy(60, 1)
     synth = {"good": _toy(30, 2), "wrong_labels": (_toy(30, 3)[0], (_toy(30, 3)[1] + 1) % 3)}
     a = ds.downstream_utility(train, test, synth, 3, scales=(0.5, 1.0), seed=3, epochs=6, batch_size=10, lr=1e-2)
-    assert list(a.columns) == ["variant", "scale", "n_real", "n_synthetic", "accuracy", "macro_f1"]
+    assert list(a.columns) == ["variant", "scale", "n_real", "n_synthetic", "accuracy", "macro_f1", "classifier"]
+    assert set(a["classifier"]) == {"small_cnn@32px"}  # auto at 16 px: the small CNN
     assert len(a) == 2 * 3 and set(a["variant"]) == {"real_only", "good", "wrong_labels"}
     # same seed, same weights
     m1, m2 = (
@@ -76,6 +79,52 @@ def test_train_classifier_rejects_bad_labels():
         ds.train_classifier(x, y, n_classes=2, epochs=1)
     with pytest.raises(ValueError, match="synth_images: shape"):
         ds.train_classifier(x, y, 3, synth_images=np.zeros((4, 8, 8), np.float32), synth_labels=[0, 1, 2, 0])
+
+
+def test_library_backbone_trains_one_epoch_at_tiny_size():
+    train, test = _toy(24, 0), _toy(12, 1)
+    x = np.repeat(np.repeat(train[0], 3, axis=1), 3, axis=2)  # 48 px, resized to 32 for the classifier
+    torch.manual_seed(0)
+    init = ds.build_classifier("resnet18", 1, 3, width=4, image_size=32)
+    kw = dict(epochs=1, batch_size=8, arch="resnet18", width=4, image_size=32, seed=0)
+    m = ds.train_classifier(x, train[1], 3, synth_images=x[:6], synth_labels=train[1][:6], **kw)
+    assert isinstance(m, ds.BackboneClassifier) and type(m.net).__name__ == "ResNetForImageClassification"
+    assert m.config.depths == [2, 2, 2, 2] and m.config.hidden_sizes == [4, 8, 16, 32] and m.image_size == 32
+    before, after = dict(init.named_parameters()), dict(m.named_parameters())
+    assert before.keys() == after.keys()
+    assert all(not torch.equal(before[k], p.cpu()) for k, p in after.items() if p.requires_grad)  # all trained
+    again = ds.train_classifier(x, train[1], 3, synth_images=x[:6], synth_labels=train[1][:6], **kw)
+    assert all(torch.equal(p, q) for p, q in zip(m.state_dict().values(), again.state_dict().values()))
+    pred = ds.predict(m, np.repeat(np.repeat(test[0], 3, axis=1), 3, axis=2))  # raw 48 px in, resized inside
+    assert pred.shape == (12,) and set(pred) <= {0, 1, 2}
+    d = ds.downstream_utility(train, test, {}, 3, scales=(1.0,), arch="resnet18", width=4, epochs=1, batch_size=8)
+    assert d["classifier"].tolist() == ["resnet18@16px"]  # image_size 0: the data's 16 px (below the 224 cap)
+
+
+@pytest.mark.parametrize("name", ["chexpert", "breakhis", "fitzpatrick17k", "origa"])
+def test_real_profiles_use_the_library_backbone_at_their_resolution(name):
+    c = load_stage_config("evaluate", name).downstream
+    resolution = load_stage_config("import", name).resolution
+    arch, size, width = ds.resolve_classifier(c.arch, c.image_size, c.width, resolution)
+    assert (arch, width) == ("resnet18", 64) and size == min(resolution, ds.BACKBONE_MAX_SIZE) == 224
+    # unset fields resolve the same way from the dataset's resolution (what downstream_utility defaults to)
+    assert ds.resolve_classifier("auto", 0, 0, resolution) == (arch, size, width)
+    assert c.classifier_kwargs()["arch"] == "resnet18" and c.epochs > 8
+
+
+@pytest.mark.parametrize("name", ["demo-histo", "demo-cxr", "toy-histo"])
+def test_demo_profiles_keep_the_small_cnn(name):
+    c = load_stage_config("evaluate", name).downstream
+    resolution = load_stage_config("data", name).resolution
+    assert ds.resolve_classifier(c.arch, c.image_size, c.width, resolution) == ("small_cnn", 32, 8)
+
+
+def test_resolve_classifier_refuses_unknown_settings():
+    with pytest.raises(ValueError, match="arch"):
+        ds.resolve_classifier("vit", 0, 0, 224)
+    with pytest.raises(ValueError, match="image_size"):
+        ds.resolve_classifier("resnet18", -1, 0, 224)
+    assert ds.resolve_classifier("resnet50", 128, 16, 512) == ("resnet50", 128, 16)
 
 
 def test_rank_correlation_hand_case():

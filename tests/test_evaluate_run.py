@@ -213,7 +213,7 @@ def test_component_compiles_with_optional_variants(tmp_path):
     compiler.Compiler().compile(evaluate_op, str(tmp_path / "c.yaml"))
     comp = yaml.safe_load((tmp_path / "c.yaml").read_text())["components"]["comp-evaluate-op"]
     ins = comp["inputDefinitions"]["artifacts"]
-    assert {k for k, v in ins.items() if v.get("isOptional")} == {"ti", "ti_lora", "dpo", "stage1", "critic_probe"}
+    assert {k for k, v in ins.items() if v.get("isOptional")} == {"ti", "ti_lora", "dpo", "stage1", "critic_probe", "champion"}
     outs = comp["outputDefinitions"]["artifacts"]
     assert {k: v["artifactType"]["schemaTitle"] for k, v in outs.items()} == {
         "metrics": "system.Metrics", "report": "system.HTML", "probe_confusion": "system.ClassificationMetrics",
@@ -238,7 +238,7 @@ def test_component_runs_in_kfp_local(world, tmp_path):
         evaluate_op(dataset=imp(w["ds"], dsl.Dataset), annotations=imp(w["ann"], dsl.Dataset),
                     evaluator=imp(w["evaluator"], dsl.Model), evaluator_probe=imp(w["probe"], dsl.Model),
                     critic=imp(w["critic"], dsl.Model), base=imp(w["base"], dsl.Model), craft=imp(w["lora"], dsl.Model),
-                    profile=profile, overrides=[])  # fmt: skip
+                    profile=profile, overrides=[], dataset_version="test")  # fmt: skip
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
     pipe()

@@ -1,10 +1,11 @@
-"""craft.evaluate.memorization: pHash vs imagehash, chunked searches vs brute force, planted duplicates."""
+"""craft.evaluate.memorization: pHash vs imagehash, chunked searches vs brute force, planted duplicates, top-k SSIM."""
 
 import imagehash
 import numpy as np
 import pytest
 from PIL import Image
 
+from craft.config import config_dir, load_stage_config
 from craft.data.demo import CLASSES, render_one
 from craft.evaluate import memorization as mem
 from craft.evaluate.metrics import ssim
@@ -52,7 +53,7 @@ def test_chunked_nearest_cosine_equals_brute_force():
 def test_exact_ssim_search_matches_torchmetrics_and_topk_finds_copies():
     gen, train = _demo("histo", 8, 10), _demo("histo", 24, 11)
     gen[3] = train[17]  # a planted copy
-    exact, exact_idx = mem.max_ssim_to_reference(gen, train, top_k=None)
+    exact, exact_idx = mem.max_ssim_to_reference(gen, train, top_k="all")
     topk, topk_idx = mem.max_ssim_to_reference(gen, train, top_k=8)
     assert exact_idx[3] == 17 and exact[3] == pytest.approx(1.0, abs=1e-6)
     assert topk_idx[3] == 17 and topk[3] == pytest.approx(1.0, abs=1e-6)  # the copy is in the top-k
@@ -90,3 +91,69 @@ def test_memorization_rejects_mismatched_inputs():
     gen, train = _demo("cxr", 4, 1), _demo("cxr", 5, 2)
     with pytest.raises(ValueError, match="gen_emb: 3 rows but 4"):
         mem.memorization_per_image(gen, train, train, np.zeros((3, 2)), np.ones((5, 2)), np.ones((5, 2)))
+
+
+def _plant_near_copies(gen, train, rng):
+    """Rows 0-3 of ``gen`` become near-copies of training images 7, 2, 11, 19: exact, noised, brighter, re-saved."""
+    gen[0] = train[7]
+    gen[1] = np.clip(train[2].astype(int) + rng.integers(-3, 4, train[2].shape), 0, 255).astype(np.uint8)
+    gen[2] = np.clip(train[11].astype(int) + 4, 0, 255).astype(np.uint8)
+    gen[3] = (train[19].astype(np.float32) * 0.97 + 4).astype(np.uint8)
+    return {0: 7, 1: 2, 2: 11, 3: 19}
+
+
+@pytest.mark.parametrize("modality", ["cxr", "histo"])
+def test_top_k_search_finds_the_same_duplicates_as_exhaustive(modality):
+    # radiographs all look alike at 16x16, the hard case for a thumbnail prefilter
+    gen, train, test = _demo(modality, 12, 30), _demo(modality, 40, 31), _demo(modality, 8, 32)
+    planted = _plant_near_copies(gen, train, np.random.default_rng(1))
+    rng = np.random.default_rng(2)
+    ge, tre, tee = rng.normal(size=(12, 8)), rng.normal(size=(40, 8)), rng.normal(size=(8, 8))  # uninformative
+    full = mem.memorization_per_image(gen, train, test, ge, tre, tee, ssim_top_k="all")
+    topk = mem.memorization_per_image(gen, train, test, ge, tre, tee, ssim_top_k=3)
+    assert full["ssim_duplicate"].sum() >= len(planted)
+    assert np.array_equal(topk["ssim_duplicate"], full["ssim_duplicate"])
+    dup = full["ssim_duplicate"].to_numpy()
+    assert np.array_equal(topk.loc[dup, "max_ssim_train_index"], full.loc[dup, "max_ssim_train_index"])
+    assert np.allclose(topk.loc[dup, "max_ssim_train"], full.loc[dup, "max_ssim_train"])
+    assert {i: int(full.loc[i, "max_ssim_train_index"]) for i in planted} == planted
+    assert np.all(topk["max_ssim_train"] <= full["max_ssim_train"] + 1e-12)  # a lower bound elsewhere
+    # the summary says which search ran
+    s_full, s_top = mem.memorization_summary(full), mem.memorization_summary(topk)
+    assert (s_full["ssim_search"], s_full["ssim_top_k"], s_full["ssim_prefilter"]) == ("exhaustive", None, None)
+    assert s_full["ssim_pairs"] == 12 * 40
+    assert (s_top["ssim_search"], s_top["ssim_top_k"]) == ("top_k", 3)
+    assert s_top["ssim_prefilter"].startswith(mem.PREFILTER) and 12 * 3 <= s_top["ssim_pairs"] <= 12 * 5
+    assert s_top["ssim_duplicates"] == s_full["ssim_duplicates"]
+
+
+def test_ssim_search_chunks_do_not_change_the_result(monkeypatch):
+    gen, train = _demo("histo", 9, 40), _demo("histo", 17, 41)
+    for k in ("all", 4):
+        big = mem.max_ssim_to_reference(gen, train, top_k=k, device="cpu")
+        # budgets of a few maps: one generated image per chunk, one pair per batch
+        with monkeypatch.context() as mp:
+            mp.setattr(mem, "_PAIR_BUDGET_CPU", 48 * 48 * 3 * 4 * 14)
+            small = mem.max_ssim_to_reference(gen, train, top_k=k, device="cpu", mem_budget=48 * 48 * 3 * 4 * 6)
+        assert np.array_equal(big[1], small[1]) and np.allclose(big[0], small[0], atol=1e-6)
+    # float input, a k above the training set size = exhaustive
+    f = mem.max_ssim_to_reference(gen / 255.0, train / 255.0, top_k=100)
+    e = mem.max_ssim_to_reference(gen, train, top_k="all")
+    assert np.array_equal(f[1], e[1]) and np.allclose(f[0], e[0], atol=1e-6)
+
+
+def test_top_k_setting_is_checked():
+    assert mem.resolve_top_k(8, 100) == 8 and mem.resolve_top_k(8, 8) is None and mem.resolve_top_k("all", 5) is None
+    for bad in (0, -1, "some", 2.5, True):
+        with pytest.raises(ValueError, match="ssim_top_k"):
+            mem.resolve_top_k(bad, 100)
+
+
+def test_every_profile_defaults_to_the_top_k_search():
+    names = sorted(p.stem for p in config_dir().glob("*.yaml") if p.stem != "gates")
+    assert {"chexpert", "breakhis", "fitzpatrick17k", "origa", "demo-histo"} <= set(names)
+    for name in names:
+        k = load_stage_config("evaluate", name).memorization.ssim_top_k
+        assert isinstance(k, int) and 1 <= k <= mem.DEFAULT_SSIM_TOP_K, (name, k)
+    exhaustive = load_stage_config("evaluate", "chexpert", ["memorization.ssim_top_k=all"])
+    assert exhaustive.memorization.ssim_top_k == mem.EXHAUSTIVE

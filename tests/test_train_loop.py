@@ -189,3 +189,139 @@ def test_checkpoints_mirror_to_object_store_with_gradient_checkpointing(s3_env, 
         assert store.is_committed(f"{uri}/checkpoints/step-{step:07d}")
     got = store.download_dir(f"{uri}/checkpoints/step-0000002", tmp_path / "dl")
     assert json.loads((got / "state.json").read_text())["step"] == 2
+
+
+# ---------------------------------------------------------------- v-prediction targets (issue 16)
+
+TRAINERS = ["crafts_stage1", "crafts_stage2", "ti", "ti_lora", "dpo", "craft_reward", "controlnet"]
+
+
+def _v_components():
+    from diffusers import DDPMScheduler
+
+    comp = build_components(tiny_model_config(), CLASSES, seed=0)  # 32 px, latents 4 x 16 x 16
+    comp.scheduler = DDPMScheduler.from_config(comp.scheduler.config, prediction_type="v_prediction")
+    return comp
+
+
+def _capture(module, into: list):
+    """Record (x_t, t, output) of every forward call of ``module``."""
+
+    def hook(mod, args, kwargs, out):
+        into.append((args[0].detach().float(), args[1].detach(), out.sample.detach().float()))
+
+    return module.register_forward_hook(hook, with_kwargs=True)
+
+
+def _eps_and_v(sched, x0, xt, t):
+    """The noise that made x_t from x0, and v = alpha_t eps - sigma_t x0, by hand from alphas_cumprod."""
+    abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1).float()
+    eps = (xt - abar.sqrt() * x0) / (1 - abar).sqrt()
+    return eps, abar.sqrt() * eps - (1 - abar).sqrt() * x0, abar
+
+
+def _run_trainer(name: str, comp, z0, prompts):
+    """One loss evaluation of trainer ``name``; returns (result dict, calls of the trained UNet, calls of others)."""
+    import copy
+
+    from craft.train.baselines import DPOObjective, LoRADiffusionObjective, TIObjective, add_class_tokens
+    from craft.train.controlnet import ControlNetObjective, build_controlnet
+    from craft.train.reward import DraftObjective, LoraSettings, RewardConfig, add_lora
+
+    gen = torch.Generator().manual_seed(0)
+    calls, ref_calls = [], []
+    hooks = [_capture(comp.unet, calls)]
+    try:
+        if name.startswith("crafts"):
+            stage = crafts.PretrainConfig if name == "crafts_stage1" else crafts.FinetuneConfig
+            cfg = stage(model=tiny_model_config(), corr_weight=0.5, cond_dropout=0.0, aux_min_abar=0.0,
+                        train_text_encoder=False, sample_per_class=0)  # fmt: skip
+            model = crafts.DenoiserObjective(comp.unet, comp.text_encoder, comp.tokenizer, comp.scheduler, cfg,
+                                             0.8, 0.2)  # fmt: skip
+            batch = {"latents": z0, "caption": prompts, "class_prompt": [p.split(",")[0] for p in prompts],
+                     "typicality": torch.full((len(prompts),), 0.5)}  # fmt: skip
+            return model(batch, gen), calls, ref_calls
+        if name == "ti":
+            ids = add_class_tokens(comp.tokenizer, comp.text_encoder, {"<adenoma>": "adenoma"})
+            model = TIObjective(comp.unet, comp.text_encoder, comp.tokenizer, comp.scheduler, ids)
+            return model({"latents": z0, "prompt": ["<adenoma>"] * len(z0)}, gen), calls, ref_calls
+        if name == "ti_lora":
+            add_lora(comp.unet, LoraSettings(cross_attention_only=True))
+            model = LoRADiffusionObjective(comp.unet, comp.text_encoder, comp.tokenizer, comp.scheduler)
+            return model({"latents": z0, "prompt": prompts}, gen), calls, ref_calls
+        if name == "dpo":
+            add_lora(comp.unet, LoraSettings(cross_attention_only=True))
+            hooks.pop().remove()  # deepcopy would copy the hook into the reference
+            ref = copy.deepcopy(comp.unet)
+            hooks.append(_capture(comp.unet, calls))
+            with torch.no_grad():  # model != reference, so the implicit reward depends on the target
+                for n, p in comp.unet.named_parameters():
+                    if "lora_B" in n:
+                        p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+            hooks.append(_capture(ref, ref_calls))
+            model = DPOObjective(comp.unet, ref, comp.text_encoder, comp.tokenizer, comp.scheduler, beta=50.0)
+            b = len(z0) // 2
+            return model({"z_w": z0[:b], "z_l": z0[b:], "prompt": prompts[:b]}, gen), calls, ref_calls
+        if name == "craft_reward":
+            add_lora(comp.unet, LoraSettings())
+            model = DraftObjective(comp.unet, comp.vae, comp.text_encoder, comp.tokenizer, comp.scheduler,
+                                   lambda im, meta: {"total": im.mean(dim=(1, 2, 3))}, RewardConfig(sample_steps=2))  # fmt: skip
+            l_diff = model.diffusion_loss(z0, model.encode_prompts(prompts), gen)  # the eq. 1 diffusion term
+            return {"loss": l_diff, "l_diff": l_diff}, calls, ref_calls
+        if name == "controlnet":
+            cn = build_controlnet(comp.unet, comp.vae)
+            model = ControlNetObjective(cn, comp.unet, comp.text_encoder, comp.tokenizer, comp.scheduler, 0.0)
+            return model({"latents": z0, "cond": torch.rand(len(z0), 3, 32, 32), "prompt": prompts}, gen), calls, []
+    finally:
+        for h in hooks:
+            h.remove()
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_v_prediction_trainers_regress_v_not_the_noise(name):
+    """With a v_prediction scheduler, every trainer's diffusion term is MSE(model output, v), not MSE(output, eps)."""
+    import torch.nn.functional as F
+
+    from craft.losses import category_guidance_loss, semantic_consistency_loss
+    from craft.train.baselines import diffusion_dpo_loss
+
+    comp = _v_components()
+    z0 = 3.0 * torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(2))  # large x0: v and eps differ
+    prompts = ["normal, pale glands", "adenocarcinoma, dark glands"] * 2
+    res, calls, ref_calls = _run_trainer(name, comp, z0, prompts)
+    assert len(calls) == 1, f"{name}: expected one UNet call in the graph, got {len(calls)}"
+    xt, t, out = calls[0]
+    x0 = z0 if name != "dpo" else torch.cat([z0[:2], z0[2:]])
+    eps, v, abar = _eps_and_v(comp.scheduler, x0, xt, t)
+    assert torch.allclose(xt, abar.sqrt() * x0 + (1 - abar).sqrt() * eps, atol=1e-5)
+    if name == "dpo":
+        _, _, ref_out = ref_calls[0]
+        err = (out - v).pow(2).mean(dim=(1, 2, 3))
+        ref_err = (ref_out - v).pow(2).mean(dim=(1, 2, 3))  # the reference is scored against the same v
+        assert torch.allclose(res["err_w"], err[:2], rtol=1e-4) and torch.allclose(res["err_l"], err[2:], rtol=1e-4)
+        want, _ = diffusion_dpo_loss(err[:2], err[2:], ref_err[:2], ref_err[2:], 50.0)
+        eps_err = (out - eps).pow(2).mean(dim=(1, 2, 3))
+        assert float(res["loss"]) == pytest.approx(float(want), rel=1e-4)
+        assert not torch.allclose(res["err_w"], eps_err[:2], rtol=1e-2)
+        return
+    l_diff = res["l_diff"]
+    assert float(l_diff) == pytest.approx(float(F.mse_loss(out, v)), rel=1e-4)
+    assert abs(float(l_diff) - float(F.mse_loss(out, eps))) > 0.05 * float(l_diff)
+    if name.startswith("crafts"):
+        # L_corr (eq. 10) / L_cate (eq. 13) see x0_hat = alpha_t x_t - sigma_t v_hat (Salimans & Ho 2022, app. D)
+        x0_hat = (abar.sqrt() * xt - (1 - abar).sqrt() * out).flatten(1)
+        with torch.no_grad():
+            pooled = comp.text_encoder(comp.tokenizer(prompts, padding="max_length", truncation=True,
+                                                      max_length=comp.tokenizer.model_max_length,
+                                                      return_tensors="pt").input_ids).pooler_output  # fmt: skip
+        assert float(res["l_corr"]) == pytest.approx(float(semantic_consistency_loss(x0_hat, pooled)), rel=1e-4)
+        eps_x0 = ((xt - (1 - abar).sqrt() * out) / abar.sqrt()).flatten(1)  # the epsilon formula: not used
+        assert float(res["l_corr"]) != pytest.approx(float(semantic_consistency_loss(eps_x0, pooled)), rel=1e-3)
+        if name == "crafts_stage2":
+            with torch.no_grad():
+                ids = comp.tokenizer([p.split(",")[0] for p in prompts], padding="max_length", truncation=True,
+                                     max_length=comp.tokenizer.model_max_length, return_tensors="pt").input_ids  # fmt: skip
+                cfeat = comp.text_encoder(ids).pooler_output
+            want = category_guidance_loss(x0_hat, pooled, cfeat, 0.8, 0.2, s=torch.full((4,), 0.5))
+            assert float(res["l_cate"]) == pytest.approx(float(want), rel=1e-4)

@@ -755,8 +755,8 @@ def main(
         ytr = np.array([classes.index(x) for x in train_rows["label"].astype(str)])
         yte = np.array([classes.index(x) for x in test_all["label"].astype(str)])
         dtab = downstream_utility((train_imgs, ytr), (test_imgs_all, yte), ds_images, len(classes),
-                                  scales=ds.scales, synth_fraction=ds.synth_fraction, seed=cfg.seed, epochs=ds.epochs,
-                                  width=ds.width, flip=ds.flip)  # fmt: skip
+                                  scales=ds.scales, synth_fraction=ds.synth_fraction, seed=cfg.seed,
+                                  **ds.classifier_kwargs())  # fmt: skip
         downstream = dtab.to_dict("records")
         full = dtab[dtab["scale"] == max(ds.scales)]
         base_acc = float(full.loc[full["variant"] == "real_only", "accuracy"].iloc[0])
@@ -947,7 +947,9 @@ def write_report(out_dir: Path, metrics: dict, per_image: pd.DataFrame, images: 
     verdict = metrics.get("gate_verdict")
     if verdict:  # first: the decision and the champion-vs-challenger numbers it rests on
         champ = (metrics.get("champion") or {}).get("version") or "none in production"
-        word = "PASSED: the run registers it as a candidate" if verdict["passed"] else f"REFUSED: {verdict['failures']}"
+        word = (
+            "PASSED: the run registers it as a candidate" if verdict["passed"] else f"REFUSED: {verdict['failures']}"
+        )
         tables[f"Verdict of the gates: {word} (champion: {champ})"] = _frame(
             [{"gate": r["name"], "result": "skip" if r["skipped"] else "PASS" if r["passed"] else "FAIL",
               "candidate": r["candidate"], "champion": r["production"],

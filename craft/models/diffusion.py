@@ -5,8 +5,12 @@
   ``tiny`` is for tests and the CPU demo; ``sd15`` / ``sd21`` have the architecture sizes of
   Stable Diffusion 1.5 / 2.1 (for benchmarks; weights are random, nothing is downloaded).
 - ``load_pipeline(dir_or_s3_uri)``: a diffusers ``StableDiffusionPipeline`` directory (safetensors
-  only, ``local_files_only``), from disk or from an ``s3://`` prefix. The same loader reads real
-  checkpoints (SD 2.1 converted to diffusers layout) and the ones this package saves.
+  only, ``local_files_only``; pickle files beside them are ignored, never loaded), from disk or from an
+  ``s3://`` prefix. The same loader reads real snapshots (stabilityai/stable-diffusion-2-1 as
+  downloaded) and the ones this package saves.
+- ``prediction_type`` / ``training_target`` / ``predicted_x0``: what the UNet output means (epsilon or
+  v, SD 2.1 768 px is v) and the regression target and clean-latent estimate every trainer uses;
+  ``model_resolution``: the image size every stage trains and samples at.
 - ``save_pipeline(pipe, dir, lineage)``: the same layout plus ``lineage.json``, written atomically.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import string
 import subprocess
@@ -24,6 +29,8 @@ from typing import Any, Literal
 import torch
 
 from craft.io import atomic_dir, atomic_write_json
+
+log = logging.getLogger(__name__)
 
 LINEAGE = "lineage.json"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -238,6 +245,101 @@ def encode_text(tokenizer, text_encoder, prompts: list[str]) -> tuple[torch.Tens
     return out.last_hidden_state, out.pooler_output
 
 
+# ---------------------------------------------------------------- parameterisation and resolution
+
+# What the UNet's output means (diffusers' ``prediction_type``). x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
+# (DDPM forward process; CRAFTS eq. 3) in every case; only the regression target differs.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def prediction_type(scheduler) -> str:
+    """The scheduler's ``prediction_type`` (what the base UNet was trained to output); refuses any other kind.
+
+    SD 1.x and SD 2.1-base predict the noise ("epsilon"); the 768-px SD 2.1 predicts v ("v_prediction").
+    """
+    kind = getattr(scheduler.config, "prediction_type", None) or "epsilon"
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"scheduler prediction_type {kind!r} is not supported (one of {', '.join(PREDICTION_TYPES)})")
+    return kind
+
+
+def alpha_bar(scheduler, timesteps: torch.Tensor, ndim: int = 4) -> torch.Tensor:
+    """abar_t (CRAFTS eq. 3) of the scheduler's training noise schedule at integer ``timesteps``, shaped [B, 1, ...].
+
+    Read from ``alphas_cumprod``, which every diffusers scheduler of a DDPM-trained model carries (DDPM,
+    DDIM, PNDM, Euler), so the forward process does not depend on which sampler a snapshot ships.
+    """
+    ac = scheduler.alphas_cumprod.to(timesteps.device, torch.float32)
+    return ac[timesteps.long()].view(-1, *([1] * (ndim - 1)))
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (CRAFTS eq. 3; Ho et al. 2020, eq. 4).
+
+    Not the scheduler's own ``add_noise``: Euler-type samplers define it as x_0 + sigma eps (unscaled),
+    which is not what the UNet sees during training.
+    """
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
+def training_target(kind: str, x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """What the UNet output is regressed on for a ``prediction_type`` (the target of CRAFTS eq. 5 / CRAFT eq. 1).
+
+    epsilon -> eps; v_prediction -> v = alpha_t eps - sigma_t x_0 with alpha_t = sqrt(abar_t),
+    sigma_t = sqrt(1 - abar_t) (Salimans & Ho 2022, "Progressive distillation", sec. 4 and app. D; what
+    diffusers' ``get_velocity`` computes); sample -> x_0. Any other kind is refused.
+
+    >>> abar = torch.tensor(0.64)  # alpha_t = 0.8, sigma_t = 0.6
+    >>> training_target("v_prediction", torch.tensor(1.0), torch.tensor(2.0), abar)  # 0.8 * 2 - 0.6 * 1
+    tensor(1.)
+    """
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+    if kind == "sample":
+        return x0
+    raise ValueError(f"prediction_type {kind!r} is not supported (one of {', '.join(PREDICTION_TYPES)})")
+
+
+def predicted_x0(kind: str, xt: torch.Tensor, model_out: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """The model's clean-latent estimate x0_hat from x_t and its output (the z_i of CRAFTS eqs. 9-13).
+
+    epsilon: (x_t - sigma_t eps_hat) / alpha_t; v_prediction: alpha_t x_t - sigma_t v_hat (Salimans &
+    Ho 2022, app. D); sample: the output itself. alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t).
+
+    >>> abar = torch.tensor(0.64)
+    >>> x0, eps = torch.tensor(1.0), torch.tensor(2.0)
+    >>> xt = add_noise(x0, eps, abar)  # 0.8 + 1.2 = 2.0
+    >>> [round(float(predicted_x0(k, xt, training_target(k, x0, eps, abar), abar)), 6) for k in PREDICTION_TYPES]
+    [1.0, 1.0, 1.0]
+    """
+    if kind == "epsilon":
+        return (xt - (1 - abar).sqrt() * model_out) / abar.sqrt()
+    if kind == "v_prediction":
+        return abar.sqrt() * xt - (1 - abar).sqrt() * model_out
+    if kind == "sample":
+        return model_out
+    raise ValueError(f"prediction_type {kind!r} is not supported (one of {', '.join(PREDICTION_TYPES)})")
+
+
+def vae_factor(vae) -> int:
+    """Pixel-to-latent downsampling of an AutoencoderKL: 2 ** (levels - 1) (diffusers' ``vae_scale_factor``)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def model_resolution(unet, vae) -> int:
+    """Image side in pixels the model trains and samples at: UNet ``sample_size`` x VAE factor.
+
+    Not ``vae.config.sample_size``: the SD 2.x VAE configs all declare 768, also beside the 512-px
+    SD 2.1-base UNet (sample_size 64). diffusers' pipelines default to the same UNet-implied size, so
+    training (every stage) and sampling (``craft sample``, evaluation, DRaFT) agree.
+    """
+    s = unet.config.sample_size
+    s = int(s if isinstance(s, int) else s[0])
+    return s * vae_factor(vae)
+
+
 def code_version() -> str:
     """The git commit of the checked-out code (+ ``-dirty``), or the package version outside git."""
     root = Path(__file__).resolve().parents[2]
@@ -297,14 +399,43 @@ def resolve_model_dir(path_or_uri: str | os.PathLike, cache_dir: str | os.PathLi
     return p
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.load / pickle formats: never loaded
+
+
+def pickle_files(model_dir: str | os.PathLike) -> list[str]:
+    """Pickle weight files of a pipeline directory that loading ignores (relative paths, sorted).
+
+    A real snapshot (stabilityai/stable-diffusion-2-1) ships every weight twice, ``.safetensors`` and
+    ``.bin``, plus single-file ``.ckpt`` checkpoints at the top level; ``load_pipeline`` reads only the
+    safetensors. Refuses a directory where a component listed in ``model_index.json`` has pickle weights
+    and no safetensors file, naming the component and the file (loading it would need unpickling).
+    """
+    d = Path(model_dir)
+    index = json.loads((d / "model_index.json").read_text())
+    for name, spec in sorted(index.items()):
+        sub = d / name
+        if name.startswith("_") or not isinstance(spec, list) or not spec or spec[0] is None or not sub.is_dir():
+            continue
+        files = [f for f in sub.rglob("*") if f.is_file()]
+        pkl = sorted(str(f.relative_to(d)) for f in files if f.suffix in PICKLE_SUFFIXES)
+        if pkl and not any(f.suffix == ".safetensors" for f in files):
+            raise ValueError(f"{d}: component {name!r} has only pickle weights ({pkl[0]}), no .safetensors; "
+                             f"refusing to unpickle it (convert it to safetensors first)")  # fmt: skip
+    return sorted(str(f.relative_to(d)) for f in d.rglob("*") if f.is_file() and f.suffix in PICKLE_SUFFIXES)
+
+
 def load_pipeline(path_or_uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None, dtype=None):
-    """A ``StableDiffusionPipeline`` from a local directory or an ``s3://`` prefix; safetensors only, offline."""
+    """A ``StableDiffusionPipeline`` from a local directory or an ``s3://`` prefix; safetensors only, offline.
+
+    Pickle files beside the safetensors (``.bin`` / ``.ckpt`` in every SD 2.1 snapshot) are ignored and
+    named in a log line; a component with pickle weights only is refused (``pickle_files``).
+    """
     from diffusers import StableDiffusionPipeline
 
     d = resolve_model_dir(path_or_uri, cache_dir)
-    bins = [str(f.relative_to(d)) for f in d.rglob("*") if f.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
-    if bins:
-        raise ValueError(f"{d}: refusing pickle weight files {bins[:3]} (safetensors only)")
+    ignored = pickle_files(d)
+    if ignored:
+        log.info("%s: ignoring pickle files %s (only .safetensors weights are loaded)", d, ", ".join(ignored))
     kwargs = dict(local_files_only=True, use_safetensors=True, safety_checker=None, feature_extractor=None,
                   requires_safety_checker=False)  # fmt: skip
     if dtype is not None:
@@ -312,5 +443,6 @@ def load_pipeline(path_or_uri: str | os.PathLike, cache_dir: str | os.PathLike |
     pipe = StableDiffusionPipeline.from_pretrained(str(d), **kwargs)
     if getattr(pipe.tokenizer, "model_max_length", 0) > 10_000:
         raise ValueError(f"{d}/tokenizer: model_max_length is unset ({pipe.tokenizer.model_max_length})")
+    prediction_type(pipe.scheduler)  # refuse a parameterisation no trainer can target, at load time
     pipe.set_progress_bar_config(disable=True)
     return pipe

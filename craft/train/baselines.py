@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from craft.config import to_dict
 from craft.io import atomic_dir, atomic_write_json
+from craft.models.diffusion import add_noise, alpha_bar, prediction_type, training_target
 from craft.train.loop import LoopConfig, train
 from craft.train.reward import (
     EMBEDS_FILE,
@@ -42,8 +43,8 @@ from craft.train.reward import (
     add_tokens,
     continue_adapters,
     decode,
+    denoising_loss,
     encode_unique,
-    eps_loss,
     make_scheduler,
     sample_latents,
     save_adapters,
@@ -195,7 +196,7 @@ class TIObjective(TrainableOnly):
             truncation=True, return_tensors="pt",
         ).input_ids.to(batch["latents"].device)  # fmt: skip
         cond = self.text_encoder(ids).last_hidden_state
-        loss = eps_loss(self.unet, self.train_sched, batch["latents"], cond, generator)
+        loss = denoising_loss(self.unet, self.train_sched, batch["latents"], cond, generator)
         return {"loss": loss, "l_diff": loss.detach()}
 
     def embeddings(self, tokens: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -250,7 +251,7 @@ class LoRADiffusionObjective(TrainableOnly):
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
         cond = encode_unique(self.tokenizer, self.text_encoder, list(batch["prompt"]))
-        loss = eps_loss(self.unet, self.train_sched, batch["latents"], cond, generator)
+        loss = denoising_loss(self.unet, self.train_sched, batch["latents"], cond, generator)
         return {"loss": loss, "l_diff": loss.detach()}
 
 
@@ -260,8 +261,9 @@ class LoRADiffusionObjective(TrainableOnly):
 def diffusion_dpo_loss(model_w, model_l, ref_w, ref_l, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Diffusion-DPO (Wallace et al. 2024, eq. 14 as in diffusers' train_diffusion_dpo): per-pair errors -> loss.
 
-    Each argument is the per-sample denoising error ||eps - eps_hat||^2 (mean over latent dims) of the
-    trained / reference model on the preferred (w) or rejected (l) image at the same t and noise.
+    Each argument is the per-sample denoising error ||target - f(x_t)||^2 (mean over latent dims) of the
+    trained / reference model on the preferred (w) or rejected (l) image at the same t and noise; the
+    target is the model's (noise for epsilon models, v for SD 2.1 768 px: ``training_target``).
     Returns (mean loss, share of pairs where the implicit reward ranks w above l).
 
     >>> loss, acc = diffusion_dpo_loss(torch.tensor([0.5]), torch.tensor([0.7]), torch.tensor([0.6]),
@@ -282,6 +284,7 @@ class DPOObjective(TrainableOnly):
         self.__dict__["ref_unet"] = ref_unet.requires_grad_(False).eval()  # not a submodule: never trained/saved
         text_encoder.requires_grad_(False)
         self.beta = beta
+        self.kind = prediction_type(scheduler)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -297,14 +300,19 @@ class DPOObjective(TrainableOnly):
         cond = encode_unique(self.tokenizer, self.text_encoder, list(batch["prompt"]))
         noise = torch.randn(zw.shape, generator=generator).to(dev)
         t = torch.randint(0, self.train_sched.config.num_train_timesteps, (b,), generator=generator).to(dev)
-        zt = torch.cat([self.train_sched.add_noise(zw, noise, t), self.train_sched.add_noise(zl, noise, t)])
-        tt, cc, nn_ = torch.cat([t, t]), torch.cat([cond, cond]), torch.cat([noise, noise])
+        # w and l share t and noise (Wallace et al. 2024, eq. 14); the forward process is CRAFTS eq. 3
+        z0, tt, cc, nn_ = torch.cat([zw, zl]), torch.cat([t, t]), torch.cat([cond, cond]), torch.cat([noise, noise])
+        abar = alpha_bar(self.train_sched, tt, z0.ndim)
+        zt = add_noise(z0, nn_, abar)
+        # one target for model and reference: the noise, or v = alpha_t eps - sigma_t x_0 per image (w and l
+        # differ) for a v-prediction base (Salimans & Ho 2022, app. D)
+        target = training_target(self.kind, z0, nn_, abar)
         dtype = next(self.unet.parameters()).dtype
         pred = self.unet(zt.to(dtype), tt, encoder_hidden_states=cc.to(dtype)).sample.float()
         with torch.no_grad():
             ref = self.ref_unet(zt.to(dtype), tt, encoder_hidden_states=cc.to(dtype)).sample.float()
-        err = (pred - nn_).pow(2).mean(dim=(1, 2, 3))
-        ref_err = (ref - nn_).pow(2).mean(dim=(1, 2, 3))
+        err = (pred - target).pow(2).mean(dim=(1, 2, 3))
+        ref_err = (ref - target).pow(2).mean(dim=(1, 2, 3))
         loss, acc = diffusion_dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], self.beta)
         return {"loss": loss, "implicit_acc": acc, "err_w": err[:b].detach(), "err_l": err[b:].detach()}
 
@@ -376,7 +384,7 @@ def _device(name: str) -> torch.device:
 
 def _load(base, dev, split: str, dataset_dir):
     from craft.data.manifest import read_manifest, read_meta
-    from craft.models.diffusion import Components, load_pipeline
+    from craft.models.diffusion import Components, load_pipeline, model_resolution
     from craft.train.crafts import encode_latents, load_images
 
     meta = read_meta(dataset_dir)
@@ -389,8 +397,7 @@ def _load(base, dev, split: str, dataset_dir):
     for m in (comp.unet, comp.vae, comp.text_encoder):
         m.to(dev)
     comp.vae.requires_grad_(False)
-    res = comp.vae.config.sample_size
-    res = int(res if isinstance(res, int) else res[0])
+    res = model_resolution(comp.unet, comp.vae)  # UNet-implied, as DRaFT / DPO / evaluation sample
     latents = encode_latents(comp.vae, load_images(dataset_dir, df, res).to(dev)).cpu()
     return meta, df, comp, latents
 

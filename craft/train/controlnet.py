@@ -50,7 +50,17 @@ import torch.nn.functional as F
 from craft.config import to_dict
 from craft.data.manifest import read_manifest
 from craft.io import atomic_dir, atomic_write_json
-from craft.models.diffusion import LINEAGE, Components, load_pipeline, read_lineage
+from craft.models.diffusion import (
+    LINEAGE,
+    Components,
+    add_noise,
+    load_pipeline,
+    model_resolution,
+    prediction_type,
+    read_lineage,
+    training_target,
+    vae_factor,
+)
 from craft.train.loop import LoopConfig, apply_ema, train
 
 log = logging.getLogger(__name__)
@@ -176,11 +186,6 @@ def _one_row(name: str, col: str):
 # ---------------------------------------------------------------- the model
 
 
-def vae_factor(vae) -> int:
-    """Pixel-to-latent downsampling of an AutoencoderKL (2 ** (levels - 1))."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
 def conditioning_channels(factor: int, requested: list[int] | tuple[int, ...] = ()) -> tuple[int, ...]:
     """Conditioning-embedding widths for a VAE factor: log2(factor) + 1 levels (each later one is stride 2).
 
@@ -234,6 +239,7 @@ class ControlNetObjective(torch.nn.Module):
         self.tokenizer = tokenizer
         self.cond_dropout = cond_dropout
         self.num_t = scheduler.config.num_train_timesteps
+        self.kind = prediction_type(scheduler)  # the frozen base's parameterisation: eps, or v for SD 2.1 768 px
         self.register_buffer("abar", scheduler.alphas_cumprod.clone().float(), persistent=False)
 
     @property
@@ -266,11 +272,12 @@ class ControlNetObjective(torch.nn.Module):
         noise = torch.randn(z0.shape, generator=generator).to(dev, z0.dtype)
         t = torch.randint(0, self.num_t, (b,), generator=generator).to(dev)
         abar = self.abar.to(dev)[t].view(b, 1, 1, 1)
-        zt = abar.sqrt() * z0 + (1 - abar).sqrt() * noise  # eq. 3
+        zt = add_noise(z0, noise, abar)  # eq. 3
         down, mid = self.controlnet(zt, t, encoder_hidden_states=states, controlnet_cond=cond, return_dict=False)
-        eps_hat = self.unet(zt, t, encoder_hidden_states=states, down_block_additional_residuals=down,
-                            mid_block_additional_residual=mid).sample  # fmt: skip
-        loss = F.mse_loss(eps_hat.float(), noise.float())  # eq. 5
+        pred = self.unet(zt, t, encoder_hidden_states=states, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid).sample  # fmt: skip
+        # eq. 5 against the base's own target (noise, or v: Salimans & Ho 2022), else the ControlNet would fight it
+        loss = F.mse_loss(pred.float(), training_target(self.kind, z0.float(), noise.float(), abar))
         return {"loss": loss, "l_diff": loss.detach()}
 
 
@@ -364,7 +371,7 @@ def sample_controlnet(model_dir: str, controlnet_dir: str, condition: str | os.P
         raise ValueError(f"{controlnet_dir}: condition kind unknown (lineage has none); pass mask or fluorescence")
     prompt = prompt or lin.get("prompt") or PROMPTS[kind]
     pipe = load_pipeline(model_dir)
-    res = _resolution(pipe.vae)
+    res = _resolution(pipe)
     cond = condition_from_file(condition, kind, res)
     cpipe = controlnet_pipeline(Components.from_pipeline(pipe), load_controlnet(controlnet_dir)).to(_device())
     imgs = generate_controlnet(cpipe, cond.repeat(n, 1, 1, 1), [prompt] * n, steps=steps, guidance=guidance,
@@ -384,8 +391,15 @@ def sample_controlnet(model_dir: str, controlnet_dir: str, condition: str | os.P
     return out
 
 
-def _resolution(vae) -> int:
-    s = vae.config.sample_size
+def _resolution(pipe_or_vae) -> int:
+    """The image side conditions are read and images generated at: ``model_resolution`` of a pipeline.
+
+    Given a bare VAE (older callers), its ``config.sample_size``, which for SD 2.x snapshots says 768
+    whatever the UNet: pass the pipeline or components instead.
+    """
+    if hasattr(pipe_or_vae, "unet"):
+        return model_resolution(pipe_or_vae.unet, pipe_or_vae.vae)
+    s = pipe_or_vae.config.sample_size
     return int(s if isinstance(s, int) else s[0])
 
 
@@ -437,7 +451,7 @@ def train_controlnet(cfg: ControlNetConfig, dataset_dir, base_dir, out_dir, work
     work = Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".work")
     base = load_pipeline(base_dir)
     comp = Components.from_pipeline(base)
-    res = _resolution(comp.vae)
+    res = _resolution(comp)  # UNet-implied (not vae.config.sample_size, 768 in every SD 2.x snapshot)
     for m in (comp.unet, comp.vae, comp.text_encoder):
         m.requires_grad_(False)
         m.eval()

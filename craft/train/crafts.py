@@ -7,12 +7,14 @@
   once over the whole fine-tuning set before training.
 
 Both are latent diffusion (eqs. 1-6): a frozen first-stage AutoencoderKL maps images to latents,
-a UNet with cross-attention at several resolutions (eq. 7) predicts the noise. Without a base
+a UNet with cross-attention at several resolutions (eq. 7) predicts the noise (eq. 5), or v when the
+base is a v-prediction model such as SD 2.1 768 px (Salimans & Ho 2022; ``training_target``). Without a base
 checkpoint, stage 1 first trains the autoencoder on the training images (``autoencoder`` section;
 the demo's documented choice: no pretrained VAE can be downloaded here).
 
 Which latent the CRAFTS losses see: the model's own estimate of the clean latent,
-x0_hat = (z_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t), flattened per sample. The paper asks for
+x0_hat = (z_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t) for an epsilon model, sqrt(abar_t) z_t -
+sqrt(1 - abar_t) v_hat for a v-prediction one (``craft.models.diffusion.predicted_x0``), flattened per sample. The paper asks for
 "latent variables in the image generation process"; the data latent z0 has no trainable parameters
 (its loss gradient would be zero), while x0_hat is a function of the UNet output, so the relational
 constraint reaches the denoiser and shapes what it generates. Cosine similarity is scale-free, so
@@ -53,7 +55,18 @@ import torch.nn.functional as F
 from craft.config import to_dict
 from craft.data.manifest import DatasetMeta, read_manifest, read_meta
 from craft.losses import category_guidance_loss, semantic_consistency_loss, typicality_stats
-from craft.models.diffusion import Components, ModelConfig, build_components, load_pipeline, save_pipeline
+from craft.models.diffusion import (
+    Components,
+    ModelConfig,
+    add_noise,
+    build_components,
+    load_pipeline,
+    model_resolution,
+    predicted_x0,
+    prediction_type,
+    save_pipeline,
+    training_target,
+)
 from craft.train.loop import LoopConfig, apply_ema, train
 
 log = logging.getLogger(__name__)
@@ -208,6 +221,7 @@ class DenoiserObjective(torch.nn.Module):
         unet.requires_grad_(True)
         text_encoder.requires_grad_(cfg.train_text_encoder)
         self.num_t = scheduler.config.num_train_timesteps
+        self.kind = prediction_type(scheduler)  # what the UNet outputs: eps (eq. 5) or v (SD 2.1 768 px)
         # abar_t of eq. 3 for the scheduler's beta schedule (linear, eq. 2, for the tiny preset)
         self.register_buffer("abar", scheduler.alphas_cumprod.clone().float(), persistent=False)
 
@@ -233,17 +247,18 @@ class DenoiserObjective(torch.nn.Module):
         noise = torch.randn(z0.shape, generator=generator).to(dev, z0.dtype)
         t = torch.randint(0, self.num_t, (b,), generator=generator).to(dev)
         abar = self.abar.to(dev)[t].view(b, 1, 1, 1)
-        zt = abar.sqrt() * z0 + (1 - abar).sqrt() * noise  # eq. 3-4 (the paper's eq. 4 drops the sqrt; eq. 3 has it)
-        eps_hat = self.unet(zt, t, encoder_hidden_states=states).sample
-        l_diff = F.mse_loss(eps_hat.float(), noise.float())  # eq. 5
+        zt = add_noise(z0, noise, abar)  # eq. 3-4 (the paper's eq. 4 drops the sqrt; eq. 3 has it)
+        pred = self.unet(zt, t, encoder_hidden_states=states).sample
+        # eq. 5; its target is the noise for an epsilon base, v for a v-prediction one (Salimans & Ho 2022)
+        l_diff = F.mse_loss(pred.float(), training_target(self.kind, z0.float(), noise.float(), abar))
         res = {"l_diff": l_diff.detach()}
         loss = l_diff
         keep = keep.to(dev)
         keep = keep & (abar.view(b) >= self.cfg.aux_min_abar)  # low-noise samples only (module docstring)
         use_aux = (self.cfg.corr_weight > 0 or self.cfg.cate_weight > 0) and int(keep.sum()) >= 2
         if use_aux:
-            # x0_hat: the model's clean-latent estimate (see module docstring for why this latent)
-            x0_hat = (zt.float() - (1 - abar).sqrt() * eps_hat.float()) / abar.sqrt()
+            # x0_hat: the model's clean-latent estimate, the z_i of eqs. 9-13 (module docstring: why this latent)
+            x0_hat = predicted_x0(self.kind, zt.float(), pred.float(), abar)
             z = x0_hat.flatten(1)[keep]
             tfeat = pooled.detach().float()[keep]
             if self.cfg.corr_weight > 0:
@@ -346,8 +361,7 @@ def run_stage(
     work = Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".work")
     meta, df = training_table(dataset_dir, cfg)
     comp = _components(cfg, meta, base)
-    res_px = comp.vae.config.sample_size if base else cfg.model.resolution
-    res_px = int(res_px if isinstance(res_px, int) else res_px[0])
+    res_px = model_resolution(comp.unet, comp.vae)  # = cfg.model.resolution without a base
     pixels = load_images(dataset_dir, df, res_px)
     metrics: dict[str, float] = {}
     if base is None:

@@ -264,6 +264,7 @@ def make_scheduler(base_scheduler, kind: str, steps: int, spacing: str | None = 
     """A DDPM or DDIM sampler over the base model's noise schedule, never clipping latents (ENVIRONMENT.md).
 
     ``spacing`` sets diffusers' ``timestep_spacing`` (None keeps the base model's, usually "leading").
+    ``from_config`` carries the base's ``prediction_type`` over, so a v-prediction model samples as one.
     """
     from diffusers import DDIMScheduler, DDPMScheduler
 
@@ -277,7 +278,11 @@ def make_scheduler(base_scheduler, kind: str, steps: int, spacing: str | None = 
 
 
 class Denoiser:
-    """UNet noise prediction with classifier-free guidance on a doubled batch (uncond first)."""
+    """UNet output with classifier-free guidance on a doubled batch (uncond first).
+
+    The output is whatever the model predicts (noise, or v for SD 2.1 768 px); guidance is linear in it
+    either way, and the sampler's ``step`` reads it per the ``prediction_type`` its config carries.
+    """
 
     def __init__(self, unet, guidance: float):
         self.unet, self.guidance = unet, guidance
@@ -286,17 +291,17 @@ class Denoiser:
         dtype = next(self.unet.parameters()).dtype
         if self.guidance > 1.0:
             states = torch.cat([uncond.expand(z.shape[0], -1, -1), cond])
-            eps = self.unet(torch.cat([z, z]).to(dtype), t, encoder_hidden_states=states.to(dtype)).sample.float()
-            eu, ec = eps.chunk(2)
+            out = self.unet(torch.cat([z, z]).to(dtype), t, encoder_hidden_states=states.to(dtype)).sample.float()
+            eu, ec = out.chunk(2)
             return eu + self.guidance * (ec - eu)
         return self.unet(z.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
 
 
-def _sched_step(sched, eps, t, z, generator, eta: float):
+def _sched_step(sched, model_out, t, z, generator, eta: float):
     from diffusers import DDIMScheduler
 
     kw = {"eta": eta} if isinstance(sched, DDIMScheduler) else {}
-    return sched.step(eps, t, z, generator=generator, **kw).prev_sample
+    return sched.step(model_out, t, z, generator=generator, **kw).prev_sample
 
 
 @torch.no_grad()
@@ -348,19 +353,27 @@ def encode_unique(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     return states[torch.tensor([pos[p] for p in prompts], device=states.device)]
 
 
-def eps_loss(unet, train_sched, z0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator, ckpt=None):
-    """The standard diffusion loss E ||eps - eps_theta(z_t, t, c)||^2 at a uniform random t (CRAFTS eq. 5)."""
+def denoising_loss(unet, train_sched, z0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator, ckpt=None):
+    """The standard diffusion loss E ||target - f_theta(z_t, t, c)||^2 at a uniform random t (CRAFTS eq. 5).
+
+    The target follows the base model's parameterisation (``craft.models.diffusion.training_target``): the
+    noise for an epsilon model, v for a v-prediction one (SD 2.1 768 px; Salimans & Ho 2022, app. D).
+    """
+    from craft.models.diffusion import add_noise, alpha_bar, prediction_type, training_target
+
     b, dev = z0.shape[0], z0.device
     noise = torch.randn(z0.shape, generator=generator).to(dev, torch.float32)
     t = torch.randint(0, train_sched.config.num_train_timesteps, (b,), generator=generator).to(dev)
-    zt = train_sched.add_noise(z0.float(), noise, t)
+    abar = alpha_bar(train_sched, t, z0.ndim)
+    zt = add_noise(z0.float(), noise, abar)  # CRAFTS eq. 3
+    target = training_target(prediction_type(train_sched), z0.float(), noise, abar)
     dtype = next(unet.parameters()).dtype
 
     def f(a):
         return unet(a.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
 
     pred = ckpt(f, zt) if ckpt is not None else f(zt)
-    return F.mse_loss(pred, noise)
+    return F.mse_loss(pred, target)
 
 
 # ---------------------------------------------------------------- the DRaFT-K objective
@@ -380,6 +393,8 @@ class DraftObjective(TrainableOnly):
         super().__init__()
         from diffusers.models.attention_processor import AttnProcessor2_0
 
+        from craft.models.diffusion import prediction_type
+
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.cfg = tokenizer, cfg
         self.__dict__["reward_fn"] = reward_fn  # not a submodule: the critic stays out of state_dict / optimizer
@@ -388,6 +403,7 @@ class DraftObjective(TrainableOnly):
         unet.set_attn_processor(AttnProcessor2_0())
         self.sched = make_scheduler(scheduler, cfg.scheduler, cfg.sample_steps, cfg.timestep_spacing)
         self.train_sched = scheduler  # the training noise schedule for L_diff
+        prediction_type(scheduler)  # refuse a parameterisation L_diff cannot target before the first step
         self.checkpointing = False
         self._uncond: torch.Tensor | None = None
 
@@ -432,13 +448,13 @@ class DraftObjective(TrainableOnly):
         split = len(ts) - cfg.k
         with torch.no_grad():  # DRaFT-K: steps T .. K+1 without graph
             for t in ts[:split]:
-                eps = den(self.sched.scale_model_input(z, t), t, cond, uncond)
-                z = _sched_step(self.sched, eps, t, z, generator, cfg.eta)
+                pred = den(self.sched.scale_model_input(z, t), t, cond, uncond)
+                z = _sched_step(self.sched, pred, t, z, generator, cfg.eta)
         z = z.detach()
         for t in ts[split:]:  # the last K steps keep the graph into the LoRA weights
             zin = self.sched.scale_model_input(z, t)
-            eps = self._maybe_ckpt(lambda a, tt=t: den(a, tt, cond, uncond), zin)
-            z = _sched_step(self.sched, eps, t, z, generator, cfg.eta)
+            pred = self._maybe_ckpt(lambda a, tt=t: den(a, tt, cond, uncond), zin)
+            z = _sched_step(self.sched, pred, t, z, generator, cfg.eta)
         images = self._maybe_ckpt(lambda a: decode(self.vae, a), z)
         meta = {k: _repeat(v, n) for k, v in batch.items() if k != "latents"}
         meta["repeat"] = torch.arange(n, device=dev).repeat_interleave(b)
@@ -459,9 +475,9 @@ class DraftObjective(TrainableOnly):
         return out
 
     def diffusion_loss(self, z0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Standard epsilon-prediction loss on the paired real latent, conditioned on its enriched prompt (eq. 1)."""
+        """L_diff of eq. 1 on the paired real latent, conditioned on its enriched prompt (target: ``denoising_loss``)."""
         ckpt = self._maybe_ckpt if self.checkpointing else None
-        return eps_loss(self.unet, self.train_sched, z0, cond, generator, ckpt)
+        return denoising_loss(self.unet, self.train_sched, z0, cond, generator, ckpt)
 
 
 def _repeat(v: Any, n: int) -> Any:
@@ -511,7 +527,7 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
     ``start_dir``: an adapter (the TI+LoRA baseline) whose LoRA the reward finetuning continues instead
     of a fresh one; its class tokens stay in the prompts ("<token>, <enriched prompt>") and in the output.
     """
-    from craft.models.diffusion import load_pipeline, read_lineage
+    from craft.models.diffusion import load_pipeline, model_resolution, read_lineage
     from craft.models.encoders import ClinicalAlignmentModule, load_encoder, load_probe
     from craft.train.crafts import encode_latents, load_images
 
@@ -530,7 +546,7 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
     else:
         add_lora(pipe.unet, cfg.lora)
     unet, vae, te = pipe.unet.to(dev), pipe.vae.to(dev), pipe.text_encoder.to(dev)
-    res = int(vae.config.sample_size if isinstance(vae.config.sample_size, int) else vae.config.sample_size[0])
+    res = model_resolution(unet, vae)  # the size DRaFT samples at (UNet-implied), not vae.config.sample_size
     pixels = load_images(dataset_dir, df, res)  # [-1, 1]
     latents = encode_latents(vae, pixels.to(dev)).cpu()
     critic = load_encoder(critic_dir, device=str(dev)).eval().requires_grad_(False)
