@@ -503,7 +503,10 @@ def test_component_is_a_thin_cpu_component():
     from components.images import CPU_IMAGE
 
     spec = annotate_op.component_spec
-    assert set(spec.inputs) == {"dataset", "profile", "overrides", "dataset_version"} and set(spec.outputs) == {"annotations", "metrics"}
+    assert set(spec.inputs) == {"dataset", "profile", "overrides", "dataset_version"} and set(spec.outputs) == {
+        "annotations",
+        "metrics",
+    }
     assert spec.implementation.container.image == CPU_IMAGE
     assert "annotate_step" in " ".join(spec.implementation.container.command)
 

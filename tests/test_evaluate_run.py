@@ -213,7 +213,14 @@ def test_component_compiles_with_optional_variants(tmp_path):
     compiler.Compiler().compile(evaluate_op, str(tmp_path / "c.yaml"))
     comp = yaml.safe_load((tmp_path / "c.yaml").read_text())["components"]["comp-evaluate-op"]
     ins = comp["inputDefinitions"]["artifacts"]
-    assert {k for k, v in ins.items() if v.get("isOptional")} == {"ti", "ti_lora", "dpo", "stage1", "critic_probe", "champion"}
+    assert {k for k, v in ins.items() if v.get("isOptional")} == {
+        "ti",
+        "ti_lora",
+        "dpo",
+        "stage1",
+        "critic_probe",
+        "champion",
+    }
     outs = comp["outputDefinitions"]["artifacts"]
     assert {k: v["artifactType"]["schemaTitle"] for k, v in outs.items()} == {
         "metrics": "system.Metrics", "report": "system.HTML", "probe_confusion": "system.ClassificationMetrics",
