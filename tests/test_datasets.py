@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -157,19 +156,10 @@ def test_validation_verdicts_per_version(store, base):
     assert datasets.validation_of(store, root, "tiny", "fedcba9876543210") is None
 
 
-@pytest.fixture
-def git_repo(tmp_path, monkeypatch):
-    """A throwaway git repository with no global or system git config (as in tests/test_dvc.py)."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    env = {"GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(tmp_path / "home")}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    subprocess.run(["git", "init", "-q", str(repo)], check=True)
-    return repo
+from tests.test_dvc import git_repo  # noqa: E402, F401, F811  (one throwaway-git-repo fixture for both files)
 
 
-def test_a_dvc_file_with_stale_data_is_refused(git_repo):
+def test_a_dvc_file_with_stale_data_is_refused(git_repo):  # noqa: F811
     from craft.storage import dvc
 
     data = make_dataset(git_repo / "data")
@@ -195,7 +185,7 @@ def test_a_dvc_file_with_stale_data_is_refused(git_repo):
         datasets.resolve(str(git_repo / "missing.dvc"))
 
 
-def test_a_dvc_path_at_a_git_revision_resolves_to_the_same_content_id(s3_env, git_repo, tmp_path, monkeypatch):
+def test_a_dvc_path_at_a_git_revision_resolves_to_the_same_content_id(s3_env, git_repo, tmp_path, monkeypatch):  # noqa: F811
     """dvc://REPO?rev=REV#PATH: the data as committed at REV, fetched from the DVC remote (SeaweedFS here),
     versioned like any other copy of those files; a later revision with a changed image is a new version."""
     from craft.storage import dvc
