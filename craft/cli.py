@@ -433,7 +433,7 @@ def sample_cmd(
     from craft.sample import sample
 
     if controlnet or condition:  # ControlNet sampling; --prompt "" = the prompt it was trained with
-        from craft.train.controlnet import sample_controlnet
+        from craft.sample import sample_controlnet
 
         if not (controlnet and condition) or adapter or len(prompt) != 1:
             raise CliError("--controlnet and --condition go together, with one --prompt and no --adapter")

@@ -414,7 +414,7 @@ def export_model(
     pipe = load_pipeline(base_dir)
     lineage = {"stage": "export", "base_lineage": read_lineage(base_dir)}
     if adapter_dir:
-        from craft.train.reward import LORA_FILE, load_adapters
+        from craft.models.adapters import LORA_FILE, load_adapters
 
         load_adapters(pipe, adapter_dir)
         if (Path(adapter_dir) / LORA_FILE).is_file():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from craft.models.adapters import load_adapters
 from craft.models.diffusion import ModelConfig, build_components, load_pipeline, save_pipeline
 from craft.train.baselines import (
     DPOObjective,
@@ -14,7 +15,7 @@ from craft.train.baselines import (
     make_pairs,
 )
 from craft.train.loop import LoopConfig, train
-from craft.train.reward import LoraSettings, add_lora, load_adapters, save_adapters
+from craft.train.reward import LoraSettings, add_lora, save_adapters
 
 torch.set_num_threads(2)
 
@@ -106,6 +107,22 @@ def test_make_pairs_prefers_higher_score():
     pj = make_pairs(comp.unet, comp.vae, comp.text_encoder, comp.tokenizer, comp.scheduler, ["adenoma", "normal"],
                     {"label": ["adenoma", "normal"]}, seed=0, steps=2, guidance=1.0, judge=judge_b)  # fmt: skip
     assert torch.equal(pj["z_w"], pairs["z_l"]) and torch.equal(pj["z_l"], pairs["z_w"])
+
+
+def test_make_pairs_judge_reads_the_text_without_class_tokens():
+    """DPO from a TI+LoRA start: the generator reads "<token>, prompt"; the critic judge scores "prompt" (issue 16)."""
+    comp = tiny()
+    seen = []
+
+    def spy(images, meta):
+        seen.append(list(meta["prompt"]))
+        return {"total": images.mean(dim=(1, 2, 3))}
+
+    gen = ["<adenoma>, crowded glands", "<normal>, flat mucosa"]
+    make_pairs(comp.unet, comp.vae, comp.text_encoder, comp.tokenizer, comp.scheduler, gen,
+               {"label": ["adenoma", "normal"], "prompt": ["crowded glands", "flat mucosa"]}, seed=0, steps=1,
+               guidance=1.0, score=spy)  # fmt: skip
+    assert seen == [["crowded glands", "flat mucosa"] * 2]
 
 
 def test_ti_lora_save_load_into_base_pipeline(tmp_path):

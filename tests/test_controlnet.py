@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from craft.config import load_stage_config
+from craft.data.conditions import encode_mask, load_conditions
 from craft.data.demo import DemoConfig, generate
 from craft.evaluate.controlnet_eval import (
     compare,
@@ -18,19 +19,22 @@ from craft.evaluate.controlnet_eval import (
     segment_nuclei,
     stain_concentrations,
 )
-from craft.models.diffusion import PRESETS, Components, ModelConfig, build_components, read_lineage, save_pipeline
+from craft.models.diffusion import (
+    PRESETS,
+    Components,
+    ModelConfig,
+    build_components,
+    read_lineage,
+    save_pipeline,
+    vae_factor,
+)
+from craft.sample import controlnet_pipeline, generate_controlnet, load_controlnet
 from craft.train.controlnet import (
     ControlNetConfig,
     ControlNetObjective,
     build_controlnet,
     conditioning_channels,
-    controlnet_pipeline,
-    encode_mask,
-    generate_controlnet,
-    load_conditions,
-    load_controlnet,
     train_controlnet,
-    vae_factor,
 )
 from craft.train.loop import LoopConfig
 

@@ -5,16 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from craft.models.adapters import load_adapters
 from craft.models.diffusion import ModelConfig, build_components
 from craft.train.loop import LoopConfig, train
-from craft.train.reward import (
-    DraftObjective,
-    LoraSettings,
-    RewardConfig,
-    add_lora,
-    load_adapters,
-    save_adapters,
-)
+from craft.train.reward import DraftObjective, LoraSettings, RewardConfig, add_lora, save_adapters
 
 torch.set_num_threads(2)
 PROMPTS = ["normal colon mucosa", "adenocarcinoma with crowded glands", "adenoma", "mucinous carcinoma"]
@@ -222,3 +216,22 @@ def test_config_validation():
         RewardConfig(k=5, sample_steps=4).validate()
     with pytest.raises(ValueError, match="unknown reward"):
         RewardConfig(reward_weights={"vdc": 1.0, "fid": 1.0}).validate()
+
+
+def test_critic_scores_the_plain_prompt_while_the_generator_reads_class_tokens():
+    """craft_start=ti_lora: "<token>, <enriched prompt>" conditions the UNet; the critic's VDC reads the enriched
+    prompt alone, as evaluation scores it (issue 16)."""
+    seen, encoded = {}, []
+
+    def spy(images, meta):
+        seen["prompts"] = list(meta["prompt"])
+        seen["keys"] = set(meta)
+        return {"total": images.mean(dim=(1, 2, 3))}
+
+    _, model = objective(cfg(n_repeats=2), reward=spy)
+    real_encode = model.encode_prompts
+    model.encode_prompts = lambda ps: encoded.append(list(ps)) or real_encode(ps)
+    b = batch(2) | {"gen_prompt": [f"<tok{i}>, {p}" for i, p in enumerate(PROMPTS[:2])]}
+    model(b, torch.Generator().manual_seed(0))
+    assert seen["prompts"] == PROMPTS[:2] * 2 and "gen_prompt" not in seen["keys"]
+    assert encoded[0] == b["gen_prompt"]

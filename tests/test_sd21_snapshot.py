@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,7 @@ from PIL import Image
 
 import craft.models.diffusion as D
 from craft.config import load_stage_config
+from craft.sample import sample_controlnet
 from craft.train import baselines, controlnet, crafts, reward
 from tests.sd21_layout import DECOYS, RESOLUTION, UNET_SAMPLE_SIZE, VAE_DECLARED, build_sd21_dir
 
@@ -197,5 +199,70 @@ def test_controlnet_trains_v_at_unet_size_and_samples(sd21, data, tmp_path, spy)
     triplets = tmp_path / "cn.work" / "controlnet" / "samples" / "step-0000001" / "triplets.png"
     assert _size(triplets)[1] == RESOLUTION  # one row: condition | real | generated, each 16 px high
     mask = ds / read_manifest(ds)["mask_path"].iloc[0]
-    out = controlnet.sample_controlnet(str(sd21), str(tmp_path / "cn"), mask, tmp_path / "s", n=1, steps=1)
+    out = sample_controlnet(str(sd21), str(tmp_path / "cn"), mask, tmp_path / "s", n=1, steps=1)
     assert _size(out / "000.png") == (RESOLUTION, RESOLUTION)
+    # evaluation reads conditions and generates at the UNet-implied size too, not the VAE config's 768
+    from craft.evaluate.controlnet_eval import evaluate
+
+    res = evaluate(tmp_path / "cn", sd21, ds, split="test", n=1, steps=1)
+    assert res["metrics"]["n"] == 1 and res["triplets"][0].size == (3 * RESOLUTION, RESOLUTION)
+
+
+def test_stages_save_ema_weights_and_the_critic_reads_plain_prompts(sd21, data, tmp_path, monkeypatch, critic):
+    """loop.ema_decay > 0: TI, TI+LoRA, CRAFT and DPO save the EMA weights, not the last step's (issue 16); CRAFT
+    continuing TI+LoRA conditions on "<token>, prompt" but its critic scores the plain enriched prompt."""
+    from safetensors.torch import load_file
+
+    import craft.models.encoders as E
+    from craft.models.adapters import EMBEDS_FILE
+
+    ds, ann = data
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    real_save = reward.save_adapters
+
+    def spy_save(out_dir, unet=None, **kw):
+        if unet is not None:
+            saved[str(out_dir)] = {n: p.detach().clone() for n, p in unet.named_parameters() if "lora" in n}
+        return real_save(out_dir, unet=unet, **kw)
+
+    monkeypatch.setattr(reward, "save_adapters", spy_save)
+    monkeypatch.setattr(baselines, "save_adapters", spy_save)
+    prompts_seen: list[str] = []
+    cam_cls = E.ClinicalAlignmentModule
+
+    class RecordingCAM(cam_cls):
+        def __call__(self, images, labels, prompts, references=None):
+            prompts_seen.extend(prompts)
+            return super().__call__(images, labels, prompts, references)
+
+    monkeypatch.setattr(E, "ClinicalAlignmentModule", RecordingCAM)
+    ema = ["loop.steps=3", "loop.ema_decay=0.5", "loop.lr=0.05"]
+
+    def final_ema(work: Path) -> dict[str, torch.Tensor]:
+        (ck,) = sorted(work.glob("checkpoints/step-*"))[-1:]
+        raw, avg = load_file(str(ck / "model.safetensors")), load_file(str(ck / "ema.safetensors"))
+        assert any(not torch.equal(raw[k].float(), avg[k]) for k in avg), "EMA equals the raw weights"
+        return avg
+
+    def check_lora(out: Path, work: Path) -> None:
+        avg = final_ema(work)
+        got = saved[str(out)]
+        assert got and all(torch.equal(got[n].float(), avg["unet." + n]) for n in got), out
+
+    baselines.ti_main(load_stage_config("ti", None, SMALL + ema), ds, sd21, tmp_path / "ti")
+    table = final_ema(tmp_path / "ti.work" / "ti")
+    (row,) = [v for k, v in table.items() if k.endswith("token_embedding.weight")]
+    embeds = load_file(str(tmp_path / "ti" / EMBEDS_FILE))
+    assert any(torch.allclose(embeds[t], r) for t in embeds for r in row), "saved TI vectors are not the EMA rows"
+    baselines.ti_lora_main(load_stage_config("ti_lora", None, SMALL + ema), ds, sd21, tmp_path / "tl",
+                           ti_dir=tmp_path / "ti")  # fmt: skip
+    check_lora(tmp_path / "tl", tmp_path / "tl.work" / "lora")
+    reward.main(load_stage_config("reward", None, SMALL + ema + ["sample_steps=2"]), ds, ann, "critic", "probe",
+                sd21, tmp_path / "craft", start_dir=tmp_path / "tl")  # fmt: skip
+    check_lora(tmp_path / "craft", tmp_path / "craft.work" / "draft")
+    assert prompts_seen and all(p.endswith(", glands") and "<" not in p for p in prompts_seen), prompts_seen[:4]
+    prompts_seen.clear()
+    baselines.dpo_main(load_stage_config("dpo", None, SMALL + ema + ["n_pairs=2", "sample_steps=2"]), ds, ann,
+                       "critic", "probe", sd21, tmp_path / "dpo", start_dir=tmp_path / "tl")  # fmt: skip
+    check_lora(tmp_path / "dpo", tmp_path / "dpo.work" / "dpo")
+    assert prompts_seen and all("<" not in p for p in prompts_seen), prompts_seen[:4]

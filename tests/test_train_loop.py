@@ -118,6 +118,23 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     assert res_a.logs["loss"] == res_c.logs["loss"]
 
 
+def test_ema_weights_are_the_result(tmp_path):
+    """With ema_decay > 0 the model leaves train() holding the EMA weights; the raw ones stay in the checkpoint."""
+    from safetensors.torch import load_file
+
+    cfg = _cfg(steps=4, checkpoint_every=0, ema_decay=0.5)
+    _, model = _objective(cfg)
+    res = train(model, _data(), cfg.loop, tmp_path)
+    assert res.ema_applied
+    params = dict(model.named_parameters())
+    raw = load_file(str(res.checkpoint / "model.safetensors"))
+    moved = 0
+    for k, v in res.ema.items():
+        assert torch.equal(params[k].detach().float(), v), k
+        moved += int(not torch.equal(raw[k].float(), v))
+    assert moved > 0, "EMA equals the raw weights: the test cannot tell them apart"
+
+
 class _Blowup(torch.nn.Module):
     def __init__(self, at: int):
         super().__init__()

@@ -166,18 +166,11 @@ def evaluate(controlnet_dir, base_dir, dataset_dir, split: str = "test", n: int 
     ``evaluator``: a ``DualEncoder`` or a directory/s3 prefix of one (domain FID), or None (no FID).
     Returns ``{"metrics": {...}, "per_image": DataFrame, "triplets": [PIL rows]}``.
     """
+    from craft.data.conditions import PROMPTS, load_conditions, load_pil_images
     from craft.data.manifest import read_manifest
     from craft.evaluate.metrics import fid_from_embeddings, paired_image_metrics
-    from craft.models.diffusion import Components, load_pipeline, read_lineage
-    from craft.train.controlnet import (
-        PROMPTS,
-        _pil_images,
-        _resolution,
-        controlnet_pipeline,
-        generate_controlnet,
-        load_conditions,
-        load_controlnet,
-    )  # fmt: skip
+    from craft.models.diffusion import Components, load_pipeline, model_resolution, read_lineage
+    from craft.sample import controlnet_pipeline, generate_controlnet, load_controlnet
 
     lin = read_lineage(controlnet_dir)
     kind = lin.get("condition")
@@ -185,7 +178,7 @@ def evaluate(controlnet_dir, base_dir, dataset_dir, split: str = "test", n: int 
         raise ValueError(f"{controlnet_dir}/lineage.json: no condition kind (mask | fluorescence)")
     prompt = prompt or lin.get("prompt") or PROMPTS[kind]
     pipe = load_pipeline(base_dir)
-    res = _resolution(pipe.vae)
+    res = model_resolution(pipe.unet, pipe.vae)  # the UNet-implied size it was trained at (the SD 2.x VAE says 768)
     df = read_manifest(dataset_dir)
     df = df[df["split"] == split].reset_index(drop=True)
     if n:
@@ -193,7 +186,7 @@ def evaluate(controlnet_dir, base_dir, dataset_dir, split: str = "test", n: int 
     if len(df) == 0:
         raise ValueError(f"{dataset_dir}/manifest.parquet: no rows with split={split!r}")
     cond = load_conditions(dataset_dir, df, kind, res)
-    reals = _pil_images(dataset_dir, df, res)
+    reals = load_pil_images(dataset_dir, df, res)
     cpipe = controlnet_pipeline(Components.from_pipeline(pipe), load_controlnet(controlnet_dir))
     if torch.cuda.is_available():
         cpipe.to("cuda")

@@ -228,33 +228,16 @@ def _as_spec(name: str, spec: Any) -> VariantSpec | str:
 
 def load_variant_pipeline(spec: VariantSpec, device: torch.device):
     """The diffusers pipeline of ``spec`` with its adapter loaded; returns (pipe, adapter meta)."""
-    from craft.models.diffusion import load_pipeline
+    from craft.sample import load_generator
 
-    pipe = load_pipeline(spec.model)
-    meta: dict[str, Any] = {}
-    if spec.adapter:
-        from craft.train.reward import ADAPTER_JSON, load_adapters
-
-        load_adapters(pipe, spec.adapter)
-        meta = json.loads((Path(spec.adapter) / ADAPTER_JSON).read_text())
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, meta
+    return load_generator(spec.model, spec.adapter or None, device)
 
 
 def variant_prompt(prompt: str, label: str, adapter_meta: dict[str, Any]) -> str:
-    """The prompt a variant samples with: textual-inversion adapters put their class token in front.
+    """The prompt a variant samples with: a textual-inversion adapter's class token in front (``class_token_prompt``)."""
+    from craft.models.adapters import class_token_prompt
 
-    ``adapter_meta["class_tokens"]`` maps class -> learned token; an adapter that learned tokens but
-    does not say which class each belongs to is refused (its tokens would silently go unused).
-    """
-    tokens = adapter_meta.get("tokens") or []
-    mapping = adapter_meta.get("class_tokens") or {}
-    if tokens and not mapping:
-        raise ValueError("adapter learned textual-inversion tokens but adapter.json has no class_tokens mapping")
-    if label in mapping:
-        return f"{mapping[label]}, {prompt}"  # as craft.train.baselines builds enriched TI prompts
-    return prompt
+    return class_token_prompt(prompt, label, adapter_meta)
 
 
 def sample_seed(seed: int, image_id: str, k: int) -> int:
@@ -262,24 +245,11 @@ def sample_seed(seed: int, image_id: str, k: int) -> int:
     return int(np.random.SeedSequence([seed, zlib.crc32(str(image_id).encode()), k]).generate_state(1)[0])
 
 
-@torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], cfg: EvaluateConfig) -> list:
-    """PIL images, image j from the initial latent seeded by ``seeds[j]`` (independent of batching)."""
-    from craft.sample import set_scheduler
+    """PIL images, image j from the initial latent seeded by ``seeds[j]`` (``craft.sample.generate_seeded``)."""
+    from craft.sample import generate_seeded
 
-    set_scheduler(pipe, cfg.scheduler)
-    c = pipe.unet.config
-    out = []
-    for s in range(0, len(prompts), cfg.batch_size):
-        chunk, sds = prompts[s : s + cfg.batch_size], seeds[s : s + cfg.batch_size]
-        lat = torch.stack([torch.randn((c.in_channels, c.sample_size, c.sample_size),
-                                       generator=torch.Generator().manual_seed(x)) for x in sds])  # fmt: skip
-        kwargs = {"eta": 0.0} if cfg.scheduler == "ddim" else {}
-        res = pipe(chunk, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, output_type="pil",
-                   latents=lat.to(pipe.device, pipe.unet.dtype), generator=torch.Generator().manual_seed(sds[0]),
-                   **kwargs)  # fmt: skip
-        out.extend(res.images)
-    return out
+    return generate_seeded(pipe, prompts, seeds, cfg.steps, cfg.guidance, cfg.scheduler, cfg.batch_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,12 +411,12 @@ def cas_from_embeddings(emb: torch.Tensor, text_emb: torch.Tensor, checklist_emb
 
 def _fit_probe_for(encoder, train_images: np.ndarray, train_labels: list[str], classes: list[str], batch: int):
     """A DD probe for an evaluator given without one (second evaluator): CRAFT A.2 on the real train split."""
-    from craft.train.probe import ProbeConfig, fit_probe
+    from craft.models.encoders import fit_linear_probe
 
     x = _tensor(train_images)
     with torch.no_grad():
         emb = torch.cat([encoder.encode_images(x[i : i + batch]).float().cpu() for i in range(0, len(x), batch)])
-    return fit_probe(emb, train_labels, classes, ProbeConfig(), encoder.identity)
+    return fit_linear_probe(emb, train_labels, classes, identity=encoder.identity)
 
 
 def check_roles(evaluator, critic_identity: str | None, evaluator_dir, critic_dir=None) -> None:

@@ -409,6 +409,34 @@ class LinearProbe(torch.nn.Module):
         return torch.tensor([index[str(y)] for y in labels], device=self.linear.weight.device)
 
 
+def fit_linear_probe(emb: torch.Tensor, labels: list[str], classes: list[str], *, epochs: int = 50,
+                     batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
+                     identity: str = "") -> LinearProbe:  # fmt: skip
+    """Adam on cross-entropy, ``epochs`` passes in seeded shuffled batches (CRAFT A.2: 50 epochs, batch 256).
+
+    Shared by the probe stage (``craft train probe``) and by evaluation, which fits the same probe for an
+    evaluator given without one.
+    """
+    if epochs < 1 or batch_size < 1 or lr <= 0 or weight_decay < 0:
+        raise ValueError(f"fit_linear_probe: epochs/batch_size >= 1, lr > 0, weight_decay >= 0 "
+                         f"(got {epochs}, {batch_size}, {lr}, {weight_decay})")  # fmt: skip
+    torch.manual_seed(seed)
+    probe = LinearProbe(emb.shape[1], classes, identity)
+    y = probe.label_indices(labels)
+    opt = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    emb = emb.float()
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), batch_size):
+            idx = perm[i : i + batch_size]
+            loss = F.cross_entropy(probe(emb[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return probe.eval().requires_grad_(False)
+
+
 def save_probe(probe: LinearProbe, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
     """``probe.safetensors`` (weight, bias) + ``probe.json`` (classes order, encoder identity, metrics)."""
     from safetensors.torch import save

@@ -327,8 +327,10 @@ def make_pairs(unet, vae, text_encoder, tokenizer, scheduler, prompts: list[str]
     """Two seed-varied samples per prompt and which one is preferred -> {"z_w", "z_l", "prompt", "margin"}.
 
     ``score(images, meta)["total"]`` (the critic's CAS-style reward) or a blinded ``judge`` (an MLLM
-    ranking a ``craft.evaluate.preferences.Case`` of two candidates) decides. Latents are the final
-    sampled latents, so DPO trains on exactly the images the judge saw.
+    ranking a ``craft.evaluate.preferences.Case`` of two candidates) decides. ``prompts`` condition the
+    generator; ``meta["prompt"]``, when given, is the text the judge reads instead (the enriched prompt
+    without TI class tokens, as evaluation scores it). Latents are the final sampled latents, so DPO
+    trains on exactly the images the judge saw.
     """
     import numpy as np
 
@@ -349,9 +351,9 @@ def make_pairs(unet, vae, text_encoder, tokenizer, scheduler, prompts: list[str]
         zb = sample_latents(unet, sched, cond, uncond, torch.Generator().manual_seed(seed * 100_003 + 2 * i + 1),
                             guidance)  # fmt: skip
         imgs = decode(vae, torch.cat([za, zb]).to(dev))
-        sub = {k: list(v[i : i + b]) for k, v in meta.items()}
+        sub = {"prompt": list(chunk)} | {k: list(v[i : i + b]) for k, v in meta.items()}
         if score is not None:
-            tot = score(imgs, {k: v * 2 for k, v in sub.items()} | {"prompt": chunk * 2})["total"].float().cpu()
+            tot = score(imgs, {k: v * 2 for k, v in sub.items()})["total"].float().cpu()
             a_wins = tot[:b] >= tot[b:]
             margin = (tot[:b] - tot[b:]).abs()
         else:
@@ -360,7 +362,7 @@ def make_pairs(unet, vae, text_encoder, tokenizer, scheduler, prompts: list[str]
             pil = [Image.fromarray((x.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")) for x in imgs]
             wins = []
             for j in range(b):
-                bc = blind(f"pair-{i + j}", str(sub.get("label", [""] * b)[j]), chunk[j],
+                bc = blind(f"pair-{i + j}", str(sub.get("label", [""] * b)[j]), sub["prompt"][j],
                            {"a": pil[j], "b": pil[b + j]}, rng)  # fmt: skip
                 ranking = [str(x).strip().upper() for x in judge(bc.case)]
                 if sorted(ranking) != sorted(bc.key):
@@ -521,12 +523,15 @@ def dpo_main(cfg: DPOConfig, dataset_dir, annotations_dir, critic_dir, probe_dir
     rows = df.sample(n=cfg.n_pairs, replace=len(df) < cfg.n_pairs, random_state=cfg.seed).reset_index(drop=True)
     labels = rows["label"].astype(str).tolist()
     if cfg.prompts == "enriched":
-        prompts = token_prompts(rows["enriched_prompt"], labels, tokens)
+        judged = rows["enriched_prompt"].astype(str).tolist()
+        prompts = token_prompts(judged, labels, tokens)
     else:
         from craft.data.manifest import read_meta
 
         meta = read_meta(dataset_dir)
+        judged = [meta.phrase(lab) for lab in labels]
         prompts = [tokens.get(lab, meta.phrase(lab)) for lab in labels]
+    # the judge (critic or MLLM) reads the text without class tokens, as evaluation scores it
     critic = load_encoder(critic_dir, device=str(dev)).eval().requires_grad_(False)
     probe = load_probe(probe_dir, critic)
     checklists = json.loads((Path(annotations_dir) / "checklists.json").read_text())
@@ -540,8 +545,8 @@ def dpo_main(cfg: DPOConfig, dataset_dir, annotations_dir, critic_dir, probe_dir
                                                                   checklists)}  # fmt: skip
     else:
         judge_kw = {"score": critic_reward(cam, weights)}
-    pairs = make_pairs(unet, vae, te, tok, pipe.scheduler, prompts, {"label": labels}, cfg.seed, cfg.sample_steps,
-                       cfg.scheduler, cfg.guidance, **judge_kw)  # fmt: skip
+    pairs = make_pairs(unet, vae, te, tok, pipe.scheduler, prompts, {"label": labels, "prompt": judged}, cfg.seed,
+                       cfg.sample_steps, cfg.scheduler, cfg.guidance, **judge_kw)  # fmt: skip
     if cfg.judge == "mllm":
         backend.close()
     ref = copy.deepcopy(unet)

@@ -7,14 +7,9 @@ the dataset, with the whole base frozen: UNet, VAE and text encoder have ``requi
 the ControlNet's parameters enter the optimizer. The loss is the latent diffusion loss (CRAFTS eq. 5)
 with the ControlNet's residuals added to the frozen UNet's skip connections and middle block.
 
-Conditions (what the ControlNet sees, float [3, H, W] in [0, 1] at the image resolution):
-
-- ``mask``: the nuclear instance mask (``mask_path``, uint16, 0 = background) encoded in 3 channels:
-  channel 0 = foreground (any nucleus), channel 1 = instance boundaries (a nuclear pixel whose
-  4-neighbour belongs to another instance or to background), channel 2 = 0. The boundary channel keeps
-  touching nuclei apart, which a binary mask would merge (the paper's GLySAC / CoNSeP masks are
-  instance maps).
-- ``fluorescence``: the grayscale nuclei channel (``condition_path``, e.g. DAPI) replicated to 3 channels.
+Conditions (what the ControlNet sees: ``mask`` or ``fluorescence``) are read by ``craft.data.conditions``;
+sampling with a trained ControlNet (``controlnet_pipeline``, ``generate_controlnet``, ``load_controlnet``)
+lives in ``craft.sample``, which evaluation uses too.
 
 The ControlNet's conditioning embedding must bring the condition from pixel to latent resolution: its
 ``conditioning_embedding_out_channels`` has one level per stride-2 step plus one, i.e.
@@ -48,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from craft.config import to_dict
+from craft.data.conditions import CONDITIONS, PROMPTS, load_conditions, load_pil_images
 from craft.data.manifest import read_manifest
 from craft.io import atomic_dir, atomic_write_json
 from craft.models.diffusion import (
@@ -61,17 +57,10 @@ from craft.models.diffusion import (
     training_target,
     vae_factor,
 )
-from craft.train.loop import LoopConfig, apply_ema, train
+from craft.sample import controlnet_pipeline, generate_controlnet
+from craft.train.loop import LoopConfig, train
 
 log = logging.getLogger(__name__)
-
-CONDITIONS = ("mask", "fluorescence")
-# The paper's instruction prompts (CRAFTS, "Structure-controllable image generation"), in our own words and
-# short enough for the tiny model's 32-token window (a longer prompt is truncated, with a warning).
-PROMPTS = {
-    "mask": "h&e stained image from a nuclear mask: purple hematoxylin nuclei in the mask, pink eosin stroma",
-    "fluorescence": "h&e stained image from nuclear fluorescence: purple hematoxylin nuclei where bright, pink eosin stroma",
-}
 
 
 @dataclass
@@ -107,80 +96,6 @@ class ControlNetConfig:
 
     def text(self) -> str:
         return self.prompt or PROMPTS[self.condition]
-
-
-# ---------------------------------------------------------------- conditions
-
-
-def encode_mask(inst: np.ndarray) -> np.ndarray:
-    """Instance mask [H, W] (0 = background) -> uint8 [H, W, 3]: foreground, instance boundaries, 0 (x255).
-
-    >>> m = np.zeros((4, 4), np.uint16); m[1:3, 1:3] = 1
-    >>> encode_mask(m)[..., 0].sum() // 255, encode_mask(m)[..., 1].sum() // 255
-    (4, 4)
-    """
-    inst = np.asarray(inst)
-    if inst.ndim != 2:
-        raise ValueError(f"instance mask must be 2-D, got shape {inst.shape}")
-    fg = inst > 0
-    pad = np.pad(inst, 1, mode="edge")
-    h, w = inst.shape
-    edge = np.zeros_like(fg)
-    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-        edge |= pad[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] != inst
-    out = np.zeros((h, w, 3), np.uint8)
-    out[..., 0] = fg * 255
-    out[..., 1] = (edge & fg) * 255
-    return out
-
-
-def read_condition(dataset_dir: str | os.PathLike, row: Any, kind: str, resolution: int) -> np.ndarray:
-    """The condition image of one manifest row as uint8 [R, R, 3] (see the module docstring)."""
-    from PIL import Image
-
-    col = "mask_path" if kind == "mask" else "condition_path"
-    rel = row[col]
-    if rel is None or (isinstance(rel, float) and math.isnan(rel)) or str(rel) in ("", "<NA>"):
-        raise ValueError(f"manifest row image_id={row['image_id']}: no {col} (condition={kind} needs it)")
-    path = Path(dataset_dir) / str(rel)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if kind == "mask":
-                arr = np.asarray(im)
-                if arr.ndim == 3:
-                    raise ValueError(f"instance mask must be single-channel, got mode {im.mode}")
-                if arr.shape != (resolution, resolution):  # NEAREST keeps instance ids intact
-                    arr = np.asarray(Image.fromarray(arr.astype(np.int32)).resize((resolution, resolution),
-                                                                                   Image.NEAREST))  # fmt: skip
-                return encode_mask(arr)
-            g = im.convert("L")
-            if g.size != (resolution, resolution):
-                g = g.resize((resolution, resolution), Image.BICUBIC)
-            return np.repeat(np.asarray(g)[..., None], 3, axis=2)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read {col} ({e})") from e
-
-
-def load_conditions(dataset_dir, df, kind: str, resolution: int) -> torch.Tensor:
-    """Conditions of ``df`` as float [N, 3, R, R] in [0, 1] (the range diffusers' ControlNet expects)."""
-    if kind not in CONDITIONS:
-        raise ValueError(f"condition must be one of {', '.join(CONDITIONS)}, got {kind!r}")
-    arr = np.stack([read_condition(dataset_dir, r, kind, resolution) for _, r in df.iterrows()])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255.0)
-
-
-def condition_from_file(path: str | os.PathLike, kind: str, resolution: int) -> torch.Tensor:
-    """One condition image file -> float [1, 3, R, R] in [0, 1] (for ``craft sample --condition``)."""
-    col = "mask_path" if kind == "mask" else "condition_path"
-    p = Path(path)
-    return load_conditions(p.parent, _one_row(p.name, col), kind, resolution)
-
-
-def _one_row(name: str, col: str):
-    import pandas as pd
-
-    return pd.DataFrame([{"image_id": name, col: name}])
 
 
 # ---------------------------------------------------------------- the model
@@ -281,62 +196,7 @@ class ControlNetObjective(torch.nn.Module):
         return {"loss": loss, "l_diff": loss.detach()}
 
 
-# ---------------------------------------------------------------- sampling
-
-
-def controlnet_pipeline(comp: Components, controlnet):
-    """``StableDiffusionControlNetPipeline`` over the base components and ``controlnet`` (no safety checker)."""
-    from diffusers import StableDiffusionControlNetPipeline
-
-    pipe = StableDiffusionControlNetPipeline(
-        vae=comp.vae, text_encoder=comp.text_encoder, tokenizer=comp.tokenizer, unet=comp.unet,
-        controlnet=controlnet, scheduler=comp.scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@torch.no_grad()
-def generate_controlnet(pipe, conditions: torch.Tensor, prompts: list[str], steps: int = 20, guidance: float = 3.0,
-                        seed: int = 0, conditioning_scale: float = 1.0, scheduler: str = "ddim", batch: int = 16):  # fmt: skip
-    """PIL images, one per (condition [N, 3, H, W] in [0, 1], prompt); the same seed gives the same images."""
-    from craft.sample import set_scheduler
-
-    if conditions.ndim != 4 or conditions.shape[1] != 3:
-        raise ValueError(f"conditions must be [N, 3, H, W], got {tuple(conditions.shape)}")
-    if len(prompts) != len(conditions):
-        raise ValueError(f"{len(prompts)} prompts for {len(conditions)} conditions")
-    set_scheduler(pipe, scheduler)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    h, w = conditions.shape[-2:]
-    f = vae_factor(pipe.vae)
-    images = []
-    for i in range(0, len(prompts), batch):
-        c = conditions[i : i + batch]
-        shape = (len(c), pipe.unet.config.in_channels, h // f, w // f)
-        latents = torch.randn(shape, generator=gen).to(pipe.device, pipe.unet.dtype)
-        out = pipe(
-            list(prompts[i : i + batch]), image=c.to(pipe.device, pipe.unet.dtype), height=h, width=w,
-            num_inference_steps=steps, guidance_scale=guidance, generator=gen, latents=latents,
-            controlnet_conditioning_scale=conditioning_scale, output_type="pil",
-            **({"eta": 0.0} if scheduler == "ddim" else {}),
-        )  # fmt: skip
-        images.extend(out.images)
-    return images
-
-
-def load_controlnet(path: str | os.PathLike, dtype=None):
-    """A ControlNetModel saved by ``save_controlnet`` (safetensors only, offline)."""
-    from diffusers import ControlNetModel
-
-    d = Path(path)
-    if not (d / "config.json").is_file():
-        raise FileNotFoundError(f"{d}: not a ControlNet directory (no config.json)")
-    kwargs: dict[str, Any] = dict(local_files_only=True, use_safetensors=True)
-    if dtype is not None:
-        kwargs["torch_dtype"] = dtype
-    return ControlNetModel.from_pretrained(str(d), **kwargs)
+# ---------------------------------------------------------------- training
 
 
 def save_controlnet(controlnet, out_dir: str | os.PathLike, lineage: dict[str, Any]) -> Path:
@@ -349,61 +209,6 @@ def save_controlnet(controlnet, out_dir: str | os.PathLike, lineage: dict[str, A
         controlnet.save_pretrained(tmp, safe_serialization=True)
         atomic_write_json(Path(tmp) / LINEAGE, lineage)
     return Path(out_dir)
-
-
-def sample_controlnet(model_dir: str, controlnet_dir: str, condition: str | os.PathLike, out_dir: str | os.PathLike,
-                      n: int = 4, prompt: str = "", kind: str = "", steps: int = 20, guidance: float = 3.0,
-                      seed: int = 0, conditioning_scale: float = 1.0, scheduler: str = "ddim") -> Path:  # fmt: skip
-    """``craft sample MODEL --controlnet CN --condition IMAGE``: ``n`` images following the condition image.
-
-    ``kind`` (mask | fluorescence) and ``prompt`` default to what the ControlNet was trained with
-    (its lineage). Writes ``OUT/000.png ...``, ``OUT/grid.png`` (condition first) and ``samples.json``.
-    """
-    from PIL import Image
-
-    from craft.sample import _png_bytes, save_grid
-
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    lin = read_lineage(controlnet_dir)
-    kind = kind or lin.get("condition", "")
-    if kind not in CONDITIONS:
-        raise ValueError(f"{controlnet_dir}: condition kind unknown (lineage has none); pass mask or fluorescence")
-    prompt = prompt or lin.get("prompt") or PROMPTS[kind]
-    pipe = load_pipeline(model_dir)
-    res = _resolution(pipe)
-    cond = condition_from_file(condition, kind, res)
-    cpipe = controlnet_pipeline(Components.from_pipeline(pipe), load_controlnet(controlnet_dir)).to(_device())
-    imgs = generate_controlnet(cpipe, cond.repeat(n, 1, 1, 1), [prompt] * n, steps=steps, guidance=guidance,
-                               seed=seed, conditioning_scale=conditioning_scale, scheduler=scheduler)  # fmt: skip
-    out = Path(out_dir)
-    from craft.io import atomic_write_bytes
-
-    for k, im in enumerate(imgs):
-        atomic_write_bytes(out / f"{k:03d}.png", _png_bytes(im))
-    cond_img = Image.fromarray((cond[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-    save_grid([cond_img] + imgs, out / "grid.png")
-    atomic_write_json(out / "samples.json", {
-        "model": str(model_dir), "controlnet": str(controlnet_dir), "condition": str(condition), "kind": kind,
-        "prompt": prompt, "n": n, "steps": steps, "guidance": guidance, "seed": seed,
-        "conditioning_scale": conditioning_scale, "scheduler": scheduler,
-    })  # fmt: skip
-    return out
-
-
-def _resolution(pipe_or_vae) -> int:
-    """The image side conditions are read and images generated at: ``model_resolution`` of a pipeline.
-
-    Given a bare VAE (older callers), its ``config.sample_size``, which for SD 2.x snapshots says 768
-    whatever the UNet: pass the pipeline or components instead.
-    """
-    if hasattr(pipe_or_vae, "unet"):
-        return model_resolution(pipe_or_vae.unet, pipe_or_vae.vae)
-    s = pipe_or_vae.config.sample_size
-    return int(s if isinstance(s, int) else s[0])
-
-
-# ---------------------------------------------------------------- training
 
 
 def pair_table(dataset_dir, split: str, kind: str):
@@ -451,7 +256,9 @@ def train_controlnet(cfg: ControlNetConfig, dataset_dir, base_dir, out_dir, work
     work = Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".work")
     base = load_pipeline(base_dir)
     comp = Components.from_pipeline(base)
-    res = _resolution(comp)  # UNet-implied (not vae.config.sample_size, 768 in every SD 2.x snapshot)
+    res = model_resolution(
+        comp.unet, comp.vae
+    )  # UNet-implied (not vae.config.sample_size, 768 in every SD 2.x snapshot)
     for m in (comp.unet, comp.vae, comp.text_encoder):
         m.requires_grad_(False)
         m.eval()
@@ -467,15 +274,13 @@ def train_controlnet(cfg: ControlNetConfig, dataset_dir, base_dir, out_dir, work
     if cfg.val_images > 0:
         vdf = pair_table(dataset_dir, cfg.eval_split, cfg.condition).head(cfg.val_images)
         val = {"cond": load_conditions(dataset_dir, vdf, cfg.condition, res),
-               "real": _pil_images(dataset_dir, vdf, res)}  # fmt: skip
+               "real": load_pil_images(dataset_dir, vdf, res)}  # fmt: skip
     n_tok = len(comp.tokenizer(cfg.text()).input_ids)
     if n_tok > comp.tokenizer.model_max_length:
         log.warning("controlnet prompt has %d tokens; the text encoder keeps the first %d", n_tok,
                     comp.tokenizer.model_max_length)  # fmt: skip
     data = {"latents": latents, "cond": cond, "prompt": [cfg.text()] * len(df)}
     result = train(model, data, cfg.loop, work / "controlnet", validate=_triplet_validation(comp, cfg, val))
-    if result.ema is not None:
-        apply_ema(model, result.ema)
     metrics = {k: v for k, v in result.logs.items() if k != "lr"}
     metrics["steps"] = float(result.step)
     metrics["train_seconds"] = time.time() - t0
@@ -505,17 +310,6 @@ def _encode(vae, pixels: torch.Tensor, batch: int = 64) -> torch.Tensor:
 
     dev = next(vae.parameters()).device
     return torch.cat([encode_latents(vae, pixels[i : i + batch].to(dev)).cpu() for i in range(0, len(pixels), batch)])
-
-
-def _pil_images(dataset_dir, df, res: int) -> list:
-    from PIL import Image
-
-    out = []
-    for rel in df["image_path"].tolist():
-        with Image.open(Path(dataset_dir) / rel) as im:
-            im = im.convert("RGB")
-            out.append(im.resize((res, res), Image.BICUBIC) if im.size != (res, res) else im.copy())
-    return out
 
 
 def main(cfg: ControlNetConfig, dataset_dir, base_dir, out_dir, work_dir=None) -> dict[str, float]:

@@ -67,7 +67,7 @@ from craft.models.diffusion import (
     save_pipeline,
     training_target,
 )
-from craft.train.loop import LoopConfig, apply_ema, train
+from craft.train.loop import LoopConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -380,8 +380,6 @@ def run_stage(
         metrics.update({"typicality_mu": mu, "typicality_sigma": sigma})
     model = DenoiserObjective(comp.unet, comp.text_encoder, comp.tokenizer, comp.scheduler, cfg, mu, sigma)
     result = train(model, data, cfg.loop, work / "denoiser", validate=_per_class_validation(comp, meta, cfg))
-    if result.ema is not None:
-        apply_ema(model, result.ema)
     metrics.update({k: v for k, v in result.logs.items() if k != "lr"})
     metrics["steps"] = float(result.step)
     metrics["train_seconds"] = time.time() - t0

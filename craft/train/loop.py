@@ -85,6 +85,7 @@ class TrainResult:
     ema: dict[str, torch.Tensor] | None = None  # EMA weights of the trainable parameters (by name)
     resumed_from: int = 0  # step the run started from (0 = fresh)
     history: list[dict[str, float]] = field(default_factory=list)
+    ema_applied: bool = False  # the model's trainable weights are the EMA weights (ema_decay > 0)
 
 
 # ---------------------------------------------------------------- batches
@@ -201,7 +202,8 @@ def train(
     ``model(batch, generator)`` returns ``{"loss": tensor, ...}``. With ``resume`` the newest
     checkpoint under ``OUT/checkpoints`` is loaded first. ``stop_after`` ends the run after that
     many steps of this call (to simulate an interruption in tests). Returns the final state;
-    trained weights are in ``model`` (EMA weights, when on, in ``TrainResult.ema``).
+    trained weights are in ``model``: with ``cfg.ema_decay > 0`` they are the EMA weights (also in
+    ``TrainResult.ema``), the raw last-step weights stay in the final checkpoint.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
@@ -304,6 +306,7 @@ def train(
                 _run_validation(acc, validate, model, step, out, writer)
         if step >= cfg.steps and start < cfg.steps:
             last_good = _save_checkpoint(acc, out, step, model, opt, sched, ema, gen, logs, cfg)
+            _swap_in_ema(params, ema)  # the final validation samples what the stage will save
             if validate is not None:
                 _run_validation(acc, validate, model, step, out, writer)
     finally:
@@ -312,8 +315,22 @@ def train(
             writer.flush()
             writer.close()
     acc.wait_for_everyone()
+    _swap_in_ema(params, ema)
     # the trained weights live in the caller's module object: prepare() wraps it (DDP), it does not copy it
-    return TrainResult(step, logs, last_good, ema, start, history)
+    return TrainResult(step, logs, last_good, ema, start, history, ema_applied=ema is not None)
+
+
+def _swap_in_ema(params: dict[str, torch.nn.Parameter], ema: dict[str, torch.Tensor] | None) -> None:
+    """Copy the EMA weights into the trainable parameters (idempotent; nothing without EMA).
+
+    The EMA weights are every stage's result (the checkpoints keep the raw ones beside them for resuming):
+    the loop swaps them in itself, so no stage can save the raw weights by forgetting to.
+    """
+    if ema is None:
+        return
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(ema[k].to(p.device, p.dtype))
 
 
 def _run_validation(acc, validate, model, step: int, out: Path, writer) -> None:

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from craft.models.encoders import DualEncoder, LinearProbe, load_encoder, load_probe, save_probe
+from craft.models.encoders import DualEncoder, LinearProbe, fit_linear_probe, load_encoder, load_probe, save_probe
 from craft.train.encoder import load_images, split_rows
 
 __all__ = ["ProbeConfig", "embed_split", "fit_probe", "load_probe", "main", "train_probe"]
@@ -57,23 +56,10 @@ def embed_split(encoder: DualEncoder, dataset_dir: str | Path, split: str, batch
 def fit_probe(
     emb: torch.Tensor, labels: list[str], classes: list[str], cfg: ProbeConfig, encoder_identity: str = ""
 ) -> LinearProbe:
-    """Adam on cross-entropy, ``cfg.epochs`` passes in seeded shuffled batches (CRAFT A.2)."""
+    """Adam on cross-entropy, ``cfg.epochs`` passes in seeded shuffled batches (CRAFT A.2): ``fit_linear_probe``."""
     cfg.validate()
-    torch.manual_seed(cfg.seed)
-    probe = LinearProbe(emb.shape[1], classes, encoder_identity)
-    y = probe.label_indices(labels)
-    opt = torch.optim.Adam(probe.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    emb = emb.float()
-    for _ in range(cfg.epochs):
-        perm = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(y), cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size]
-            loss = F.cross_entropy(probe(emb[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return probe.eval().requires_grad_(False)
+    return fit_linear_probe(emb, labels, classes, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, seed=cfg.seed, identity=encoder_identity)  # fmt: skip
 
 
 @torch.no_grad()

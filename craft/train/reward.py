@@ -37,13 +37,17 @@ import torch.nn.functional as F
 
 from craft.config import to_dict
 from craft.io import atomic_dir, atomic_write_json
+from craft.models.adapters import (  # noqa: F401  (re-exported: the adapter file layout is shared with loading)
+    ADAPTER_JSON,
+    EMBEDS_FILE,
+    LORA_FILE,
+    add_tokens,
+    class_token_prompt,
+    load_adapters,
+)
 from craft.train.loop import LoopConfig, train
 
 log = logging.getLogger(__name__)
-
-LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
-EMBEDS_FILE = "learned_embeds.safetensors"  # textual-inversion tokens -> vectors
-ADAPTER_JSON = "adapter.json"
 
 # A reward callable: (images [N, 3, H, W] in [0, 1], metadata of the N samples) -> {"total": [N], name: [N], ...}
 RewardFn = Callable[[torch.Tensor, dict[str, Any]], dict[str, torch.Tensor]]
@@ -178,57 +182,6 @@ def save_adapters(
     return Path(out_dir)
 
 
-def add_tokens(tokenizer, text_encoder, embeddings: dict[str, torch.Tensor]) -> list[int]:
-    """Add textual-inversion tokens to ``tokenizer`` and set their rows of the text encoder's embedding table."""
-    tokens = sorted(embeddings)
-    have = set(tokenizer.get_vocab())
-    new = [t for t in tokens if t not in have]
-    if new:
-        tokenizer.add_tokens(new)
-        text_encoder.resize_token_embeddings(len(tokenizer))
-    ids = tokenizer.convert_tokens_to_ids(tokens)
-    table = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        for t, i in zip(tokens, ids):
-            vec = embeddings[t]
-            if vec.shape != table[i].shape:
-                raise ValueError(
-                    f"token {t!r}: embedding shape {tuple(vec.shape)} != text encoder {tuple(table[i].shape)}"
-                )
-            table[i] = vec.to(table.dtype)
-    return ids
-
-
-def load_adapters(pipe, adapter_dir: str | os.PathLike):
-    """Load what ``save_adapters`` wrote (TI tokens and/or LoRA) into ``pipe`` in place; returns ``pipe``."""
-    from safetensors.torch import load_file
-
-    d = Path(adapter_dir)
-    meta_path = d / ADAPTER_JSON
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path}: missing (not an adapter directory written by craft)")
-    found = False
-    if (d / EMBEDS_FILE).is_file():
-        add_tokens(pipe.tokenizer, pipe.text_encoder, load_file(str(d / EMBEDS_FILE)))
-        found = True
-    if (d / LORA_FILE).is_file():
-        meta = json.loads(meta_path.read_text())
-        pipe.load_lora_weights(str(d), weight_name=LORA_FILE)
-        lora = meta.get("lora") or {}
-        if lora and float(lora["alpha"]) != float(lora["rank"]):
-            # diffusers files carry no alpha: it loads with alpha = rank (scale 1); restore alpha / rank
-            from peft.tuners.lora import LoraLayer
-
-            for m in pipe.unet.modules():
-                if isinstance(m, LoraLayer):
-                    for name in m.scaling:
-                        m.scaling[name] = float(lora["alpha"]) / float(lora["rank"])
-        found = True
-    if not found:
-        raise FileNotFoundError(f"{d}: neither {LORA_FILE} nor {EMBEDS_FILE}")
-    return pipe
-
-
 def continue_adapters(pipe, start_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor] | None, dict[str, str],
                                                                LoraSettings]:  # fmt: skip
     """Load a saved adapter (TI tokens and/or LoRA) into ``pipe`` so that training continues its LoRA.
@@ -238,9 +191,11 @@ def continue_adapters(pipe, start_dir: str | os.PathLike) -> tuple[dict[str, tor
     """
     from safetensors.torch import load_file
 
+    from craft.models.adapters import read_adapter_meta
+
     d = Path(start_dir)
     load_adapters(pipe, d)
-    info = json.loads((d / ADAPTER_JSON).read_text())
+    info = read_adapter_meta(d)
     embeds = load_file(str(d / EMBEDS_FILE)) if (d / EMBEDS_FILE).is_file() else None
     lora = LoraSettings(**info["lora"]) if info.get("lora") else None
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -253,8 +208,11 @@ def continue_adapters(pipe, start_dir: str | os.PathLike) -> tuple[dict[str, tor
 
 
 def token_prompts(prompts, labels: list[str], tokens: dict[str, str]) -> list[str]:
-    """ "<class token>, <prompt>" for labels with a textual-inversion token, the prompt alone otherwise."""
-    return [f"{tokens[lab]}, {p}" if lab in tokens else str(p) for lab, p in zip(labels, prompts)]
+    """ "<class token>, <prompt>" for labels with a textual-inversion token, the prompt alone otherwise.
+
+    The generator's conditioning only (as evaluation samples a TI variant); the critic reads the plain prompt.
+    """
+    return [class_token_prompt(str(p), lab, {"class_tokens": tokens}) for lab, p in zip(labels, prompts)]
 
 
 # ---------------------------------------------------------------- sampling pieces
@@ -382,8 +340,11 @@ def denoising_loss(unet, train_sched, z0: torch.Tensor, cond: torch.Tensor, gene
 class DraftObjective(TrainableOnly):
     """One DRaFT-K step (CRAFT eqs. 1 and 6) as a loop model: ``forward(batch, generator) -> {"loss", ...}``.
 
-    ``batch`` holds ``prompt`` (list of enriched prompts), optionally ``latents`` (paired real latents
-    for L_diff), and any metadata the reward callable reads (``label``, ``reference`` images in [0, 1]).
+    ``batch`` holds ``prompt`` (list of enriched prompts: the text the critic scores against, as the
+    evaluator does), optionally ``gen_prompt`` (what the generator is conditioned on when it differs:
+    "<class token>, <enriched prompt>" for a TI+LoRA start; default ``prompt``), optionally ``latents``
+    (paired real latents for L_diff), and any metadata the reward callable reads (``label``, ``reference``
+    images in [0, 1]).
     ``reward_fn(images, meta)`` gets the n*B decoded images (repeat r of prompt i at row r*B + i) and
     the metadata repeated accordingly plus ``repeat`` (the repeat index per row); it returns per-sample
     tensors with ``"total"`` the reward to maximise.
@@ -434,7 +395,7 @@ class DraftObjective(TrainableOnly):
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        prompts = list(batch["prompt"])
+        prompts = list(batch.get("gen_prompt", batch["prompt"]))  # the generator's conditioning
         b, n = len(prompts), cfg.n_repeats
         dev = next(self.unet.parameters()).device
         cond_b = self.encode_prompts(prompts)
@@ -456,7 +417,7 @@ class DraftObjective(TrainableOnly):
             pred = self._maybe_ckpt(lambda a, tt=t: den(a, tt, cond, uncond), zin)
             z = _sched_step(self.sched, pred, t, z, generator, cfg.eta)
         images = self._maybe_ckpt(lambda a: decode(self.vae, a), z)
-        meta = {k: _repeat(v, n) for k, v in batch.items() if k != "latents"}
+        meta = {k: _repeat(v, n) for k, v in batch.items() if k not in ("latents", "gen_prompt")}
         meta["repeat"] = torch.arange(n, device=dev).repeat_interleave(b)
         rewards = self.reward_fn(images, meta)
         if "total" not in rewards or rewards["total"].shape != (n * b,):
@@ -525,7 +486,8 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
     """Train the CRAFT LoRA on ``base`` against the critic and write the adapter to ``out_dir``; returns metrics.
 
     ``start_dir``: an adapter (the TI+LoRA baseline) whose LoRA the reward finetuning continues instead
-    of a fresh one; its class tokens stay in the prompts ("<token>, <enriched prompt>") and in the output.
+    of a fresh one; its class tokens stay in the generator's prompts ("<token>, <enriched prompt>") and in
+    the output, while the critic scores against the plain enriched prompt (as the evaluator does).
     """
     from craft.models.diffusion import load_pipeline, model_resolution, read_lineage
     from craft.models.encoders import ClinicalAlignmentModule, load_encoder, load_probe
@@ -557,8 +519,11 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
     if not cfg.use_sfs:
         weights.pop("sfs", None)
     labels = df["label"].astype(str).tolist()
-    prompts = token_prompts(df["enriched_prompt"], labels, tokens)
-    data: dict[str, Any] = {"latents": latents, "prompt": prompts, "label": labels}
+    enriched = df["enriched_prompt"].astype(str).tolist()
+    # The critic's VDC reads the plain enriched prompt, as evaluation scores it; class tokens condition the generator
+    data: dict[str, Any] = {"latents": latents, "prompt": enriched, "label": labels}
+    if tokens:
+        data["gen_prompt"] = token_prompts(enriched, labels, tokens)
     if cfg.use_sfs:
         data["reference"] = (pixels + 1) / 2  # the paired real image x_i in [0, 1] (eq. 5)
     model = DraftObjective(unet, vae, te, pipe.tokenizer, pipe.scheduler, critic_reward(cam, weights), cfg)
