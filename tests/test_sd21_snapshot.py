@@ -266,3 +266,26 @@ def test_stages_save_ema_weights_and_the_critic_reads_plain_prompts(sd21, data, 
                        "critic", "probe", sd21, tmp_path / "dpo", start_dir=tmp_path / "tl")  # fmt: skip
     check_lora(tmp_path / "dpo", tmp_path / "dpo.work" / "dpo")
     assert prompts_seen and all("<" not in p for p in prompts_seen), prompts_seen[:4]
+
+
+def test_snapshot_from_s3_skips_the_pickle_decoys(s3_env, tmp_path, caplog):
+    """An SD 2.1 snapshot on the object store: its .ckpt/.bin copies (GBs in a real one) are never downloaded."""
+    from craft.storage.objectstore import ObjectStore
+
+    d = build_sd21_dir(tmp_path / "sd21", "v_prediction")
+    uri = f"s3://{s3_env.make_bucket()}/checkpoints/sd21"
+    ObjectStore.from_env().upload_dir(d, uri)
+    with caplog.at_level(logging.INFO, logger="craft.models.diffusion"):
+        pipe = D.load_pipeline(uri, cache_dir=tmp_path / "cache")
+    assert D.prediction_type(pipe.scheduler) == "v_prediction"
+    (local,) = (tmp_path / "cache").iterdir()
+    fetched = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    decoys = {rel for rel in DECOYS if not rel.endswith(".safetensors")}
+    assert decoys and not decoys & fetched, sorted(decoys & fetched)
+    assert "not downloading pickle files" in caplog.text
+    # a component with pickle weights only still arrives, so loading names it instead of missing weights
+    shutil.copytree(d, tmp_path / "broken")
+    (tmp_path / "broken" / "text_encoder" / "model.safetensors").unlink()
+    ObjectStore.from_env().upload_dir(tmp_path / "broken", uri + "-broken")
+    with pytest.raises(ValueError, match=r"'text_encoder' has only pickle weights"):
+        D.load_pipeline(uri + "-broken", cache_dir=tmp_path / "cache2")

@@ -379,12 +379,36 @@ def read_lineage(model_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def unneeded_pickles(paths: list[str]) -> list[str]:
+    """The pickle weight files of a snapshot's file list that loading never reads, so need not be downloaded.
+
+    Those at the top level (single-file ``.ckpt`` checkpoints) and those in a component folder that also
+    holds ``.safetensors`` weights. A folder with pickle weights only keeps them, so that loading refuses it
+    with the component named (``pickle_files``) rather than failing on missing weights.
+
+    >>> unneeded_pickles(["v2-1_768.ckpt", "unet/a.bin", "unet/a.safetensors", "vae/b.bin", "model_index.json"])
+    ['unet/a.bin', 'v2-1_768.ckpt']
+    """
+    with_st = {p.split("/", 1)[0] for p in paths if "/" in p and p.endswith(".safetensors")}
+    out = []
+    for p in paths:
+        if Path(p).suffix in PICKLE_SUFFIXES and ("/" not in p or p.split("/", 1)[0] in with_st):
+            out.append(p)
+    return sorted(out)
+
+
 def _fetch(uri: str, cache_dir: str | os.PathLike | None) -> Path:
     from craft.storage.objectstore import ObjectStore
 
     root = Path(cache_dir or os.environ.get("CRAFT_MODEL_CACHE", Path.home() / ".cache" / "craft" / "models"))
     local = root / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    ObjectStore.from_env().download_dir(uri, local)
+    store = ObjectStore.from_env()
+    # An SD 2.1 snapshot carries every weight twice (.safetensors and .bin) plus .ckpt files: several GB
+    # that would be downloaded to every pod and never read.
+    skip = unneeded_pickles([e["path"] for e in store.read_manifest(uri)["files"]])
+    if skip:
+        log.info("%s: not downloading pickle files %s (only .safetensors weights are loaded)", uri, ", ".join(skip))
+    store.download_dir(uri, local, skip=skip)
     return local
 
 

@@ -28,7 +28,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -402,12 +402,22 @@ class ObjectStore:
             raise IntegrityError(f"{uri}/{MANIFEST_NAME}: not a {MANIFEST_FORMAT} manifest")
         return manifest
 
-    def download_dir(self, uri: str, local_dir: str | os.PathLike) -> Path:
-        """Download the committed version of ``uri`` into ``local_dir`` (replaced as a whole) and verify it."""
+    def download_dir(self, uri: str, local_dir: str | os.PathLike, skip: Iterable[str] = ()) -> Path:
+        """Download the committed version of ``uri`` into ``local_dir`` (replaced as a whole) and verify it.
+
+        ``skip``: relative paths listed in the manifest that are not wanted (e.g. the pickle weights of a
+        model snapshot that loading never reads); a name the manifest does not list is refused.
+        """
         bucket, prefix = parse_s3_uri(uri)
         manifest = self.read_manifest(uri)
+        skip = set(skip)
+        unknown = sorted(skip - {e["path"] for e in manifest["files"]})
+        if unknown:
+            raise ValueError(f"{uri}: cannot skip {unknown[:3]}: not in {MANIFEST_NAME}")
         with atomic_dir(local_dir) as tmp:
             for entry in manifest["files"]:
+                if entry["path"] in skip:
+                    continue
                 rel = _safe_relpath(entry["path"], uri)
                 dest = tmp / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
@@ -420,7 +430,7 @@ class ObjectStore:
                         f"(sha256 {digest[:12]}.. size {size}, expected {entry['sha256'][:12]}.. size {entry['size']})"
                     )
             # fget_object leaves no temp files on success, but be sure only manifest files are present.
-            listed = {e["path"] for e in manifest["files"]}
+            listed = {e["path"] for e in manifest["files"]} - skip
             extra = sorted(
                 rel for p in tmp.rglob("*") if p.is_file() and (rel := p.relative_to(tmp).as_posix()) not in listed
             )
