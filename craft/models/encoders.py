@@ -64,7 +64,7 @@ class EncodersConfig:
     evaluator: str = ""  # local dir or s3:// prefix of the evaluator (CRAFT: SigLIP), never the critic
     evaluator2: str = ""  # optional out-of-family evaluator (CRAFT sec. 4.2.7: MetaCLIP 2); "" = none
     cache_dir: str = ""  # where s3:// encoders are downloaded ("" = $CRAFT_MODEL_CACHE or ~/.cache/craft/models)
-    device: str = "cpu"  # torch device the encoders run on
+    device: str = "cpu"  # torch device the encoders run on: cpu, cuda, or auto (cuda when there is one)
 
     def validate(self) -> None:
         named = {k: v for k, v in (("critic", self.critic), ("evaluator", self.evaluator),
@@ -351,6 +351,8 @@ def load_encoder(
         kwargs["dtype"] = dtype
     model = AutoModel.from_pretrained(str(d), **kwargs)
     enc = DualEncoder(model, tokenizer, pre, source=str(path_or_uri), where=d)
+    if device == "auto":  # the profiles' portable choice: a GPU pod's CUDA, else the CPU
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     return enc.to(device)
 
 

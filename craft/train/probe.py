@@ -33,7 +33,7 @@ class ProbeConfig:
     weight_decay: float = 0.0  # Adam L2 penalty
     seed: int = 0  # initialisation and batch order
     embed_batch: int = 64  # images per encoder forward pass when embedding the dataset
-    device: str = "cpu"  # torch device for the encoder and the probe
+    device: str = "cpu"  # torch device for the encoder and the probe: cpu, cuda, or auto (cuda when there is one)
     threads: int = 2  # torch CPU threads
 
     def validate(self) -> None:
