@@ -789,6 +789,32 @@ def test_transformers_backend_shows_several_images_in_one_message(tiny_vlm, cxr_
     )
 
 
+def test_transformers_backend_as_the_pairwise_judge(tiny_vlm, cxr_small, tmp_path, monkeypatch):
+    """DPO's pairwise judge on the local VLM: one generate sees both images; its answer is parsed strictly."""
+    import torch
+    from PIL import Image
+    from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
+
+    from craft.annotate.backends import TransformersBackend
+    from craft.evaluate import preferences as P
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tiny_vlm, local_files_only=True)
+    answers, seen = ['{"choice": "B"}', '{"choice": "B", "reason": "blunted right angle"}'], []
+
+    def fake_generate(self, input_ids=None, pixel_values=None, **kw):
+        seen.append(pixel_values.shape[0])
+        return torch.cat([input_ids, torch.tensor([tok.encode(answers[len(seen) - 1], add_special_tokens=False)])], 1)
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "generate", fake_generate)
+    manifest = pd.read_parquet(cxr_small / "manifest.parquet")
+    ims = [Image.open(cxr_small / p) for p in manifest["image_path"].iloc[:2]]
+    checklists = json.loads(ck.shipped_path("demo-cxr").read_text())
+    judge = P.mllm_pair_judge(TransformersBackend(tiny_vlm), checklists, "cxr", tmp_path / "j")
+    assert judge(P.Case("pair-0", "pleural_effusion", "fluid", {"A": ims[0], "B": ims[1]})) == ["B", "A"]
+    assert seen == [2, 2] and judge.decisions[0]["attempts"] == 2  # the reasonless answer was asked again
+    assert judge.decisions[0]["reason"] == "blunted right angle" and judge.decisions[0]["backend"] == "transformers"
+
+
 def test_slow_server_times_out_and_is_recorded_failed(cxr_small, tmp_path):
     with ScriptedServer(latency_s=0.6) as srv:
         summary = main(cfg_for(srv, limit=1, timeout_s=0.15, max_retries=1), cxr_small, tmp_path / "o")

@@ -175,8 +175,8 @@ def test_make_pairs_trains_on_the_image_the_mllm_chose(tmp_path):
     import pytest
     from PIL import Image
 
-    from craft.annotate.backends import OpenAIBackend
-    from craft.evaluate.preferences import DECISIONS, mllm_pair_judge
+    from craft.annotate.backends import OpenAIBackend, StructuredOutputRefused
+    from craft.evaluate.preferences import DECISIONS, Case, mllm_pair_judge
     from craft.train.baselines import JudgeBackend
     from craft.train.reward import decode
     from tests.annotate_server import ScriptedServer, chat_reply
@@ -205,6 +205,14 @@ def test_make_pairs_trains_on_the_image_the_mllm_chose(tmp_path):
     assert len((tmp_path / "judge" / DECISIONS).read_text().splitlines()) == 3
     with pytest.raises(ValueError, match="judge_backend.model"):
         JudgeBackend().make()
+    # a server without schema support: the error names the DPO judge's own setting
+    with ScriptedServer(supports="json_object") as srv:
+        backend = JudgeBackend(model="judge", base_url=srv.base_url, max_retries=0).make()
+        judge = mllm_pair_judge(backend, checklists, "histo", tmp_path / "j2")
+        img = Image.new("RGB", (8, 8))
+        with pytest.raises(StructuredOutputRefused, match=r"dpo\.judge_backend\.structured_output=json_object"):
+            judge(Case("pair-0", "adenoma", "adenoma", {"A": img, "B": img}))
+        backend.close()
 
 
 def test_dpo_with_the_offline_mllm_judge_runs_a_step(tmp_path):
