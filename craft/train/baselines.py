@@ -119,6 +119,10 @@ class JudgeBackend:
     device: str = "cpu"  # transformers backend device
     dtype: str = "auto"  # transformers backend dtype
 
+    def validate(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1 (got {self.max_attempts})")
+
     def make(self):
         """The backend object (``craft.annotate.backends``)."""
         from craft.annotate.run import AnnotateConfig, make_backend
