@@ -98,7 +98,6 @@ class Seen:
     headers: dict
     body: dict
     images: list[str] = field(default_factory=list)  # sha1 of every image data URL, in message order
-    texts: list[str] = field(default_factory=list)  # every text part of the last user message, in order
 
     @property
     def response_format(self) -> dict | None:
@@ -241,7 +240,7 @@ class ScriptedServer:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
     def _handle(self, headers: dict, body: dict) -> tuple[int, dict, str]:
-        label, image, images, texts = None, None, [], []
+        label, image, images = None, None, []
         for m in body.get("messages", []):
             content = m.get("content")
             texts = [content] if isinstance(content, str) else [c.get("text", "") for c in content or []]
@@ -257,7 +256,7 @@ class ScriptedServer:
             n = len(self.seen)
             per = self._per_image[image]
             self._per_image[image] += 1
-            req = Seen(n, time.monotonic(), label, image, per, headers, body, images, [t for t in texts if t])
+            req = Seen(n, time.monotonic(), label, image, per, headers, body, images)
             self.seen.append(req)
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
