@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from jsonschema import Draft202012Validator
 
 from craft.annotate import checklists as ck
-from craft.annotate.backends import Completion, backoff_delay, retry_after_seconds
+from craft.annotate.backends import Completion, StructuredOutputRefused, backoff_delay, retry_after_seconds
 from craft.annotate.run import AnnotateConfig, load_state, main
-from craft.annotate.schema import SCHEMAS, enriched_prompt, forbidden_terms, validate_answer
+from craft.annotate.schema import SCHEMAS, enriched_prompt, find_forbidden, forbidden_terms, validate_answer
 from craft.data.demo import DemoConfig, generate
 from tests.annotate_server import VALID, ScriptedServer, chat_reply, valid_answer
 
@@ -132,6 +133,128 @@ def test_every_schema_builds_a_prompt_without_placeholders():
         assert text.startswith(schema.prefix) and "{" not in text and "_" not in text, text
 
 
+# ----------------------------------------------------------------------------- structured outputs
+def _classes(name: str) -> list[str]:
+    return list(json.loads(ck.shipped_path(name).read_text()))
+
+
+def _sample(schema: dict, rng) -> dict:
+    """A random answer the schema allows (lists without repeats: the validator's rule a schema cannot state)."""
+    out = {}
+    for k, p in schema["properties"].items():
+        if p["type"] == "array":
+            out[k] = rng.sample(p["items"]["enum"], rng.randint(1, min(p["maxItems"], len(p["items"]["enum"]))))
+        else:
+            out[k] = rng.choice(p["enum"]) if "enum" in p else "A plain visible sign in this image."
+    return out
+
+
+@pytest.mark.parametrize(
+    "modality,classes",
+    [("cxr", _classes("chexpert")), ("histo", _classes("demo-histo")), ("histo", _classes("breakhis")),
+     ("derm", _classes("fitzpatrick17k")), ("fundus", _classes("origa"))],
+)  # fmt: skip
+def test_the_answer_schema_and_the_validator_accept_the_same_values(modality, classes):
+    """The JSON schema sent as structured output is derived from the vocabulary the parser checks: per label,
+    every answer it allows validates, and a categorical value validates exactly when the schema offers it."""
+    import random
+
+    rng = random.Random(0)
+    schema_of = SCHEMAS[modality]
+    for label in classes:
+        terms = forbidden_terms(modality, label, classes)
+        schema = schema_of.json_schema(label, terms)
+        Draft202012Validator.check_schema(schema)
+        v = Draft202012Validator(schema)
+        for _ in range(10):
+            obj = _sample(schema, rng)
+            assert v.is_valid(obj) and validate_answer(obj, modality, label, classes) is None, obj
+            assert find_forbidden({"p": enriched_prompt(obj, modality, label)}, terms) is None
+        base = _sample(schema, rng)
+        for name, f in schema_of.fields.items():
+            for value in f.values if f.kind != "text" else ():
+                obj = {**base, name: value if f.kind == "enum" else [value]}
+                assert v.is_valid(obj) == (validate_answer(obj, modality, label, classes) is None), (
+                    label,
+                    name,
+                    value,
+                )
+        assert not v.is_valid({**base, "extra": "x"}) and not v.is_valid({**base, "label": "something_else"})
+
+
+def test_requests_carry_the_answer_json_schema_for_their_label(cxr_small, tmp_path):
+    with ScriptedServer() as srv:  # the server refuses a response_format that is not a strict-mode JSON schema
+        main(cfg_for(srv), cxr_small, tmp_path / "o")
+    assert len(srv.seen) == 32
+    for s in srv.seen:
+        rf = s.response_format
+        assert rf["type"] == "json_schema" and rf["json_schema"]["strict"] is True
+        assert rf["json_schema"]["name"] == "cxr_annotation"
+        schema = rf["json_schema"]["schema"]
+        v = Draft202012Validator(schema)
+        assert v.is_valid(json.loads(valid_answer(s.label))) and schema["properties"]["label"]["enum"] == [s.label]
+        assert not v.is_valid(json.loads(valid_answer(s.label, lung_fields="cloudy")))
+        assert not v.is_valid({**json.loads(valid_answer(s.label)), "diagnosis": s.label})
+        # the schema is still described in the instruction (servers on json_object / none rely on it)
+        assert '"lung_fields": "one of:' in s.body["messages"][0]["content"]
+    nf = next(s for s in srv.seen if s.label == "no_finding").response_format["json_schema"]["schema"]["properties"]
+    assert nf["lung_fields"]["enum"] == ["clear"] and nf["opacity_location"]["enum"] == ["none"]
+    assert "meniscus_sign" not in nf["key_findings"]["items"]["enum"]  # forbidden for no_finding: not offered
+
+
+def _sloppy(n, r):
+    """A model whose first answer per image breaks the schema (vocabulary, extra key, list length, label echo)."""
+    if r.per_image:
+        return chat_reply(valid_answer(r.label))
+    ans = json.loads(valid_answer(r.label))
+    fault = r.n % 4
+    if fault == 0:
+        ans["lung_fields"] = "cloudy"
+    elif fault == 1:
+        ans["diagnosis"] = r.label
+    elif fault == 2:
+        terms = forbidden_terms("cxr", r.label, list(VALID))
+        ans["key_findings"] = list(SCHEMAS["cxr"].allowed("key_findings", r.label, terms))[:5]
+    else:
+        ans["label"] = "pneumonia" if r.label != "pneumonia" else "no_finding"
+    return chat_reply(json.dumps(ans))
+
+
+def test_constrained_decoding_saves_the_retries_malformed_answers_cost(cxr_small, tmp_path):
+    """Against a server that constrains json_schema requests, the same sloppy model needs no second answer."""
+    runs = {}
+    for mode in ("json_object", "json_schema"):
+        with ScriptedServer(script=_sloppy, constrain=True) as srv:
+            s = main(cfg_for(srv, structured_output=mode, limit=12, concurrency=1), cxr_small, tmp_path / mode)
+        df = read(tmp_path / mode)
+        assert s["done"] == 12 and (df["status"] == "ok").all() and s["structured_output"] == mode
+        runs[mode] = (s["requests"], int(df["attempts"].sum()))
+        assert {x.response_format["type"] for x in srv.seen} == {mode}
+    assert runs["json_object"] == (24, 24)  # every image answered twice: its first answer was refused
+    assert runs["json_schema"] == (12, 12)  # the schema kept each first answer valid
+
+
+def test_a_server_without_schema_support_stops_the_run_naming_the_setting(cxr_small, tmp_path):
+    out = tmp_path / "o"
+    with ScriptedServer(supports="json_object") as srv:
+        with pytest.raises(StructuredOutputRefused, match=r"annotate\.structured_output=json_object \(or none\)"):
+            main(cfg_for(srv), cxr_small, out)
+        refused = len(srv.seen)
+        assert 1 <= refused < 32  # the run stops: not one failed row per image, no retries of a 400
+        assert not (out / "annotations.parquet").exists() and load_state(out).empty
+        s = main(cfg_for(srv, structured_output="json_object"), cxr_small, out)
+    assert s["done"] == 32 and all(x.response_format == {"type": "json_object"} for x in srv.seen[refused:])
+    with ScriptedServer(supports="none") as srv:
+        with pytest.raises(StructuredOutputRefused, match=r"response_format type 'json_object'.*=none$"):
+            main(cfg_for(srv, structured_output="json_object", limit=2), cxr_small, tmp_path / "o2")
+        s = main(cfg_for(srv, structured_output="none", limit=2), cxr_small, tmp_path / "o2")
+    assert s["done"] == 2 and srv.seen[-1].response_format is None
+    # a 400 about something else is a failed image, not a settings problem
+    with ScriptedServer(script=lambda n, r: (400, {}, '{"error": {"message": "image too large"}}')) as srv:
+        s = main(cfg_for(srv, limit=2), cxr_small, tmp_path / "o3")
+    assert s["failed"] == 2 and read(tmp_path / "o3")["error"].str.contains("HTTP 400").all()
+
+
 # ----------------------------------------------------------------------------- checklists
 @pytest.mark.parametrize(
     "name,modality,n_classes",
@@ -160,7 +283,7 @@ class FakeChat:
     def __init__(self, answers):
         self.answers, self.calls = list(answers), 0
 
-    def chat(self, text, image_path=None, system=None):
+    def chat(self, text, images=(), system=None, response_schema=None):
         self.calls += 1
         return Completion(self.answers.pop(0))
 
@@ -195,8 +318,15 @@ def test_checklist_generation_through_the_openai_backend(cxr_small, tmp_path):
         main(cfg, cxr_small, tmp_path / "out")  # rerun: checklist reused, images skipped
     assert json.loads((tmp_path / "out" / "checklists.json").read_text()) == good
     assert n_first == 1 + 32 and len(srv.seen) == n_first  # the generated checklist is not paid for twice
-    # the checklist request is text only
+    # the checklist request is text only, and asks for the checklist's JSON schema
     assert all(c["type"] == "text" for c in srv.seen[0].body["messages"][-1]["content"])
+    rf = srv.seen[0].response_format
+    assert rf["type"] == "json_schema" and rf["json_schema"]["name"] == "class_checklists"
+    schema = Draft202012Validator(rf["json_schema"]["schema"])
+    assert schema.is_valid(good) and not schema.is_valid({c: good[c] for c in classes[:3]})
+    assert not schema.is_valid({**good, "pneumonia": good["pneumonia"][:4]})  # five attributes per class
+    renamed = [{**i, "attribute": "Colour"} if i["attribute"] == "Color" else i for i in good["pneumonia"]]
+    assert not schema.is_valid({**good, "pneumonia": renamed})  # only the modality's attribute names
 
 
 # ----------------------------------------------------------------------------- OpenAI-compatible backend
@@ -625,6 +755,64 @@ def test_transformers_backend_keeps_a_valid_answer(tiny_vlm, cxr_small, tmp_path
     assert seen and all(s[0] == 1 and s[-2:] == (32, 32) for s in seen)  # the image reached the model
     card = df[df["label"] == "cardiomegaly"]["enriched_prompt"]
     assert card.str.contains("enlarged cardiac silhouette").all()
+
+
+def test_transformers_backend_shows_several_images_in_one_message(tiny_vlm, cxr_small, monkeypatch):
+    """Two labelled images in one chat: the real processor and generate run; the model gets both, in order."""
+    import torch
+    from PIL import Image
+    from transformers import LlavaForConditionalGeneration
+
+    from craft.annotate.backends import TransformersBackend
+
+    manifest = pd.read_parquet(cxr_small / "manifest.parquet")
+    paths = [cxr_small / p for p in manifest["image_path"].iloc[:2]]
+    backend = TransformersBackend(tiny_vlm, max_new_tokens=3)
+    c = backend.chat("Which image is better?", images=paths, image_labels=["Image A:", "Image B:"])
+    assert c.prompt_tokens > 2 * 16 and 1 <= c.completion_tokens <= 3  # two images' worth of tokens went in
+    seen = []
+    real = LlavaForConditionalGeneration.generate
+
+    def spy(self, input_ids=None, pixel_values=None, **kw):
+        seen.append((backend.processor.decode(input_ids[0]), pixel_values.clone()))
+        return real(self, input_ids=input_ids, pixel_values=pixel_values, **kw)
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "generate", spy)
+    backend.chat("Which image is better?", images=paths[::-1], image_labels=["Image A:", "Image B:"])
+    text, pix = seen[0]
+    assert text.index("Which image") < text.index("Image A:") < text.index("Image B:")
+    one = [backend.processor.image_processor(Image.open(p).convert("RGB"), return_tensors="pt") for p in paths]
+    assert (
+        pix.shape[0] == 2
+        and torch.equal(pix[0], one[1].pixel_values[0])
+        and torch.equal(pix[1], one[0].pixel_values[0])
+    )
+
+
+def test_transformers_backend_as_the_pairwise_judge(tiny_vlm, cxr_small, tmp_path, monkeypatch):
+    """DPO's pairwise judge on the local VLM: one generate sees both images; its answer is parsed strictly."""
+    import torch
+    from PIL import Image
+    from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
+
+    from craft.annotate.backends import TransformersBackend
+    from craft.evaluate import preferences as P
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tiny_vlm, local_files_only=True)
+    answers, seen = ['{"choice": "B"}', '{"choice": "B", "reason": "blunted right angle"}'], []
+
+    def fake_generate(self, input_ids=None, pixel_values=None, **kw):
+        seen.append(pixel_values.shape[0])
+        return torch.cat([input_ids, torch.tensor([tok.encode(answers[len(seen) - 1], add_special_tokens=False)])], 1)
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "generate", fake_generate)
+    manifest = pd.read_parquet(cxr_small / "manifest.parquet")
+    ims = [Image.open(cxr_small / p) for p in manifest["image_path"].iloc[:2]]
+    checklists = json.loads(ck.shipped_path("demo-cxr").read_text())
+    judge = P.mllm_pair_judge(TransformersBackend(tiny_vlm), checklists, "cxr", tmp_path / "j")
+    assert judge(P.Case("pair-0", "pleural_effusion", "fluid", {"A": ims[0], "B": ims[1]})) == ["B", "A"]
+    assert seen == [2, 2] and judge.decisions[0]["attempts"] == 2  # the reasonless answer was asked again
+    assert judge.decisions[0]["reason"] == "blunted right angle" and judge.decisions[0]["backend"] == "transformers"
 
 
 def test_slow_server_times_out_and_is_recorded_failed(cxr_small, tmp_path):

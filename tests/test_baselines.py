@@ -182,41 +182,87 @@ def test_continue_adapters_resumes_the_saved_lora_and_tokens(tmp_path):
         continue_adapters(load_pipeline(tmp_path / "base"), tmp_path / "ti")
 
 
-def test_mllm_judge_prefers_the_image_passing_more_checklist_items(tmp_path):
-    """An OpenAI-compatible MLLM (scripted server) audits each blinded candidate; more passed attributes wins."""
+def test_make_pairs_trains_on_the_image_the_mllm_chose(tmp_path):
+    """The pairwise MLLM judge (scripted server) sees both samples of a pair at once; its choice becomes z_w."""
+    import base64
+    import io
     import json
 
     import numpy as np
     import pytest
     from PIL import Image
 
-    from craft.annotate.backends import OpenAIBackend, image_data_url
-    from craft.evaluate.preferences import blind, checklist_pair_judge, mllm_audit_judge
+    from craft.annotate.backends import OpenAIBackend, StructuredOutputRefused
+    from craft.evaluate.preferences import DECISIONS, Case, mllm_pair_judge
     from craft.train.baselines import JudgeBackend
+    from craft.train.reward import decode
     from tests.annotate_server import ScriptedServer, chat_reply
 
-    checklists = {"adenoma": [{"attribute": "Glands", "description": "crowded tubules"},
-                              {"attribute": "Nuclei", "description": "pencil-shaped"}]}  # fmt: skip
-    ims = {"a": Image.new("RGB", (8, 8), (200, 200, 200)), "b": Image.new("RGB", (8, 8), (20, 20, 20))}
-    ims["b"].save(tmp_path / "b.png")
-    dark_url = image_data_url(tmp_path / "b.png")
+    def darker(n, req):
+        parts = req.body["messages"][-1]["content"]
+        mean = {parts[i]["text"][6]: np.asarray(Image.open(io.BytesIO(base64.b64decode(
+            parts[i + 1]["image_url"]["url"].split(",", 1)[1]))).convert("L")).mean() for i in (1, 3)}  # fmt: skip
+        pick = min(mean, key=mean.get)
+        return chat_reply(json.dumps({"choice": pick, "reason": f"{pick} is darker"}))
 
-    def script(n, req):  # passes both attributes only for the dark image
-        content = req.body["messages"][-1]["content"]
-        assert "Intended diagnosis: adenoma" in content[0]["text"] and "Glands: crowded tubules" in content[0]["text"]
-        dark = content[1]["image_url"]["url"] == dark_url
-        return chat_reply(json.dumps({"Glands": dark, "Nuclei": dark}))
-
-    with ScriptedServer(script=script) as srv:
+    comp = tiny()
+    checklists = {c: [{"attribute": "Glands", "description": "x"}] for c in ("adenoma", "normal")}
+    prompts = ["adenoma", "normal", "adenoma glands"]
+    with ScriptedServer(script=darker) as srv:
         backend = OpenAIBackend(model="judge", base_url=srv.base_url, max_retries=0)
-        judge = checklist_pair_judge(mllm_audit_judge(backend, str(tmp_path / "j")), checklists)
-        for seed in range(4):  # whichever letter the dark image is shown under
-            bc = blind(f"c{seed}", "adenoma", "adenoma, crowded glands", ims, np.random.default_rng(seed))
-            assert bc.key[judge(bc.case)[0]] == "b"
-        assert len(srv.seen) == 8  # one request per candidate image
+        judge = mllm_pair_judge(backend, checklists, "histo", tmp_path / "judge")
+        pairs = make_pairs(comp.unet, comp.vae, comp.text_encoder, comp.tokenizer, comp.scheduler, prompts,
+                           {"label": ["adenoma", "normal", "adenoma"]}, seed=0, steps=2, guidance=1.0, judge=judge)  # fmt: skip
         backend.close()
+    assert len(srv.seen) == 3 and all(len(r.images) == 2 for r in srv.seen)  # one request per pair, both images
+    with torch.no_grad():
+        dw = decode(comp.vae, pairs["z_w"]).mean(dim=(1, 2, 3))
+        dl = decode(comp.vae, pairs["z_l"]).mean(dim=(1, 2, 3))
+    assert (dw <= dl).all() and not torch.equal(pairs["z_w"], pairs["z_l"])
+    assert len((tmp_path / "judge" / DECISIONS).read_text().splitlines()) == 3
     with pytest.raises(ValueError, match="judge_backend.model"):
         JudgeBackend().make()
+    # a server without schema support: the error names the DPO judge's own setting
+    with ScriptedServer(supports="json_object") as srv:
+        backend = JudgeBackend(model="judge", base_url=srv.base_url, max_retries=0).make()
+        judge = mllm_pair_judge(backend, checklists, "histo", tmp_path / "j2")
+        img = Image.new("RGB", (8, 8))
+        with pytest.raises(StructuredOutputRefused, match=r"dpo\.judge_backend\.structured_output=json_object"):
+            judge(Case("pair-0", "adenoma", "adenoma", {"A": img, "B": img}))
+        backend.close()
+
+
+def test_dpo_with_the_offline_mllm_judge_runs_a_step(tmp_path):
+    """dpo.judge=mllm end to end on tiny pieces, the offline measurer as the MLLM; no critic is loaded."""
+    import json
+    import shutil
+
+    import pandas as pd
+
+    from craft.annotate import checklists as ck
+    from craft.config import load_stage_config
+    from craft.data.demo import DemoConfig, generate
+    from craft.data.manifest import read_manifest
+    from craft.train.baselines import dpo_main
+
+    data, ann = tmp_path / "data", tmp_path / "ann"
+    generate(DemoConfig(modality="histo", n=16, seed=0, resolution=32, images_per_patient=2), data)
+    df = read_manifest(data)
+    ann.mkdir()
+    pd.DataFrame({"image_id": df["image_id"], "enriched_prompt": [f"{lab} tissue with glands" for lab in df["label"]],
+                  "status": "ok"}).to_parquet(ann / "annotations.parquet")  # fmt: skip
+    shutil.copy(ck.shipped_path("demo-histo"), ann / "checklists.json")
+    save_pipeline(tiny().pipeline(), tmp_path / "base", {"stage": "test"})
+    cfg = load_stage_config("dpo", None, ["loop.steps=1", "loop.batch_size=2", "loop.threads=2", "loop.progress=false",
+                                          "n_pairs=3", "sample_steps=2", "judge=mllm", "judge_backend.backend=offline"])  # fmt: skip
+    m = dpo_main(cfg, data, ann, tmp_path / "no-critic", tmp_path / "no-probe", tmp_path / "base", tmp_path / "dpo")
+    assert m["steps"] == 1.0 and "implicit_acc" in m and 0.0 <= m["judge_chose_first_share"] <= 1.0
+    decisions = [json.loads(x) for x in (tmp_path / "dpo.work" / "judge" / "decisions.jsonl").read_text().splitlines()]
+    assert [d["pair"] for d in decisions] == ["pair-0", "pair-1", "pair-2"]
+    assert all(
+        d["backend"] == "offline" and d["choice"] in ("A", "B") and "evidence" in d["reason"] for d in decisions
+    )
+    assert json.loads((tmp_path / "dpo" / "adapter.json").read_text())["judge"] == "mllm"
 
 
 def test_mllm_audit_refuses_an_answer_without_every_attribute(tmp_path):
@@ -226,7 +272,7 @@ def test_mllm_audit_refuses_an_answer_without_every_attribute(tmp_path):
     from craft.evaluate.preferences import mllm_audit_judge
 
     class Half:
-        def chat(self, text, image_path=None, system=None):
+        def chat(self, text, images=(), system=None, response_schema=None):
             from craft.annotate.backends import Completion
 
             return Completion(text='{"Glands": true}')

@@ -57,21 +57,18 @@ def test_stage_mains_end_to_end(tmp_path):
     assert tl_meta["class_tokens"] == json.loads((tmp_path / "tilora" / "adapter.json").read_text())["class_tokens"]
     assert tl_meta["lora"]["cross_attention_only"] and (tmp_path / "craft-tl" / reward.EMBEDS_FILE).is_file()
     # the same stage with an MLLM judge (an OpenAI-compatible server) choosing the preferred image of each pair
-    import re
-
     from tests.annotate_server import ScriptedServer, chat_reply
 
-    def audit(n, req):  # the first candidate of each pair passes every checklist attribute, the second none
-        text = req.body["messages"][-1]["content"][0]["text"]
-        attrs = re.findall(r"^- ([^:]+):", text, flags=re.M)
-        return chat_reply(json.dumps({a: n % 2 == 0 for a in attrs}))
+    def first(n, req):  # shown both images of a pair at once, it always chooses the first one shown
+        return chat_reply(json.dumps({"choice": "A", "reason": "image A shows the glands"}))
 
-    with ScriptedServer(script=audit) as srv:
+    with ScriptedServer(script=first) as srv:
         mcfg = load_stage_config("dpo", None, small + ["n_pairs=2", "sample_steps=2", "judge=mllm",
                                  "judge_backend.model=judge", f"judge_backend.base_url={srv.base_url}"])  # fmt: skip
         dm = baselines.dpo_main(mcfg, data, ann, tmp_path / "critic", tmp_path / "probe", tmp_path / "base",
                                 tmp_path / "dpo-mllm", start_dir=tmp_path / "tilora")  # fmt: skip
-        assert len(srv.seen) == 4 and "implicit_acc" in dm and "pair_margin_mean" not in dm
+        assert len(srv.seen) == 2 and all(len(r.images) == 2 for r in srv.seen)  # one request per pair
+        assert "implicit_acc" in dm and "pair_margin_mean" not in dm and dm["judge_chose_first_share"] == 1.0
     assert json.loads((tmp_path / "dpo-mllm" / "adapter.json").read_text())["judge"] == "mllm"
     for name in ("craft", "craft-tl", "ti", "tilora", "dpo"):
         pipe = reward.load_adapters(load_pipeline(tmp_path / "base"), tmp_path / name)

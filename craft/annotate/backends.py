@@ -1,17 +1,30 @@
 """Annotation backends: an OpenAI-compatible chat endpoint, a local transformers VLM, and an offline measurer.
 
 Every backend answers an ``AnnotationRequest`` (one image, its true label, the instruction) with a
-``Completion`` whose text should be the JSON object of ``craft.annotate.schema``; the caller
-validates it. ``chat(text)`` is the text-only call used to generate checklists.
+``Completion`` whose text should be the JSON object of ``craft.annotate.schema``, and a ``PairRequest``
+(two images under neutral letters, a target class: DPO's pairwise judge) with ``{"choice", "reason"}``;
+the caller validates both. ``chat(text, images=...)`` is the general call (text only for checklists,
+several images in one message for the pairwise judge).
 
-- ``OpenAIBackend``: POST {base_url}/chat/completions with the image as a base64 data URL (GPT-4o
+Structured outputs: a request may carry a ``ResponseSchema`` (the JSON schema of the expected answer,
+derived from the same closed vocabulary its parser validates against). ``OpenAIBackend`` sends it as
+``response_format = {"type": "json_schema", "json_schema": {"name", "schema", "strict": true}}``, the
+shape OpenAI and vLLM both use to constrain decoding, so a malformed answer cannot be sampled and costs
+no retry. ``structured_output`` picks what is sent: ``json_schema`` (default), ``json_object`` (JSON, any
+shape: servers without schema support) or ``none``. A server that refuses the setting (HTTP 400/422
+naming response_format) raises ``StructuredOutputRefused`` naming the config key to change; there is
+no silent downgrade. The answer is validated by the caller whichever mode was used.
+
+- ``OpenAIBackend``: POST {base_url}/chat/completions with each image as a base64 data URL (GPT-4o
   as in CRAFT appendix B, or MedGemma / any VLM behind vLLM). Bounded concurrency, timeouts,
   retries with exponential backoff and jitter, 429 / Retry-After handling shared by all threads,
   token usage for cost accounting. The key is read from the environment only, sent as a Bearer
   header and scrubbed from every error message.
-- ``TransformersBackend``: AutoProcessor + AutoModelForImageTextToText from a local directory.
+- ``TransformersBackend``: AutoProcessor + AutoModelForImageTextToText from a local directory. It
+  decodes greedily without a grammar: the schema reaches it only through the instruction text.
 - ``OfflineBackend``: no model; fills the schema from measurements of the image (``measure.py``)
-  and the given label, so the demo runs offline with grounded, image-specific descriptions.
+  and the given label, so the demo runs offline with grounded, image-specific descriptions; a pair
+  goes to the image whose measurements show the target class's defining sign more strongly.
 """
 
 from __future__ import annotations
@@ -20,11 +33,14 @@ import base64
 import email.utils
 import json
 import logging
+import math
 import mimetypes
 import os
 import random
+import re
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +50,40 @@ log = logging.getLogger(__name__)
 
 class BackendError(RuntimeError):
     """A request that failed for good (retries exhausted or a non-retryable HTTP status)."""
+
+
+class StructuredOutputRefused(RuntimeError):
+    """The server refused the ``response_format`` sent: a configuration error, so it stops the run.
+
+    Deliberately not a ``BackendError``: per-image handlers record those as failed rows and go on,
+    which would turn one wrong setting into thousands of failed rows.
+    """
+
+
+STRUCTURED_OUTPUTS = ("json_schema", "json_object", "none")
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
+class ResponseSchema:
+    """The JSON schema an answer must follow and its name (OpenAI: 1-64 of a-z A-Z 0-9 _ -).
+
+    Built by the code that parses the answer, from the same vocabulary (``schema.Schema.json_schema``,
+    ``checklists.checklist_json_schema``, the pairwise judge's letters), so the two cannot drift apart.
+    """
+
+    name: str
+    schema: dict[str, Any]
+
+    def __post_init__(self):
+        if not _SCHEMA_NAME.fullmatch(self.name):
+            raise ValueError(f"response schema name {self.name!r}: 1-64 of a-z A-Z 0-9 _ -")
+        if self.schema.get("type") != "object":
+            raise ValueError(f"response schema {self.name!r}: the root must be an object schema")
+
+    def response_format(self) -> dict[str, Any]:
+        """The ``response_format`` of a chat-completions request (OpenAI structured outputs; vLLM the same)."""
+        return {"type": "json_schema", "json_schema": {"name": self.name, "schema": self.schema, "strict": True}}
 
 
 @dataclass
@@ -58,6 +108,27 @@ class AnnotationRequest:
     system: str
     user: str
     attempt: int = 1  # 1-based answer attempt (validation retries); the offline backend ignores it
+    response_schema: ResponseSchema | None = None  # the answer's JSON schema (structured outputs)
+
+
+@dataclass
+class PairRequest:
+    """Two candidate images for one target class, shown in order under neutral letters (pairwise judge)."""
+
+    pair_id: str
+    images: tuple[Path, ...]  # presentation order: images[k] is shown as letters[k]
+    letters: tuple[str, ...]
+    modality: str
+    target: str  # the class label the images were generated for
+    system: str
+    user: str
+    response_schema: ResponseSchema | None = None
+    attempt: int = 1
+
+
+def image_labels(letters) -> list[str]:
+    """The text part placed before each image of a pair ("Image A:")."""
+    return [f"Image {L}:" for L in letters]
 
 
 # ----------------------------------------------------------------------------- OpenAI-compatible
@@ -121,7 +192,8 @@ class OpenAIBackend:
         max_tokens: int = 400,
         temperature: float = 0.2,
         image_detail: str = "low",
-        json_mode: bool = True,
+        structured_output: str = "json_schema",
+        setting: str = "structured_output",
         seed: int = 0,
     ):
         import httpx
@@ -133,7 +205,11 @@ class OpenAIBackend:
         self.backoff = (backoff_base_s, backoff_max_s)
         self.max_retry_after_s = max_retry_after_s
         self.max_tokens, self.temperature = max_tokens, temperature
-        self.image_detail, self.json_mode = image_detail, json_mode
+        if structured_output not in STRUCTURED_OUTPUTS:
+            raise ValueError(f"structured_output {structured_output!r}: one of {', '.join(STRUCTURED_OUTPUTS)}")
+        self.image_detail, self.structured_output = image_detail, structured_output
+        self.setting = setting  # the config key named when the server refuses response_format
+        self.base_url = base_url.rstrip("/")
         self._key = os.environ.get(api_key_env) or ""
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
         if not self._key:
@@ -199,6 +275,7 @@ class OpenAIBackend:
                             )
                     else:
                         last = f"HTTP {r.status_code}: {self._scrub(r.text[:200])!r}"
+                        self._check_refused(r.status_code, r.text, payload)
                         if r.status_code not in self.RETRY_STATUS:
                             raise BackendError(f"{last} (not retryable)")
                         if r.status_code == 429:
@@ -215,30 +292,75 @@ class OpenAIBackend:
             time.sleep(delay)
         raise BackendError(f"gave up after {self.max_retries + 1} requests: {last}")
 
-    def _payload(self, messages: list[dict]) -> dict[str, Any]:
+    def _check_refused(self, status: int, text: str, payload: dict[str, Any]) -> None:
+        """Raise ``StructuredOutputRefused`` when a 400/422 names the response_format this request sent."""
+        sent = payload.get("response_format")
+        low = text.lower()
+        if not sent or status not in (400, 422):
+            return
+        if not any(k in low for k in ("response_format", "json_schema", "json_object", "structured")):
+            return
+        weaker = "json_object" if sent["type"] == "json_schema" else "none"
+        raise StructuredOutputRefused(
+            f"{self.base_url} refused response_format type {sent['type']!r} (HTTP {status}: "
+            f"{self._scrub(text[:300])!r}). If this server does not support it, set "
+            f"{self.setting}={weaker}" + (" (or none)" if weaker == "json_object" else "")
+        )
+
+    def _payload(self, messages: list[dict], response_schema: ResponseSchema | None = None) -> dict[str, Any]:
         p: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
         }
-        if self.json_mode:
+        if self.structured_output == "json_schema" and response_schema is not None:
+            p["response_format"] = response_schema.response_format()
+        elif self.structured_output != "none":  # json_object, or json_schema for a call that has no schema
             p["response_format"] = {"type": "json_object"}
         return p
 
-    def chat(self, text: str, image_path: str | os.PathLike | None = None, system: str | None = None) -> Completion:
+    def chat(
+        self,
+        text: str,
+        images: Sequence[str | os.PathLike] = (),
+        system: str | None = None,
+        response_schema: ResponseSchema | None = None,
+        image_labels: Sequence[str] = (),
+    ) -> Completion:
+        """One user message: ``text``, then each image (after its label text, when given), in order."""
         content: list[dict[str, Any]] = [{"type": "text", "text": text}]
-        if image_path is not None:
-            url = {"url": image_data_url(image_path), "detail": self.image_detail}
-            content.append({"type": "image_url", "image_url": url})
+        for part in _interleave(images, image_labels):
+            if isinstance(part, str):
+                content.append({"type": "text", "text": part})
+            else:
+                url = {"url": image_data_url(part), "detail": self.image_detail}
+                content.append({"type": "image_url", "image_url": url})
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
-        return self._post(self._payload(messages))
+        return self._post(self._payload(messages, response_schema))
 
     def annotate(self, req: AnnotationRequest) -> Completion:
-        return self.chat(req.user, image_path=req.image_path, system=req.system)
+        return self.chat(req.user, images=[req.image_path], system=req.system, response_schema=req.response_schema)
+
+    def compare(self, req: PairRequest) -> Completion:
+        return self.chat(req.user, images=req.images, system=req.system, response_schema=req.response_schema,
+                         image_labels=image_labels(req.letters))  # fmt: skip
 
     def close(self) -> None:
         self._client.close()
+
+
+def _interleave(images: Sequence[Any], labels: Sequence[str]) -> list[Any]:
+    """[label 1, image 1, label 2, image 2, ...] (labels optional; one per image when given)."""
+    images = [images] if isinstance(images, str | os.PathLike) else list(images)
+    if labels and len(labels) != len(images):
+        raise ValueError(f"{len(labels)} image labels for {len(images)} images")
+    out: list[Any] = []
+    for k, im in enumerate(images):
+        if labels:
+            out.append(labels[k])
+        out.append(Path(im))
+    return out
 
 
 # ----------------------------------------------------------------------------- local transformers VLM
@@ -271,20 +393,32 @@ class TransformersBackend:
         self._lock = threading.Lock()  # one generate at a time: the model is not shared across threads
         self._torch = torch
 
-    def messages(self, text: str, with_image: bool, system: str | None) -> list[dict]:
-        user = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
+    def messages(self, text: str, parts: Sequence[Any], system: str | None) -> list[dict]:
+        """Chat-template messages: ``text``, then the (label, image) parts in order."""
+        user = [{"type": "text", "text": text}]
+        user += [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in parts]
         sys = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
         return sys + [{"role": "user", "content": user}]
 
-    def chat(self, text: str, image_path: str | os.PathLike | None = None, system: str | None = None) -> Completion:
+    def chat(
+        self,
+        text: str,
+        images: Sequence[str | os.PathLike] = (),
+        system: str | None = None,
+        response_schema: ResponseSchema | None = None,
+        image_labels: Sequence[str] = (),
+    ) -> Completion:
+        """Greedy answer to ``text`` and the images; ``response_schema`` is not enforced here (no grammar)."""
         from PIL import Image
 
+        parts = _interleave(images, image_labels)
         prompt = self.processor.apply_chat_template(
-            self.messages(text, image_path is not None, system), add_generation_prompt=True, tokenize=False
+            self.messages(text, parts, system), add_generation_prompt=True, tokenize=False
         )
         kwargs: dict[str, Any] = {"text": [prompt], "return_tensors": "pt"}
-        if image_path is not None:
-            kwargs["images"] = [Image.open(image_path).convert("RGB")]
+        pil = [Image.open(p).convert("RGB") for p in parts if not isinstance(p, str)]
+        if pil:
+            kwargs["images"] = pil
         inputs = self.processor(**kwargs).to(self.device)
         with self._lock, self._torch.no_grad():
             out = self.net.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
@@ -294,7 +428,10 @@ class TransformersBackend:
         return Completion(text=answer, prompt_tokens=int(n_in), completion_tokens=int(new.numel()), requests=1)
 
     def annotate(self, req: AnnotationRequest) -> Completion:
-        return self.chat(req.user, image_path=req.image_path, system=req.system)
+        return self.chat(req.user, images=[req.image_path], system=req.system)
+
+    def compare(self, req: PairRequest) -> Completion:
+        return self.chat(req.user, images=req.images, system=req.system, image_labels=image_labels(req.letters))
 
     def close(self) -> None:
         pass
@@ -428,24 +565,93 @@ def _cxr_answer(label: str, m: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"offline backend: no cxr description rule for label {label!r}")
 
 
+# The defining visible sign of each demo class, as one number from the measurements the descriptions
+# above are written from (higher = shows it more). Histology: open round lumina and sparse nuclei
+# (normal), crowded uniform nuclei (adenoma), dense nuclei of uneven cluster size with lumina gone
+# (adenocarcinoma), extracellular mucin (mucinous carcinoma). Radiographs: cardiothoracic ratio
+# (cardiomegaly), a base hidden by fluid, i.e. a shorter aerated lung (effusion), holes in a lung's
+# dark field (pneumonia), and for no finding full-height lungs without consolidation or a wide heart.
+# tests/test_preferences.py checks that on demo images each rule prefers an image of its own class over
+# one of another class in most pairs.
+def class_evidence(modality: str, label: str, m: dict[str, float]) -> float:
+    """How strongly measurements ``m`` of one image show class ``label``'s defining sign (offline pairwise judge)."""
+    if modality == "histo":
+        rules = {
+            "normal": lambda: m["lumen_fraction"] - 0.5 * m["hematoxylin_fraction"],
+            "adenoma": lambda: m["hematoxylin_fraction"] * (1 - m["cluster_area_cv"]),
+            "adenocarcinoma": lambda: m["hematoxylin_fraction"] * m["cluster_area_cv"] - m["lumen_fraction"],
+            "mucinous_carcinoma": lambda: m["mucin_fraction"],
+        }
+    elif modality == "cxr":
+        height = min(m["right_lung_height"], m["left_lung_height"])
+        cons = max(m["right_consolidation_fraction"], m["left_consolidation_fraction"])
+        ctr = m["cardiothoracic_ratio"]
+        rules = {
+            "cardiomegaly": lambda: ctr,
+            "pleural_effusion": lambda: -height,
+            "pneumonia": lambda: cons,
+            "no_finding": lambda: height - 10 * cons - max(0.0, ctr - 0.5),
+        }
+    else:
+        raise BackendError(f"offline backend: no measurements for modality {modality!r} (histo, cxr only)")
+    if label not in rules:
+        raise BackendError(f"offline backend: no pairwise rule for {modality} class {label!r} ({', '.join(rules)})")
+    value = float(rules[label]())
+    if not math.isfinite(value):
+        raise ValueError(f"measurement for {label!r} is not finite ({value})")
+    return value
+
+
 class OfflineBackend:
     """Writes schema answers from measurements of the image and its label; no model, deterministic."""
 
     name = "offline"
     model = "measure-v1"
 
-    def annotate(self, req: AnnotationRequest) -> Completion:
+    @staticmethod
+    def _measure(modality: str, path) -> dict[str, Any]:
         from craft.annotate import measure  # scipy: only the offline backend needs it
 
-        if req.modality == "histo":
-            obj = _histo_answer(req.label, measure.measure_histo(req.image_path))
-        elif req.modality == "cxr":
-            obj = _cxr_answer(req.label, measure.measure_cxr(req.image_path))
-        else:
-            raise BackendError(f"offline backend: no measurements for modality {req.modality!r} (histo, cxr only)")
+        if modality == "histo":
+            return measure.measure_histo(path)
+        if modality == "cxr":
+            return measure.measure_cxr(path)
+        raise BackendError(f"offline backend: no measurements for modality {modality!r} (histo, cxr only)")
+
+    def annotate(self, req: AnnotationRequest) -> Completion:
+        m = self._measure(req.modality, req.image_path)
+        obj = _histo_answer(req.label, m) if req.modality == "histo" else _cxr_answer(req.label, m)
         return Completion(text=json.dumps({"label": req.label, **obj}), requests=0)
 
-    def chat(self, text: str, image_path: Any = None, system: str | None = None) -> Completion:
+    def compare(self, req: PairRequest) -> Completion:
+        """Choose the image whose measurements show ``req.target`` more strongly; deterministic.
+
+        An image the measurer cannot read (no lung fields in a radiograph) shows no sign and loses,
+        and the reason says so; when neither can be read the pair fails. Equal evidence (identical
+        measurements) goes to the first image shown, and the reason says that too.
+        """
+        scores: dict[str, float] = {}
+        unreadable: dict[str, str] = {}
+        for letter, path in zip(req.letters, req.images):
+            try:
+                scores[letter] = class_evidence(req.modality, req.target, self._measure(req.modality, path))
+            except ValueError as e:
+                unreadable[letter] = str(e)
+        if not scores:
+            raise BackendError(
+                f"offline backend: {req.pair_id}: no image could be measured ("
+                + "; ".join(f"{L}: {e}" for L, e in unreadable.items())
+                + ")"
+            )
+        best = max(scores.values())
+        choice = next(L for L in req.letters if scores.get(L) == best)
+        parts = [f"{L}: {req.target} evidence {scores[L]:.4f}" for L in req.letters if L in scores]
+        parts += [f"{L}: not measurable ({e})" for L, e in unreadable.items()]
+        if sum(v == best for v in scores.values()) > 1:
+            parts.append("equal evidence: the first image shown is chosen")
+        return Completion(text=json.dumps({"choice": choice, "reason": "; ".join(parts)}), requests=0)
+
+    def chat(self, text: str, images: Any = (), system: str | None = None, **kw: Any) -> Completion:
         raise BackendError("the offline backend cannot write checklists; use a bundled or a file checklist")
 
     def close(self) -> None:

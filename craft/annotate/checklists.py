@@ -102,6 +102,28 @@ def checklist_text(items: list[dict[str, str]]) -> str:
     return " ".join(f"{i['attribute']}: {i['description'].rstrip('.')}." for i in items)
 
 
+def checklist_json_schema(classes: list[str], modality: str) -> dict[str, Any]:
+    """The JSON schema of a checklist answer (structured output): every class key, each with the modality's
+    attributes as ``{attribute, description}`` items, from ``ATTRIBUTE_SETS`` as ``validate_checklist`` uses.
+
+    Each attribute appearing exactly once is left to ``validate_checklist`` (strict-mode schemas cannot say it).
+    """
+    attrs = list(ATTRIBUTE_SETS[modality])
+    item = {
+        "type": "object",
+        "properties": {"attribute": {"type": "string", "enum": attrs}, "description": {"type": "string"}},
+        "required": ["attribute", "description"],
+        "additionalProperties": False,
+    }
+    per_class = {"type": "array", "items": item, "minItems": len(attrs), "maxItems": len(attrs)}
+    return {
+        "type": "object",
+        "properties": {c: per_class for c in classes},
+        "required": list(classes),
+        "additionalProperties": False,
+    }
+
+
 def checklist_instruction(dataset_name: str, modality: str, classes: list[str], phrases: dict[str, str]) -> str:
     """Instruction asking an MLLM for a checklist in the appendix C format (text only, no image)."""
     attrs = ATTRIBUTE_SETS[modality]
@@ -127,15 +149,19 @@ def generate_checklist(
 ) -> dict[str, list[dict]]:
     """Ask an MLLM backend for a checklist of every class and validate it; retry on a bad answer.
 
-    ``backend.chat(text, image_path=None)`` returns a ``Completion``. Raises ValueError with the last
-    reason when no valid checklist came back in ``max_attempts`` answers.
+    ``backend.chat(text, response_schema=...)`` returns a ``Completion``; the schema is the checklist's
+    (``checklist_json_schema``). Raises ValueError with the last reason when no valid checklist came back
+    in ``max_attempts`` answers.
     """
+    from craft.annotate.backends import ResponseSchema
+
     if modality not in ATTRIBUTE_SETS:
         raise ValueError(f"no attribute set for modality {modality!r}")
     prompt = checklist_instruction(dataset_name, modality, classes, phrases or {})
+    schema = ResponseSchema("class_checklists", checklist_json_schema(list(classes), modality))
     reason = "no attempt made"
     for attempt in range(1, max_attempts + 1):
-        completion = backend.chat(prompt, image_path=None)
+        completion = backend.chat(prompt, response_schema=schema)
         try:
             obj = parse_json_answer(completion.text)
         except ValueError as e:

@@ -41,6 +41,7 @@ from craft.annotate.backends import (
     OfflineBackend,
     OpenAIBackend,
     Prices,
+    ResponseSchema,
     TransformersBackend,
     Usage,
 )
@@ -100,7 +101,10 @@ class AnnotateConfig:
     max_tokens: int = 400  # answer length limit
     temperature: float = 0.2  # openai sampling temperature (transformers decodes greedily)
     image_detail: Literal["low", "high", "auto"] = "low"  # openai image_url detail
-    json_mode: bool = True  # send response_format=json_object (turn off for servers that reject it)
+    # openai: what response_format asks for. json_schema: the answer's JSON schema (closed vocabulary, the given
+    # label) constrains decoding (OpenAI, vLLM); json_object: any JSON object, for servers without schema
+    # support; none: no response_format. A server that refuses it stops the run naming this key.
+    structured_output: Literal["json_schema", "json_object", "none"] = "json_schema"
     checklist: str = "auto"  # auto (bundled file named like the dataset) | bundled name | path.json | generate
     splits: list[str] = field(default_factory=list)  # annotate only these splits (empty = all)
     limit: int = 0  # annotate at most this many images (0 = all), for trials
@@ -128,8 +132,8 @@ class AnnotateConfig:
             raise ValueError("api_key_env is the NAME of an environment variable, not a key")
 
 
-def make_backend(cfg: AnnotateConfig):
-    """The backend the config names."""
+def make_backend(cfg: AnnotateConfig, setting: str = "annotate.structured_output"):
+    """The backend the config names; ``setting`` is the config key a refused response_format error names."""
     if cfg.backend == "openai":
         return OpenAIBackend(
             model=cfg.model,
@@ -144,7 +148,8 @@ def make_backend(cfg: AnnotateConfig):
             max_tokens=cfg.max_tokens,
             temperature=cfg.temperature,
             image_detail=cfg.image_detail,
-            json_mode=cfg.json_mode,
+            structured_output=cfg.structured_output,
+            setting=setting,
         )
     if cfg.backend == "transformers":
         return TransformersBackend(cfg.model, max_new_tokens=cfg.max_tokens, device=cfg.device, dtype=cfg.dtype)
@@ -180,6 +185,12 @@ def instruction(meta: DatasetMeta, label: str) -> tuple[str, str]:
         system += " Never use these words, not even negated: " + ", ".join(_readable(t) for t in banned) + "."
     user = f"Describe the visible signs of {phrase} in this {meta.modality} image as the JSON object."
     return system, user
+
+
+def response_schema(meta: DatasetMeta, label: str) -> ResponseSchema:
+    """The answer's JSON schema for one image (structured output): the same values the instruction offers."""
+    banned = forbidden_terms(meta.modality, label, meta.classes)
+    return ResponseSchema(f"{meta.modality}_annotation", SCHEMAS[meta.modality].json_schema(label, banned))
 
 
 # ----------------------------------------------------------------------------- state (resume)
@@ -261,6 +272,7 @@ def annotate_one(
         raise BudgetExhausted(f"spend reached max_cost_usd={cfg.max_cost_usd}")
     label = str(row["label"])
     system, user = instruction(meta, label)
+    schema = response_schema(meta, label)
     out = {
         "image_id": str(row["image_id"]),
         "label": label,
@@ -282,9 +294,8 @@ def annotate_one(
     for attempt in range(1, cfg.max_attempts + 1):
         out["attempts"] = attempt
         req = AnnotationRequest(
-            image_path, meta.modality, label, meta.phrase(label), tuple(meta.classes), system, user
+            image_path, meta.modality, label, meta.phrase(label), tuple(meta.classes), system, user, attempt, schema
         )
-        req.attempt = attempt
         try:
             c = backend.annotate(req)
         except BackendError as e:
@@ -429,6 +440,7 @@ def main(cfg: AnnotateConfig, dataset_dir: str | os.PathLike, out_dir: str | os.
         "backend": cfg.backend,
         "model": backend_model(cfg),
         "prompt_version": cfg.prompt_version,
+        "structured_output": cfg.structured_output if cfg.backend == "openai" else "none",  # only openai constrains
         "images": len(rows),
         "done": n_ok,
         "failed": n_failed,

@@ -71,6 +71,34 @@ class Schema:
                 out[name] = f"{f.doc} (at most {MAX_DESCRIPTION_WORDS} words)"
         return out
 
+    def json_schema(self, label: str, terms: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The JSON schema of an answer for ``label`` (sent as structured output), from ``allowed``.
+
+        Every categorical field is an ``enum`` of the values ``label`` may take (label rule, minus values
+        holding a forbidden term), lists hold 1-``MAX_LIST_ITEMS`` of them, ``label`` must echo the given
+        label, and no other key is allowed. What a schema cannot say stays with ``validate_answer``:
+        repeated list values, the description's word count and forbidden words in free text. Only the
+        keywords OpenAI's strict mode accepts are used (every key required, additionalProperties false).
+        """
+        props: dict[str, Any] = {"label": {"type": "string", "enum": [label]}}
+        for name, f in self.fields.items():
+            if f.kind == "text":
+                props[name] = {"type": "string", "description": f"{f.doc} (at most {MAX_DESCRIPTION_WORDS} words)"}
+                continue
+            values = list(self.allowed(name, label, terms))
+            if not values:
+                raise ValueError(f"{self.modality} field {name!r}: no value is allowed for label {label!r}")
+            if f.kind == "enum":
+                props[name] = {"type": "string", "enum": values}
+            else:
+                props[name] = {
+                    "type": "array",
+                    "items": {"type": "string", "enum": values},
+                    "minItems": 1,
+                    "maxItems": MAX_LIST_ITEMS,
+                }
+        return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+
 
 def _enum(*values: str, phrase: str = "{}") -> Field:
     return Field("enum", tuple(values), phrase=phrase)

@@ -16,7 +16,11 @@ Judges are plain callables, so any backend plugs in:
   it returns are mapped back to variants. An MLLM backend from ``craft/annotate/backends.py``
   is wrapped as such a callable (prompt it with ``case.target``, ``case.prompt`` and the images).
 - ``evaluator_judge(score)``: ranks by ``score(image, case)``, e.g. the evaluator's CAS of each image.
-- ``audit_judge(image, target, checklist) -> dict[attribute, bool]`` for ``checklist_audit``.
+- ``mllm_pair_judge(backend, ...)``: an MLLM choosing between the two images of a pair in one request
+  (DPO's preference pairs, CRAFT sec. 4.1.2: "MedGemma selecting the preferred image from two
+  seed-varied LoRA samples per pair"); every decision is written to ``decisions.jsonl``.
+- ``audit_judge(image, target, checklist) -> dict[attribute, bool]`` for ``checklist_audit``
+  (``mllm_audit_judge`` wraps an MLLM backend as one).
 
 How the wiring calls this: build one ``Case`` per held-out prompt with every variant's image, call
 ``collect_rankings(cases, judge)``, then ``preference_table(rankings, variants)`` -> DataFrame
@@ -25,6 +29,10 @@ How the wiring calls this: build one ``Case`` per held-out prompt with every var
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import re
 import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +40,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -244,14 +254,16 @@ def mllm_audit_judge(backend, tmp_dir: str | None = None) -> Callable[..., dict[
     """An MLLM backend (``craft.annotate.backends``: openai-compatible or local transformers) as an audit judge.
 
     ``judge(image, target, checklist, prompt="") -> {attribute: passed}``: one request per image, the
-    image written to a PNG in ``tmp_dir``; an answer that is not a JSON object of booleans covering
-    every attribute raises ``ValueError`` naming the target and the answer (no silent default).
+    image written to a PNG in ``tmp_dir``, the answer's JSON schema (one boolean per attribute) sent as
+    structured output; an answer that is not a JSON object of booleans covering every attribute raises
+    ``ValueError`` naming the target and the answer (no silent default).
     """
-    import json
     import tempfile
     from pathlib import Path
 
     from PIL import Image
+
+    from craft.annotate.backends import ResponseSchema
 
     folder = Path(tmp_dir or tempfile.mkdtemp(prefix="craft-judge-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -262,8 +274,11 @@ def mllm_audit_judge(backend, tmp_dir: str | None = None) -> Callable[..., dict[
         im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
         im.save(path)
         items = "\n".join(f"- {a['attribute']}: {a['description']}" for a in checklist)
+        names = [a["attribute"] for a in checklist]
+        booleans = {"type": "object", "properties": {a: {"type": "boolean"} for a in names}}
+        schema = ResponseSchema("checklist_audit", {**booleans, "required": names, "additionalProperties": False})
         text = backend.chat(AUDIT_INSTRUCTION.format(target=target, prompt=prompt or target, items=items),
-                            image_path=path).text  # fmt: skip
+                            images=[path], response_schema=schema).text  # fmt: skip
         try:
             obj = json.loads(text[text.index("{") : text.rindex("}") + 1])
         except ValueError as e:
@@ -282,19 +297,150 @@ def mllm_audit_judge(backend, tmp_dir: str | None = None) -> Callable[..., dict[
     return judge
 
 
-def checklist_pair_judge(audit, checklists: Mapping[str, Sequence[Mapping[str, str]]]) -> Callable[[Case], list[str]]:
-    """A ranking judge from an audit judge: candidates ordered by checklist attributes passed, most first.
+# ----------------------------------------------------------------------------- pairwise MLLM judge (DPO)
+DECISIONS = "decisions.jsonl"
+PAIR_SYSTEM = (
+    "You are a clinical expert comparing synthetic medical images generated for the same prompt. You choose "
+    "the image that better shows the target diagnosis. You must choose exactly one image, even when both are "
+    "poor or nearly equal: there is no tie and no abstaining."
+)
+PAIR_INSTRUCTION = (
+    "Target diagnosis: {phrase} (label {target!r}).\n"
+    "Generation prompt: {prompt}\n"
+    "Clinical checklist of the target diagnosis:\n{items}\n"
+    "The candidate images follow, labelled {letters}. Choose the one that better matches the checklist and the "
+    "prompt, judging consistency with the target diagnosis, clinical plausibility and visual realism.\n"
+    'Answer with one JSON object only: {{"choice": {choices}, "reason": "<one short sentence>"}}.'
+)
 
-    Ties keep the blinded order, which ``blind`` drew at random, so no variant is favoured by a tie.
+
+def pair_answer_schema(letters: Sequence[str]) -> dict[str, Any]:
+    """JSON schema of a pairwise answer: ``choice`` one of ``letters``, a ``reason``; what ``parse_pair_answer`` checks."""
+    return {
+        "type": "object",
+        "properties": {"choice": {"type": "string", "enum": list(letters)}, "reason": {"type": "string"}},
+        "required": ["choice", "reason"],
+        "additionalProperties": False,
+    }
+
+
+def parse_pair_answer(text: str, letters: Sequence[str]) -> tuple[str, str]:
+    """(choice, reason) from a pairwise answer; ValueError with the reason for anything else.
+
+    >>> parse_pair_answer('{"choice": "B", "reason": "clearer glands"}', ["A", "B"])
+    ('B', 'clearer glands')
+    >>> parse_pair_answer('{"choice": "both", "reason": "tie"}', ["A", "B"])
+    Traceback (most recent call last):
+    ValueError: choice 'both' is not one of A, B
     """
+    from craft.annotate.schema import parse_json_answer
+
+    obj = parse_json_answer(text)
+    if set(obj) != {"choice", "reason"}:
+        raise ValueError(f"keys must be exactly choice and reason, got {sorted(obj)}")
+    choice, reason = obj["choice"], obj["reason"]
+    if not isinstance(choice, str) or choice not in letters:
+        raise ValueError(f"choice {choice!r} is not one of {', '.join(letters)}")
+    if not isinstance(reason, str) or not reason.strip():
+        raise ValueError("empty reason")
+    return choice, reason.strip()
+
+
+def mllm_pair_judge(
+    backend,
+    checklists: Mapping[str, Sequence[Mapping[str, str]]],
+    modality: str,
+    work_dir,
+    *,
+    phrases: Mapping[str, str] | None = None,
+    max_attempts: int = 3,
+    keep_images: bool = True,
+) -> Callable[[Case], list[str]]:
+    """A judge that shows an MLLM both images of a pair in ONE request and takes the one it chooses.
+
+    CRAFT sec. 4.1.2: the DPO baseline's preferred image is chosen by MedGemma "from two seed-varied
+    LoRA samples per pair". The request holds the target class, the generation prompt, the class
+    checklist and the two images as labelled parts ("Image A:", image, "Image B:", image) in letter
+    order; the letters come from ``blind`` (a seeded random order), so which sample is shown first,
+    and so any position bias of the judge, is independent of the sample. The answer is
+    ``{"choice": "A"|"B", "reason": ...}``, sent as structured output and parsed strictly; a bad
+    answer is asked again up to ``max_attempts`` times, then ``ValueError`` names the pair. There is
+    no tie and no random tie-break: the judge must pick one. ``backend.compare(PairRequest)`` answers
+    (``craft.annotate.backends``: openai-compatible, local transformers, or the offline measurer).
+
+    Every decision is appended to ``work_dir/decisions.jsonl`` (pair id, target, prompt, the letters in
+    the order shown, the sha256 of each image sent, choice, reason, attempts), the images kept under
+    ``work_dir/images`` unless ``keep_images`` is false. ``judge.decisions`` holds the same records.
+    """
+    from pathlib import Path
+
+    from PIL import Image
+
+    from craft.annotate.backends import BackendError, PairRequest, ResponseSchema
+
+    folder = Path(work_dir)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    log_path = folder / DECISIONS
+    log_path.write_text("")  # one judge, one run: earlier decisions in this folder are not this run's
+    decisions: list[dict[str, Any]] = []
 
     def judge(case: Case) -> list[str]:
+        letters = tuple(sorted(case.candidates))
+        if len(letters) != 2:
+            raise ValueError(f"{case.case_id}: a pairwise judge needs 2 candidates, got {len(letters)}")
         if case.target not in checklists:
             raise ValueError(f"{case.case_id}: no checklist for class {case.target!r}")
-        ck = checklists[case.target]
-        passed = {k: sum(audit(img, case.target, ck, case.prompt).values()) for k, img in case.candidates.items()}
-        return sorted(case.candidates, key=lambda k: -passed[k])
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", case.case_id)
+        paths, digests = [], {}
+        for L in letters:
+            im = case.candidates[L]
+            im = im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im))
+            path = folder / "images" / f"{stem}-{L}.png"
+            im.save(path)
+            paths.append(path)
+            digests[L] = hashlib.sha256(path.read_bytes()).hexdigest()
+        items = "\n".join(f"- {a['attribute']}: {a['description']}" for a in checklists[case.target])
+        user = PAIR_INSTRUCTION.format(
+            phrase=(phrases or {}).get(case.target, case.target.replace("_", " ")), target=case.target,
+            prompt=case.prompt or case.target, items=items, letters=" and ".join(letters),
+            choices=" or ".join(json.dumps(L) for L in letters),
+        )  # fmt: skip
+        req = PairRequest(case.case_id, tuple(paths), letters, modality, case.target, PAIR_SYSTEM, user,
+                          ResponseSchema("pair_choice", pair_answer_schema(letters)))  # fmt: skip
+        reason, requests = "no attempt made", 0
+        try:
+            for attempt in range(1, max_attempts + 1):
+                req.attempt = attempt
+                try:
+                    c = backend.compare(req)
+                except BackendError as e:
+                    raise BackendError(f"pair judge, {case.case_id}: {e}") from e
+                requests += c.requests
+                try:
+                    choice, why = parse_pair_answer(c.text, letters)
+                except ValueError as e:
+                    reason = str(e)
+                    log.warning("%s: pairwise answer %d/%d refused: %s", case.case_id, attempt, max_attempts, reason)
+                    continue
+                record = {
+                    "pair": case.case_id, "target": case.target, "prompt": case.prompt, "letters": list(letters),
+                    "sha256": digests, "images": [p.name for p in paths] if keep_images else None,
+                    "choice": choice, "reason": why, "attempts": attempt, "requests": requests,
+                    "backend": getattr(backend, "name", type(backend).__name__),
+                    "model": str(getattr(backend, "model", "")),
+                }  # fmt: skip
+                decisions.append(record)
+                with log_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                return [choice] + [L for L in letters if L != choice]
+            raise ValueError(f"pair judge, {case.case_id}: no valid answer in {max_attempts} attempts: {reason}")
+        finally:
+            if not keep_images:
+                for p in paths:
+                    p.unlink(missing_ok=True)
 
+    judge.decisions = decisions  # type: ignore[attr-defined]
+    judge.path = log_path  # type: ignore[attr-defined]
     return judge
 
 

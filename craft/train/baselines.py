@@ -100,31 +100,39 @@ class TILoRAConfig:
 
 @dataclass
 class JudgeBackend:
-    """The MLLM that prefers one image of a pair (``dpo.judge=mllm``): the annotate stage's backends."""
+    """The MLLM that chooses one image of each pair (``dpo.judge=mllm``): the annotate stage's backends."""
 
-    backend: Literal["openai", "transformers"] = "openai"  # openai-compatible server or a local VLM folder
-    model: str = ""  # openai: model name; transformers: local model folder
+    # openai-compatible server, a local VLM folder, or offline: the demo measurer (image measurements, no model)
+    backend: Literal["openai", "transformers", "offline"] = "openai"
+    model: str = ""  # openai: model name; transformers: local model folder; offline: ignored
     base_url: str = "https://api.openai.com/v1"  # OpenAI-compatible server (vLLM: http://host:8000/v1)
     api_key_env: str = "OPENAI_API_KEY"  # NAME of the environment variable holding the key
     timeout_s: float = 60.0  # per HTTP request
     max_retries: int = 4  # transport retries per request
-    max_tokens: int = 200  # answer length limit (a JSON object of attribute booleans)
+    max_tokens: int = 200  # answer length limit (a {"choice", "reason"} JSON object)
     temperature: float = 0.0  # openai sampling temperature
     image_detail: Literal["low", "high", "auto"] = "low"  # openai image_url detail
-    json_mode: bool = True  # send response_format=json_object
+    # openai response_format: json_schema (the answer's schema, constrained decoding) | json_object | none
+    structured_output: Literal["json_schema", "json_object", "none"] = "json_schema"
+    max_attempts: int = 3  # answers per pair before the stage fails naming the pair (bad-answer retries)
+    keep_images: bool = True  # keep each pair's two images beside decisions.jsonl (the work dir) for audit
     device: str = "cpu"  # transformers backend device
     dtype: str = "auto"  # transformers backend dtype
+
+    def validate(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1 (got {self.max_attempts})")
 
     def make(self):
         """The backend object (``craft.annotate.backends``)."""
         from craft.annotate.run import AnnotateConfig, make_backend
 
-        if not self.model:
+        if not self.model and self.backend != "offline":
             raise ValueError("dpo.judge=mllm needs judge_backend.model (a model name or a local model folder)")
         fields = {k: getattr(self, k) for k in ("backend", "model", "base_url", "api_key_env", "timeout_s",
                                                  "max_retries", "max_tokens", "temperature", "image_detail",
-                                                 "json_mode", "device", "dtype")}  # fmt: skip
-        return make_backend(AnnotateConfig(**fields))
+                                                 "structured_output", "device", "dtype")}  # fmt: skip
+        return make_backend(AnnotateConfig(**fields), setting="dpo.judge_backend.structured_output")
 
 
 @dataclass
@@ -135,8 +143,8 @@ class DPOConfig:
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(cross_attention_only=True))  # when no start
     beta: float = 2500.0  # beta of the Diffusion-DPO loss (diffusers' train_diffusion_dpo default)
     n_pairs: int = 1024  # preference pairs (paper: 1,024 per dataset)
-    # who prefers: the critic's reward, or an MLLM auditing each image against its class checklist (the
-    # image passing more checklist attributes wins; ties keep the blinded random order)
+    # who prefers: the critic's reward, or an MLLM shown both images of the pair at once (with the prompt, the
+    # class and its checklist) that must choose one (CRAFT sec. 4.1.2); decisions in <work>/judge/decisions.jsonl
     judge: Literal["critic", "mllm"] = "critic"
     judge_backend: JudgeBackend = field(default_factory=JudgeBackend)  # the MLLM, when judge=mllm
     reward_weights: dict[str, float] = field(
@@ -532,23 +540,28 @@ def dpo_main(cfg: DPOConfig, dataset_dir, annotations_dir, critic_dir, probe_dir
         judged = [meta.phrase(lab) for lab in labels]
         prompts = [tokens.get(lab, meta.phrase(lab)) for lab in labels]
     # the judge (critic or MLLM) reads the text without class tokens, as evaluation scores it
-    critic = load_encoder(critic_dir, device=str(dev)).eval().requires_grad_(False)
-    probe = load_probe(probe_dir, critic)
     checklists = json.loads((Path(annotations_dir) / "checklists.json").read_text())
-    cam = ClinicalAlignmentModule(critic, probe, checklists)
-    weights = {k: v for k, v in cfg.reward_weights.items() if k != "sfs"}  # no paired real image for a sample
-    if cfg.judge == "mllm":
-        from craft.evaluate.preferences import checklist_pair_judge, mllm_audit_judge
+    backend = None
+    if cfg.judge == "mllm":  # CRAFT sec. 4.1.2: the MLLM chooses one of the pair's two images; no critic involved
+        from craft.data.manifest import read_meta
+        from craft.evaluate.preferences import mllm_pair_judge
 
-        backend = cfg.judge_backend.make()
-        judge_kw: dict[str, Any] = {"judge": checklist_pair_judge(mllm_audit_judge(backend, str(work / "judge")),
-                                                                  checklists)}  # fmt: skip
+        jb, meta = cfg.judge_backend, read_meta(dataset_dir)
+        backend = jb.make()
+        judge = mllm_pair_judge(backend, checklists, meta.modality, work / "judge", phrases=meta.class_names,
+                                max_attempts=jb.max_attempts, keep_images=jb.keep_images)  # fmt: skip
+        judge_kw: dict[str, Any] = {"judge": judge}
     else:
+        critic = load_encoder(critic_dir, device=str(dev)).eval().requires_grad_(False)
+        cam = ClinicalAlignmentModule(critic, load_probe(probe_dir, critic), checklists)
+        weights = {k: v for k, v in cfg.reward_weights.items() if k != "sfs"}  # no paired real image for a sample
         judge_kw = {"score": critic_reward(cam, weights)}
-    pairs = make_pairs(unet, vae, te, tok, pipe.scheduler, prompts, {"label": labels, "prompt": judged}, cfg.seed,
-                       cfg.sample_steps, cfg.scheduler, cfg.guidance, **judge_kw)  # fmt: skip
-    if cfg.judge == "mllm":
-        backend.close()
+    try:
+        pairs = make_pairs(unet, vae, te, tok, pipe.scheduler, prompts, {"label": labels, "prompt": judged},
+                           cfg.seed, cfg.sample_steps, cfg.scheduler, cfg.guidance, **judge_kw)  # fmt: skip
+    finally:
+        if backend is not None:
+            backend.close()
     ref = copy.deepcopy(unet)
     model = DPOObjective(unet, ref, te, tok, pipe.scheduler, cfg.beta)
     data = {"z_w": pairs["z_w"], "z_l": pairs["z_l"], "prompt": pairs["prompt"]}
@@ -556,6 +569,9 @@ def dpo_main(cfg: DPOConfig, dataset_dir, annotations_dir, critic_dir, probe_dir
     metrics = _metrics(res, t0)
     if cfg.judge == "critic":  # an MLLM judge ranks; it gives no margin
         metrics["pair_margin_mean"] = float(pairs["margin"].nanmean())
+    else:  # near 0 or 1 flags a judge that picks by position, not by image (decisions.jsonl has each choice)
+        chose_first = [d["choice"] == d["letters"][0] for d in judge.decisions]
+        metrics["judge_chose_first_share"] = sum(chose_first) / len(chose_first)
     info = _lineage("dpo", cfg, base, dataset_dir, metrics, kind="dpo", class_tokens=tokens,
                     start=str(start_dir) if start_dir else None, critic=str(critic_dir), judge=cfg.judge)  # fmt: skip
     save_adapters(out_dir, unet=unet, lora=lora, embeddings=embeds, info=info)
