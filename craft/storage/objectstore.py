@@ -298,7 +298,7 @@ class ObjectStore:
                 if _code(exc) in CREDENTIAL_CODES:
                     hint = (
                         "the keys may not do this: each step kind gets a scoped identity (k8s/object-store, "
-                        "pipelines/resources.py STEP_IDENTITY); check that its policy allows this prefix"
+                        "pipelines/resources.py object_store_secret); check that its policy allows this prefix"
                         if _code(exc) == "AccessDenied"
                         else "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
                     )
