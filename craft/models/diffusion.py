@@ -21,7 +21,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import string
 import uuid
 from dataclasses import dataclass, field
@@ -420,6 +422,27 @@ def _file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+_TEMP = re.compile(r"\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def _remove_stale_temps(home: Path, digest: str) -> None:
+    """Remove temporary download folders of ``digest`` left by fetchers that died on this host.
+
+    Only those whose process is gone: where locks do not hold, another live fetcher may be downloading
+    into its own temporary folder right now, and a folder of another host (a shared volume) is not ours.
+    """
+    for p in home.glob(f"*{digest}.tmp-*"):
+        m = _TEMP.search(p.name)
+        if not m or m["host"] != socket.gethostname():
+            continue
+        try:
+            os.kill(int(m["pid"]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where ``s3://`` models are cached: ``cache_dir``, else ``$CRAFT_MODEL_CACHE``, else ~/.cache/craft/models."""
     return Path(cache_dir or os.environ.get("CRAFT_MODEL_CACHE") or Path.home() / ".cache" / "craft" / "models")
@@ -458,12 +481,11 @@ def _fetch(uri: str, cache_dir: str | os.PathLike | None) -> Path:
             broken = home / f".{digest}.broken-{uuid.uuid4().hex[:8]}"
             log.warning("%s: cached %s is incomplete; moving it to %s and downloading again", uri, final, broken)
             os.rename(final, broken)
-        for stale in home.glob(f"*{digest}.tmp-*"):  # left by a fetcher that crashed; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
+        _remove_stale_temps(home, digest)
         if skip:
             log.info("%s: not downloading pickle files %s (only .safetensors weights are loaded)", uri,
                      ", ".join(skip))  # fmt: skip
-        tmp = home / f".{digest}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = home / f".{digest}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             store.download_dir(uri, tmp, skip=skip, manifest=manifest)
             try:
