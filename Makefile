@@ -39,14 +39,18 @@ format: setup
 compile: setup  ## compile the pipeline to YAML
 	$(BIN)/craft pipeline compile --output craft_pipeline.yaml
 
-# Container images (docker/cpu, docker/gpu), tagged with the project version; names match components/images.py.
-# Needs a Docker engine and network: not runnable on the offline dev machines (CI lints them with hadolint).
+# Container images (docker/cpu, docker/gpu), tagged with the git commit they are built from: the tag
+# components/images.py names by default and the code version recorded in lineage (CRAFT_GIT_SHA in the image).
+# A dirty tree is refused: its code would not be the commit the tag names. Needs a Docker engine and network:
+# not runnable on the offline dev machines (CI lints the Dockerfiles with hadolint).
 REGISTRY ?= ghcr.io/craft-ml
 VERSION  ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 GIT_SHA  ?= $(shell git rev-parse HEAD)
-images:  ## build and tag the CPU and GPU images (docker; not runnable here)
-	docker build -f docker/cpu/Dockerfile --build-arg VERSION=$(VERSION) --build-arg VCS_REF=$(GIT_SHA) -t $(REGISTRY)/craft-cpu:$(VERSION) .
-	docker build -f docker/gpu/Dockerfile --build-arg VERSION=$(VERSION) --build-arg VCS_REF=$(GIT_SHA) -t $(REGISTRY)/craft-gpu:$(VERSION) .
+images:  ## build the CPU and GPU images tagged <registry>/craft-{cpu,gpu}:<git sha> (docker; not runnable here)
+	@git diff --quiet HEAD -- || { echo "images: the working tree has uncommitted changes; commit first (the tag is the commit)" >&2; exit 1; }
+	docker build -f docker/cpu/Dockerfile --build-arg VERSION=$(VERSION) --build-arg VCS_REF=$(GIT_SHA) -t $(REGISTRY)/craft-cpu:$(GIT_SHA) .
+	docker build -f docker/gpu/Dockerfile --build-arg VERSION=$(VERSION) --build-arg VCS_REF=$(GIT_SHA) -t $(REGISTRY)/craft-gpu:$(GIT_SHA) .
+	@echo "push $(REGISTRY)/craft-cpu:$(GIT_SHA) and $(REGISTRY)/craft-gpu:$(GIT_SHA); set newTag: $(GIT_SHA) in your overlay (docs/DEPLOY.md)"
 
 clean:
 	rm -rf runs outputs .pytest_cache .ruff_cache

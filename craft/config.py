@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import ipaddress
 import os
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Union
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -146,10 +149,12 @@ def protected_override(item: str) -> str | None:
 
 
 def check_run_overrides(overrides: typing.Iterable[str], where: str = "override") -> list[str]:
-    """Refuse pipeline-wide overrides that could weaken the gates or redirect the registry or a secret.
+    """Refuse pipeline-wide overrides that could weaken the gates or redirect the registry, a secret or the MLLM.
 
     Called when the pipeline is compiled, when a run or schedule is created, and by every step at run
-    time (``load_stage_config``), so a run form cannot switch a gate off. Returns the overrides as a list.
+    time (``load_stage_config``), so a run form cannot switch a gate off. A ``*.base_url`` override (the MLLM
+    server of ``annotate`` or of the DPO judge, which receives images and an API key) must name a server of
+    the deployment's allowlist, :func:`check_mllm_url`. Returns the overrides as a list.
     """
     items = list(overrides or [])
     for item in items:
@@ -158,7 +163,124 @@ def check_run_overrides(overrides: typing.Iterable[str], where: str = "override"
         why = protected_override(item)
         if why:
             raise ConfigError(f"{where} {item!r} refused: it {why}")
+        key, _, value = item.partition("=")
+        if key.strip().split(".")[-1] == MLLM_URL_FIELD:
+            check_mllm_url(value.strip(), f"{where} {item!r}", from_override=True)
     return items
+
+
+# ---------------------------------------------------------------- MLLM servers and the keys they may see
+# The deployment's allowlist of MLLM base URLs (the ConfigMap craft-env sets it in every pipeline pod; k8s/).
+MLLM_ALLOWLIST_ENV = "CRAFT_MLLM_ALLOWED_URLS"
+MLLM_URL_FIELD = "base_url"
+# The MLLM servers a stage talks to when its config uses them: (setting, URL) pairs. Only these leave the
+# cluster with images and an API key; a base_url of a backend that is not used is not a destination.
+MLLM_URLS: dict[str, typing.Callable[[Any], list[tuple[str, str]]]] = {
+    "annotate": lambda c: [("annotate.base_url", c.base_url)] if c.backend == "openai" else [],
+    "dpo": lambda c: (
+        [("dpo.judge_backend.base_url", c.judge_backend.base_url)]
+        if c.judge == "mllm" and c.judge_backend.backend == "openai"
+        else []
+    ),
+}
+# Environment variables that hold object-store or KFP credentials: no ``*_env`` setting may name one, from a
+# profile or anywhere else (``annotate.api_key_env=AWS_SECRET_ACCESS_KEY`` would send the store's secret key
+# to the MLLM server as a bearer token).
+STORE_SECRET_ENV = frozenset({
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD",
+    "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "ACCESSKEY", "SECRETKEY", "KFP_TOKEN",
+})  # fmt: skip
+STORE_SECRET_PREFIXES = ("AWS_", "MINIO_")
+
+
+def mllm_allowlist() -> list[str] | None:
+    """The base URLs of ``CRAFT_MLLM_ALLOWED_URLS`` (comma or space separated); None when it is unset or empty."""
+    raw = os.environ.get(MLLM_ALLOWLIST_ENV, "").strip()
+    if not raw:
+        return None
+    entries = [e for e in re.split(r"[,\s]+", raw) if e]
+    for e in entries:
+        _url_parts(e, f"{MLLM_ALLOWLIST_ENV} entry {e!r}")
+    return entries
+
+
+def _url_parts(url: str, where: str) -> tuple[str, str, int, str]:
+    """(scheme, host, port, path without trailing slash) of an http(s) base URL; anything unusual is refused.
+
+    >>> _url_parts("http://VLLM.craft.svc:8000/v1/", "x")
+    ('http', 'vllm.craft.svc', 8000, '/v1')
+    """
+    if not isinstance(url, str) or not url or any(ch.isspace() or ch == "\\" for ch in url):
+        raise ConfigError(f"{where}: {url!r} is not a URL")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"{where}: {url!r} is not a valid URL ({e})") from e
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: {url!r} must be an http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+        raise ConfigError(f"{where}: {url!r} may not carry user info, a query or a fragment")
+    path = parts.path.rstrip("/")
+    if any(seg in ("", ".", "..") for seg in path.split("/")[1:]):
+        raise ConfigError(f"{where}: {url!r} has an empty, '.' or '..' path segment")
+    return parts.scheme, parts.hostname.lower(), port or (443 if parts.scheme == "https" else 80), path
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_mllm_url(url: str, where: str, *, from_override: bool = False) -> None:
+    """Refuse an MLLM base URL the deployment does not allow (the rule of docs/DEPLOY.md, "MLLM servers").
+
+    With ``CRAFT_MLLM_ALLOWED_URLS`` set (every pipeline pod and the CronJob get it from the ConfigMap
+    craft-env): the URL must have an entry's scheme, host and port, and its path must be the entry's path or
+    below it. Without an allowlist (a workstation, ``craft demo``, the tests): a run override may only name a
+    loopback server (a local vLLM or a test double), while a profile's own URL is the reviewed file's choice.
+
+    >>> check_mllm_url("http://127.0.0.1:8000/v1", "override", from_override=True)  # no allowlist: loopback ok
+    """
+    scheme, host, port, path = _url_parts(url, where)
+    allowed = mllm_allowlist()
+    if allowed is None:
+        if from_override and not _is_loopback(host):
+            raise ConfigError(
+                f"{where} refused: MLLM base URLs come from the deployment's allowlist ({MLLM_ALLOWLIST_ENV}), "
+                "and none is configured here, so a run override may only name a loopback server"
+            )
+        return
+    for entry in allowed:
+        e_scheme, e_host, e_port, e_path = _url_parts(entry, MLLM_ALLOWLIST_ENV)
+        if (scheme, host, port) == (e_scheme, e_host, e_port) and (path == e_path or path.startswith(e_path + "/")):
+            return
+    raise ConfigError(
+        f"{where} refused: {url!r} is not in the deployment's MLLM allowlist {MLLM_ALLOWLIST_ENV}="
+        f"{' '.join(allowed)!r} (set it in the overlay's ConfigMap craft-env, not in a run)"
+    )
+
+
+def check_secret_env_names(cfg: Any, where: str) -> None:
+    """Refuse any ``*_env`` field of ``cfg`` (nested configs included) that names an object-store or KFP key."""
+    if not dataclasses.is_dataclass(cfg):
+        return
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        here = _join(where, f.name)
+        if f.name.endswith(SECRET_ENV_SUFFIX) and isinstance(value, str):
+            name = value.strip().upper()
+            if name in STORE_SECRET_ENV or name.startswith(STORE_SECRET_PREFIXES):
+                raise ConfigError(
+                    f"{here}: {value!r} names an object-store or Kubeflow credential; an API key setting must name "
+                    "its own variable (MLLM_API_KEY in the cluster), or that key would be sent to another server"
+                )
+        elif dataclasses.is_dataclass(value):
+            check_secret_env_names(value, here)
 
 
 def load_stage_config(stage: str, profile: str | os.PathLike | None = None, overrides: typing.Iterable[str] = ()):
@@ -194,7 +316,13 @@ def load_stage_config(stage: str, profile: str | os.PathLike | None = None, over
         if len(parts) > 1 and parts[0] in dict_defaults and parts[0] not in section:
             section[parts[0]] = dict(dict_defaults[parts[0]])
         _set_dotted(section, parts, _RawValue(raw))
-    return from_dict(cls, section, where=stage)
+    cfg = from_dict(cls, section, where=stage)
+    check_secret_env_names(cfg, stage)
+    if stage in MLLM_URLS and mllm_allowlist() is not None:
+        # in a deployment every MLLM server a step talks to is an allowed one, whoever named it
+        for setting, url in MLLM_URLS[stage](cfg):
+            check_mllm_url(url, setting)
+    return cfg
 
 
 class _RawValue(str):

@@ -149,7 +149,6 @@ def build_pipeline(
                 dpo_op(base=base, dataset=dataset, annotations=annotations, critic=critic,
                        probe=critic_probe.outputs["probe"], start=variants["ti_lora"], **common_data),
                 "dpo",
-                "baselines",
             )  # fmt: skip
             variants["dpo"] = dpo.outputs["model"]
         start = {"start": variants["ti_lora"]} if plan.craft_start == "ti_lora" else {}

@@ -11,13 +11,24 @@ Settings (all optional)::
     accelerator: {type: nvidia.com/gpu, count: 1}   # GPU request (limit) per pod
     node_selector: {nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}
     tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]
-    object_store_secret: mlpipeline-minio-artifact  # -> AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY; null: none
-    mllm_secret: craft-mllm                          # -> MLLM_API_KEY (annotate step only); null: none
-    model_cache: {pvc: craft-model-cache, mount_path: /cache/models}  # null: no mount
-    env: {CRAFT_S3_ENDPOINT: "minio-service.kubeflow:9000"}            # plain, non-secret values only
+    object_store_secret: craft-s3-reader  # scoped store identity -> AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY; null: none
+    mllm_secret: craft-mllm                # -> MLLM_API_KEY (annotate and the DPO judge only); null: none
+    model_cache: {mount_path: /cache/models, size_limit: 50Gi}  # per-pod emptyDir cache; null: none
+    env: {CRAFT_LOG_LEVEL: debug}          # plain, non-secret values only
     retries: 2                # with exponential backoff
     caching: false            # off where sampling is not deterministic
     timeout_s: 86400
+
+What every task gets whatever its settings (``apply_access``): the deployment's settings from the ConfigMap
+``craft-env`` (``CONFIG_ENV``: where the object store is, https or not, the bucket and registry, the checkpoint
+root, the MLLM allowlist), created by the k8s/ overlays in the namespace the pods run in; the label the
+egress NetworkPolicy selects (``POD_LABELS``); and the image's non-root uid/gid as container security context.
+
+Object-store identities are scoped per step kind (``object_store_secret`` below; policies in k8s/object-store): a reader
+(datasets, models, validation records), a writer (also validation records, training checkpoints and the
+registry's candidate area) and no keys at all where a step never touches the store (annotate, gate): the
+Kubeflow launcher moves artifacts with its own credentials, not the step's. Promotion (``production``) is
+not a pipeline step: only ``craft promote`` in CI holds that identity.
 
 Secrets are referenced by name and key only: the compiled YAML carries ``secretName``/``secretKey``,
 never a value. ``env`` refuses names that look like credentials so that nobody passes a key there.
@@ -27,11 +38,24 @@ components hand to ``torchrun --nproc_per_node`` inside the pod.
 
 from typing import Any
 
-# Kubeflow's artifact-store secret (SeaweedFS since KFP 2.16, MinIO before) and its key names.
-OBJECT_STORE_SECRET = "mlpipeline-minio-artifact"
+# Scoped object-store identities (k8s/object-store/*: one policy each); each Secret has the keys of Kubeflow's
+# own artifact secret, accesskey/secretkey.
+S3_READER = "craft-s3-reader"  # read datasets/, models/, validations/
+S3_WRITER = "craft-s3-writer"  # + write validations/, checkpoints/, the registry's candidate area
 OBJECT_STORE_KEYS = {"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}
+MLLM_SECRET = "craft-mllm"
 MLLM_SECRET_KEYS = {"api-key": "MLLM_API_KEY"}
-MODEL_CACHE = {"pvc": "craft-model-cache", "mount_path": "/cache/models"}
+# Deployment settings every task reads from the ConfigMap (k8s/base/kustomization.yaml); key -> env var.
+CONFIG_MAP = "craft-env"
+CONFIG_ENV = {k: k for k in ("CRAFT_S3_ENDPOINT", "CRAFT_S3_SECURE", "CRAFT_BUCKET", "CRAFT_REGISTRY",
+                             "CRAFT_CHECKPOINT_ROOT", "CRAFT_MLLM_ALLOWED_URLS")}  # fmt: skip
+# Labels on every task's pod: the egress NetworkPolicy of k8s/run selects them.
+POD_LABELS = {"app.kubernetes.io/part-of": "craft", "app.kubernetes.io/component": "craft-pipeline-step"}
+RUN_AS = 10001  # the images' non-root uid and gid (docker/*/Dockerfile)
+# One model cache per pod, fed from the object store (craft.models.diffusion._fetch): an emptyDir, so no
+# ReadWriteMany storage class is needed, parallel steps on several nodes share nothing, and the non-root uid
+# can write it without an fsGroup (which Kubeflow Pipelines cannot set on a task).
+MODEL_CACHE = {"mount_path": "/cache/models", "size_limit": "50Gi"}
 GPU = {"type": "nvidia.com/gpu", "count": 1}
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
@@ -43,13 +67,13 @@ SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
 
 # Defaults per step: CPU steps small, training steps on one GPU with the model cache. Caching is off
 # wherever sampling or training is stochastic, so a re-run really re-runs.
-_CPU = {"cpu": "1", "memory": "4Gi", "object_store_secret": OBJECT_STORE_SECRET, "retries": 2, "caching": True}
+_CPU = {"cpu": "1", "memory": "4Gi", "object_store_secret": S3_READER, "retries": 2, "caching": True}
 _GPU = {
     "cpu": "8",
     "memory": "64Gi",
     "accelerator": dict(GPU),
     "tolerations": [dict(GPU_TOLERATION)],
-    "object_store_secret": OBJECT_STORE_SECRET,
+    "object_store_secret": S3_WRITER,  # training checkpoints go to the object store (CRAFT_CHECKPOINT_ROOT)
     "model_cache": dict(MODEL_CACHE),
     "retries": 1,
     "caching": False,
@@ -58,20 +82,23 @@ DEFAULT_RESOURCES: dict[str, dict[str, Any]] = {
     # never cached: it reads the dataset's latest pointer, and its output is every data step's cache key
     "dataset-version": dict(_CPU, caching=False),
     "data": dict(_CPU),
-    "validate": dict(_CPU),
-    "annotate": dict(_CPU, mllm_secret="craft-mllm", caching=False),
+    "validate": dict(_CPU, object_store_secret=S3_WRITER),  # records the verdict under validations/
+    "annotate": dict(_CPU, object_store_secret=None, mllm_secret=MLLM_SECRET, caching=False),  # MLLM key only
     "pretrain": dict(_GPU),
     "finetune": dict(_GPU),
     "encoders": dict(_GPU),
-    "probe": dict(_GPU, memory="32Gi", caching=True),
+    "probe": dict(_GPU, memory="32Gi", caching=True, object_store_secret=S3_READER),
     "baselines": dict(_GPU),
     "craft": dict(_GPU),
     "controlnet": dict(_GPU),
-    "evaluate": dict(_GPU, memory="32Gi"),
+    "evaluate": dict(_GPU, memory="32Gi", object_store_secret=S3_READER),
     "champion": dict(_CPU, caching=False),  # production moves between runs
-    "gate": dict(_CPU, cpu="500m", memory="1Gi", retries=0, caching=False),
-    "register": dict(_CPU, retries=3, caching=False),
+    "gate": dict(_CPU, cpu="500m", memory="1Gi", retries=0, caching=False, object_store_secret=None),
+    "register": dict(_CPU, retries=3, caching=False, object_store_secret=S3_WRITER),  # the candidate area
 }
+# The DPO baseline is sized like the other baselines; it also holds the MLLM key, because its judge
+# (dpo.judge=mllm, CRAFT sec. 4.1.2) can be chosen by a run's overrides after the pipeline was compiled.
+DEFAULT_RESOURCES["dpo"] = dict(DEFAULT_RESOURCES["baselines"], mllm_secret=MLLM_SECRET)
 
 
 def settings_for(step: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -120,6 +147,22 @@ def apply_resources(task, step: str, resources: dict[str, Any]):
             effect=tol.get("effect"),
             toleration_seconds=tol.get("toleration_seconds"),
         )
+    apply_access(task, step, r)
+    if r.get("retries"):
+        task.set_retry(num_retries=int(r["retries"]), backoff_duration="60s", backoff_factor=2.0)
+    if "caching" in r:
+        task.set_caching_options(bool(r["caching"]))
+    if r.get("timeout_s"):
+        kubernetes.set_timeout(task, int(r["timeout_s"]))
+    return task
+
+
+def apply_access(task, step: str, resources: dict[str, Any]):
+    """What the task's pod may see and reach: ConfigMap env, scoped secrets, model cache, labels, uid/gid."""
+    from kfp import kubernetes
+
+    r = resources
+    kubernetes.use_config_map_as_env(task, config_map_name=CONFIG_MAP, config_map_key_to_env=CONFIG_ENV)
     if r.get("object_store_secret"):
         kubernetes.use_secret_as_env(task, secret_name=r["object_store_secret"], secret_key_to_env=OBJECT_STORE_KEYS)
     if r.get("mllm_secret"):
@@ -127,18 +170,22 @@ def apply_resources(task, step: str, resources: dict[str, Any]):
     cache = r.get("model_cache")
     if cache:
         cache = MODEL_CACHE if cache is True else {**MODEL_CACHE, **cache}
-        kubernetes.mount_pvc(task, pvc_name=cache["pvc"], mount_path=cache["mount_path"])
+        unknown = sorted(set(cache) - set(MODEL_CACHE))
+        if unknown:
+            raise ValueError(f"resources for step {step!r}: model_cache: unknown key(s) {unknown} (known: "
+                             f"{sorted(MODEL_CACHE)})")  # fmt: skip
+        kubernetes.empty_dir_mount(task, volume_name="model-cache", mount_path=cache["mount_path"],
+                                   size_limit=cache["size_limit"])  # fmt: skip
         task.set_env_variable("CRAFT_MODEL_CACHE", cache["mount_path"])
     for name, value in (r.get("env") or {}).items():
         if any(w in name.upper() for w in SECRET_WORDS):
             raise ValueError(
                 f"resources for step {step!r}: env {name!r} looks like a credential; pass it through a secret"
             )
+        if name in CONFIG_ENV:
+            raise ValueError(f"resources for step {step!r}: env {name!r} comes from the ConfigMap {CONFIG_MAP}")
         task.set_env_variable(name, str(value))
-    if r.get("retries"):
-        task.set_retry(num_retries=int(r["retries"]), backoff_duration="60s", backoff_factor=2.0)
-    if "caching" in r:
-        task.set_caching_options(bool(r["caching"]))
-    if r.get("timeout_s"):
-        kubernetes.set_timeout(task, int(r["timeout_s"]))
+    for key, value in POD_LABELS.items():
+        kubernetes.add_pod_label(task, key, value)
+    kubernetes.set_security_context(task, run_as_user=RUN_AS, run_as_group=RUN_AS, run_as_non_root=True)
     return task

@@ -160,4 +160,4 @@ def test_load_pipeline_from_s3_prefix(s3_env, tmp_path):
     a = generate(D.load_pipeline(tmp_path / "m"), ["normal"], steps=2, seed=1)
     b = generate(D.load_pipeline(uri, cache_dir=tmp_path / "cache"), ["normal"], steps=2, seed=1)
     assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
-    assert D.read_lineage(next((tmp_path / "cache").iterdir()))["parent"] is None
+    assert D.read_lineage(D.resolve_model_dir(uri, tmp_path / "cache"))["parent"] is None

@@ -63,14 +63,25 @@ def pod_specs(doc: dict) -> list[dict]:
     return []
 
 
+# overlay -> (craft's own namespace: the CronJob; the namespace the pipeline pods run in)
+NAMESPACES = {
+    "standalone": ("craft", "kubeflow"),
+    "multi-user": ("craft", "craft-team"),
+    "dev": ("craft-dev", "kubeflow"),
+}
+
+
 def test_overlays_exist():
-    assert {"dev", "prod"} <= set(OVERLAYS)
+    assert set(NAMESPACES) == set(OVERLAYS)
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_every_overlay_validates_strictly(rendered, version):
     for name, docs in rendered.items():
         for doc in docs:
+            if doc["apiVersion"] == "kubeflow.org/v1":
+                assert doc["kind"] == "Profile", doc["kind"]  # no schema ships for Kubeflow's CRDs (the CLI warns)
+                continue
             try:
                 kubernetes_validate.validate(doc, version, strict=True)
             except kubernetes_validate.ValidationError as e:
@@ -90,7 +101,7 @@ def test_cli_validator_strict_on_rendered_files(rendered, tmp_path):
 
 def test_strict_validation_catches_an_unknown_field(rendered):
     # Guard against a validator that accepts anything: a typo'd field must fail.
-    cron = next(d for d in rendered["prod"] if d["kind"] == "CronJob")
+    cron = next(d for d in rendered["standalone"] if d["kind"] == "CronJob")
     bad = yaml.safe_load(yaml.safe_dump(cron))
     bad["spec"]["concurencyPolicy"] = "Forbid"
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -98,25 +109,73 @@ def test_strict_validation_catches_an_unknown_field(rendered):
 
 
 def test_expected_objects_per_overlay(rendered):
-    kinds = {name: {(d["kind"], d["metadata"]["name"]) for d in docs} for name, docs in rendered.items()}
-    for name, have in kinds.items():
-        for want in [
-            ("Namespace", None),
-            ("ServiceAccount", "craft-scheduler"),
-            ("Role", "craft-scheduler"),
-            ("RoleBinding", "craft-scheduler"),
-            ("PersistentVolumeClaim", "craft-model-cache"),
-            ("CronJob", "craft-retrain"),
-        ]:
-            assert any(k == want[0] and (want[1] is None or n == want[1]) for k, n in have), f"{name}: no {want}"
-    # dev carries its own MinIO; prod reuses Kubeflow's store.
-    assert ("Deployment", "minio") in kinds["dev"] and ("Service", "minio-service") in kinds["dev"]
-    assert ("Deployment", "minio") not in kinds["prod"]
+    """Each overlay creates what the pipeline pods need in the namespace they run in, and the CronJob's in its own."""
+    from pipelines.resources import CONFIG_ENV, CONFIG_MAP
+
     for name, docs in rendered.items():
-        ns = next(d["metadata"]["name"] for d in docs if d["kind"] == "Namespace")
+        own, run = NAMESPACES[name]
+        have = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs}
+        for want in [
+            ("Namespace", None, own),
+            ("ServiceAccount", own, "craft-scheduler"),
+            ("CronJob", own, "craft-retrain"),
+            ("ConfigMap", own, CONFIG_MAP),
+            ("ConfigMap", run, CONFIG_MAP),
+            ("NetworkPolicy", run, "craft-pipeline-egress"),
+            ("Role", run, "craft-scheduler"),
+            ("RoleBinding", run, "craft-scheduler"),
+        ]:
+            assert want in have, f"{name}: no {want}"
+        assert ("Namespace", None, run) not in have, (
+            f"{name}: {run} is Kubeflow's or the Profile's, not ours to create"
+        )
+        assert not [h for h in have if h[0] == "PersistentVolumeClaim" and h[2] == "craft-model-cache"], name
         for d in docs:
-            if d["kind"] != "Namespace":
-                assert d["metadata"].get("namespace") == ns, f"{name}: {d['kind']}/{d['metadata']['name']}"
+            if d["kind"] not in ("Namespace", "Profile"):
+                assert d["metadata"].get("namespace") in (own, run), f"{name}: {d['kind']}/{d['metadata']['name']}"
+        # one set of deployment settings in both namespaces, with every key the tasks map into their env
+        cms = {d["metadata"]["namespace"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+        assert set(CONFIG_ENV) <= set(cms[run]), f"{name}: {run}/{CONFIG_MAP} lacks {set(CONFIG_ENV) - set(cms[run])}"
+        assert {k: cms[own][k] for k in CONFIG_ENV} == {k: cms[run][k] for k in CONFIG_ENV}, name
+        assert cms[run]["CRAFT_S3_SECURE"] in ("true", "false") and cms[run]["CRAFT_S3_ENDPOINT"], name
+        assert cms[run]["CRAFT_MLLM_ALLOWED_URLS"].startswith("http"), name
+    # dev carries its own MinIO; the others use Kubeflow's store
+    assert ("Deployment", "craft-dev", "minio") in {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"])
+                                                     for d in rendered["dev"]}  # fmt: skip
+    assert not [d for d in rendered["standalone"] + rendered["multi-user"] if d["kind"] == "Deployment"]
+    (profile,) = [d for d in rendered["multi-user"] if d["kind"] == "Profile"]
+    assert profile["apiVersion"] == "kubeflow.org/v1" and profile["metadata"]["name"] == NAMESPACES["multi-user"][1]
+    assert "namespace" not in profile["metadata"]  # cluster-scoped
+
+
+def test_pod_security_levels(rendered):
+    """restricted where only our pods run; the run namespace is not rendered (Kubeflow's / the Profile's)."""
+    for name, docs in rendered.items():
+        (ns,) = [d for d in docs if d["kind"] == "Namespace"]
+        assert ns["metadata"]["name"] == NAMESPACES[name][0]
+        assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted", name
+    doc = (ROOT / "docs" / "DEPLOY.md").read_text()
+    assert "pod-security.kubernetes.io/enforce=baseline" in doc  # how the run namespace gets baseline
+
+
+def test_egress_policy_selects_the_pipeline_pods_and_allows_only_named_destinations(rendered):
+    from pipelines.resources import POD_LABELS
+
+    for name, docs in rendered.items():
+        (pol,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+        assert pol["metadata"]["namespace"] == NAMESPACES[name][1]
+        assert pol["spec"]["podSelector"]["matchLabels"].items() <= POD_LABELS.items(), name
+        assert pol["spec"]["policyTypes"] == ["Egress"]
+        for rule in pol["spec"]["egress"]:
+            assert rule.get("to") and rule.get("ports"), f"{name}: a rule without destinations or ports opens all"
+            for peer in rule["to"]:
+                if "ipBlock" in peer:
+                    assert peer["ipBlock"]["cidr"].endswith("/32"), f"{name}: only the API server by address"
+                    assert {p["port"] for p in rule["ports"]} <= {443, 6443}
+                else:
+                    assert peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], name
+        ports = {p["port"] for r in pol["spec"]["egress"] for p in r["ports"]}
+        assert {53, 8887, 8888, 9000, 8000} <= ports, name
 
 
 def check_pods_hardened(doc: dict, where: str) -> int:
@@ -148,7 +207,7 @@ def test_pods_are_non_root_and_bounded(rendered):
     for name, docs in rendered.items():
         for doc in docs:
             seen += check_pods_hardened(doc, f"{name}: {doc['kind']}/{doc['metadata']['name']}")
-    assert seen >= 3  # CronJob (dev, prod) + MinIO (dev)
+    assert seen >= 4  # CronJob (dev, standalone, multi-user) + MinIO (dev)
 
 
 def test_rbac_is_namespaced_and_least_privilege(rendered):
@@ -160,9 +219,10 @@ def test_rbac_is_namespaced_and_least_privilege(rendered):
                 assert "*" not in rule["verbs"] and "*" not in rule["resources"], f"{name}: wildcard {rule}"
                 assert "secrets" not in rule["resources"], f"{name}: the scheduler must not read secrets"
                 assert not set(rule["verbs"]) & {"delete", "deletecollection", "update", "patch", "escalate", "bind"}
+        own, run = NAMESPACES[name]
         binding = next(d for d in docs if d["kind"] == "RoleBinding")
-        ns = binding["metadata"]["namespace"]
-        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "craft-scheduler", "namespace": ns}]
+        assert binding["metadata"]["namespace"] == run  # where the runs are created and checked
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "craft-scheduler", "namespace": own}]
 
 
 def test_cronjob_runs_retrain_without_overlap(rendered):
@@ -176,8 +236,10 @@ def test_cronjob_runs_retrain_without_overlap(rendered):
         cm_names = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
         assert c["envFrom"][0]["configMapRef"]["name"] in cm_names, f"{name}: configmap reference not rewritten"
         refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
-        assert refs["AWS_ACCESS_KEY_ID"] == {"name": "mlpipeline-minio-artifact", "key": "accesskey"}
-        assert refs["AWS_SECRET_ACCESS_KEY"] == {"name": "mlpipeline-minio-artifact", "key": "secretkey"}
+        # the scheduler's own scoped identity, never Kubeflow's root key
+        assert refs["AWS_ACCESS_KEY_ID"] == {"name": "craft-s3-scheduler", "key": "accesskey"}
+        assert refs["AWS_SECRET_ACCESS_KEY"] == {"name": "craft-s3-scheduler", "key": "secretkey"}
+        assert "mlpipeline-minio-artifact" not in yaml.safe_dump_all(docs), name
 
 
 def test_overlays_watch_the_model_their_runs_register(rendered):
@@ -187,7 +249,8 @@ def test_overlays_watch_the_model_their_runs_register(rendered):
     from pipelines import client as kc
 
     for name, docs in rendered.items():
-        (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("craft-env")]
+        own = NAMESPACES[name][0]
+        (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["namespace"] == own]
         env = cm["data"]
         assert cm["metadata"]["name"] == "craft-env", f"{name}: rendered CronJobs refer to craft-env by name"
         assert env["CRAFT_MODEL"] == kc.run_params(env["CRAFT_PROFILE"], [])["model_name"], name
@@ -245,11 +308,12 @@ def test_schedule_renders_the_base_cronjob_for_a_profile(rendered, tmp_path):
         k: v for k, v in base_pod["spec"].items() if k != "containers"}  # fmt: skip
     assert {k: v for k, v in doc["spec"].items() if k not in ("schedule", "jobTemplate")} == {
         k: v for k, v in base["spec"].items() if k not in ("schedule", "jobTemplate")}  # fmt: skip
-    # what it refers to exists in every overlay: the shared ConfigMap (stable name) and the scheduler identity
+    # what it refers to exists in every overlay's own namespace: the shared ConfigMap and the scheduler identity
     for name, docs in rendered.items():
-        have = {(d["kind"], d["metadata"]["name"]) for d in docs}
-        assert ("ConfigMap", c["envFrom"][0]["configMapRef"]["name"]) in have, name
-        assert ("ServiceAccount", pod["spec"]["serviceAccountName"]) in have, name
+        own = NAMESPACES[name][0]
+        have = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs}
+        assert ("ConfigMap", own, c["envFrom"][0]["configMapRef"]["name"]) in have, name
+        assert ("ServiceAccount", own, pod["spec"]["serviceAccountName"]) in have, name
 
 
 def test_schedule_to_stdout_with_defaults_and_options():
@@ -319,45 +383,53 @@ def test_no_secret_values_in_git_or_renders(rendered):
     if in_git:
         tracked = subprocess.run(["git", "ls-files", "k8s"], cwd=ROOT, capture_output=True, text=True).stdout.split()
         assert not [f for f in tracked if f.endswith(".env")], "a secret env file is tracked by git"
-    ignore_rules = (K8S / "components" / "secrets" / ".gitignore").read_text().splitlines()
-    assert "*.env" in ignore_rules
-    for example in (K8S / "components" / "secrets").glob("*.env.example"):
-        env = example.with_suffix("")  # object-store.env.example -> object-store.env
-        if in_git:
-            ignored = subprocess.run(["git", "check-ignore", "-q", str(env)], cwd=ROOT, check=False)
-            assert ignored.returncode == 0, f"{env} would not be ignored by git"
-        for line in example.read_text().splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.partition("=")
-                assert value == "", f"{example}: {key} has a value"
+    for component in ("secrets", "scheduler-secrets"):
+        ignore_rules = (K8S / "components" / component / ".gitignore").read_text().splitlines()
+        assert "*.env" in ignore_rules
+        for example in (K8S / "components" / component).glob("*.env.example"):
+            env = example.with_suffix("")  # s3-reader.env.example -> s3-reader.env
+            if in_git:
+                ignored = subprocess.run(["git", "check-ignore", "-q", str(env)], cwd=ROOT, check=False)
+                assert ignored.returncode == 0, f"{env} would not be ignored by git"
+            for line in example.read_text().splitlines():
+                if line and not line.startswith("#"):
+                    key, _, value = line.partition("=")
+                    assert value == "", f"{example}: {key} has a value"
 
 
-def test_secrets_component_renders_from_local_env_files(tmp_path):
-    # What a user does: copy the examples to the gitignored names, fill them, add the component.
+def test_secrets_components_render_from_local_env_files(tmp_path):
+    # What a user does: copy the examples to the gitignored names, fill them, add the components.
     tree = tmp_path / "k8s"
     shutil.copytree(K8S, tree, ignore=shutil.ignore_patterns("*.env"))
-    secrets = tree / "components" / "secrets"
     filled = {"accesskey": "AKIAEXAMPLEONLY", "secretkey": "not-a-real-secret", "api-key": "k", "token": "t"}
-    for example in secrets.glob("*.env.example"):
-        lines = []
-        for line in example.read_text().splitlines():
-            key = line.partition("=")[0]
-            lines.append(f"{key}={filled[key]}" if line and not line.startswith("#") else line)
-        example.with_suffix("").write_text("\n".join(lines) + "\n")
-    overlay = tree / "overlays" / "with-secrets"
-    overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        "resources: [../dev]\ncomponents: [../../components/secrets]\n"
-    )
-    docs = render(overlay)
-    got = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
-    assert set(got) == {"mlpipeline-minio-artifact", "craft-mllm", "craft-kfp"}
-    art = got["mlpipeline-minio-artifact"]["data"]
+    for component in ("secrets", "scheduler-secrets"):
+        for example in (tree / "components" / component).glob("*.env.example"):
+            lines = []
+            for line in example.read_text().splitlines():
+                key = line.partition("=")[0]
+                lines.append(f"{key}={filled[key]}" if line and not line.startswith("#") else line)
+            example.with_suffix("").write_text("\n".join(lines) + "\n")
+    for part, component in (("run", "secrets"), ("scheduler", "scheduler-secrets")):
+        k = tree / "overlays" / "standalone" / part / "kustomization.yaml"
+        doc = yaml.safe_load(k.read_text())
+        doc["components"] = [*doc.get("components", []), f"../../../components/{component}"]
+        k.write_text(yaml.safe_dump(doc))
+    docs = render(tree / "overlays" / "standalone")
+    got = {(d["metadata"]["namespace"], d["metadata"]["name"]): d for d in docs if d["kind"] == "Secret"}
+    own, run = NAMESPACES["standalone"]
+    assert set(got) == {(run, "craft-s3-reader"), (run, "craft-s3-writer"), (run, "craft-mllm"),
+                        (own, "craft-s3-scheduler"), (own, "craft-kfp")}  # fmt: skip
+    art = got[(run, "craft-s3-reader")]["data"]
     assert base64.b64decode(art["accesskey"]).decode() == "AKIAEXAMPLEONLY"
-    assert set(got["craft-mllm"]["data"]) == {"api-key"} and set(got["craft-kfp"]["data"]) == {"token"}
+    assert set(got[(run, "craft-mllm")]["data"]) == {"api-key"} and set(got[(own, "craft-kfp")]["data"]) == {"token"}
+    # every Secret a compiled task names exists where the tasks run
+    from pipelines.resources import DEFAULT_RESOURCES
+
+    named = {r[k] for r in DEFAULT_RESOURCES.values() for k in ("object_store_secret", "mllm_secret") if r.get(k)}
+    assert named == {n for ns, n in got if ns == run}
     for d in docs:
-        kubernetes_validate.validate(d, K8S_VERSIONS[-1], strict=True)
+        if d["kind"] != "Profile":
+            kubernetes_validate.validate(d, K8S_VERSIONS[-1], strict=True)
 
 
 @pytest.mark.parametrize("image", ["cpu", "gpu"])
@@ -395,11 +467,15 @@ def test_dockerfile_contract(image):
 def test_image_names_agree_with_components(monkeypatch):
     import importlib
 
-    for var in ("CRAFT_IMAGE_CPU", "CRAFT_IMAGE_GPU", "CRAFT_IMAGE_REGISTRY"):
+    for var in ("CRAFT_IMAGE_CPU", "CRAFT_IMAGE_GPU", "CRAFT_IMAGE_REGISTRY", "CRAFT_IMAGE_TAG"):
         monkeypatch.delenv(var, raising=False)
     images = importlib.reload(importlib.import_module("components.images"))
     base = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
     (entry,) = base["images"]
-    assert images.CPU_IMAGE == f"{entry['name']}:{entry['newTag']}"
+    assert images.CPU_IMAGE.rsplit(":", 1)[0] == entry["name"]
+    from craft.version import code_version
+
+    assert images.TAG == code_version()  # the git sha, not the package version
     makefile = (ROOT / "Makefile").read_text()
-    assert "craft-cpu:$(VERSION)" in makefile and "craft-gpu:$(VERSION)" in makefile
+    assert "craft-cpu:$(GIT_SHA)" in makefile and "craft-gpu:$(GIT_SHA)" in makefile
+    assert "VCS_REF=$(GIT_SHA)" in makefile and "git diff --quiet HEAD" in makefile

@@ -71,11 +71,70 @@ def test_pod_settings(compiled):
         res = containers[ex]["resources"]
         assert res["accelerator"]["resourceType"] == "nvidia.com/gpu" and res["accelerator"]["resourceCount"] == "1"
         assert "craft-gpu" in containers[ex]["image"]
-        assert k8s[ex]["pvcMount"][0]["constant"] == "craft-model-cache"
+        # one model cache per pod (emptyDir, fed from the object store); no shared PVC
+        assert k8s[ex]["emptyDirMounts"] == [{"volumeName": "model-cache", "mountPath": "/cache/models",
+                                              "sizeLimit": "50Gi"}]  # fmt: skip
+        assert "pvcMount" not in k8s[ex]
+        env = {e["name"]: e["value"] for e in containers[ex]["env"]}
+        assert env["CRAFT_MODEL_CACHE"] == "/cache/models"
     assert "accelerator" not in containers["exec-validate-op"].get("resources", {})
     secret = k8s["exec-reward-op"]["secretAsEnv"][0]
-    assert secret["secretName"] == "mlpipeline-minio-artifact"
+    assert secret["secretName"] == "craft-s3-writer"  # training checkpoints go to the object store
     assert {e["envVar"] for e in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert "mlpipeline-minio-artifact" not in text  # Kubeflow's root key is nowhere in the pipeline
+
+
+def _platform_by_task(spec, k8s):
+    tasks = _tasks(spec)
+    return {name: k8s.get(t["componentRef"]["name"].replace("comp-", "exec-"), {}) for name, t in tasks.items()
+            if "executorLabel" in spec["components"][t["componentRef"]["name"]]}  # fmt: skip
+
+
+def _secrets(platform):
+    return {s["secretName"]: {e["envVar"] for e in s["keyToEnv"]} for s in platform.get("secretAsEnv", [])}
+
+
+def test_every_task_gets_the_deployment_configmap_labels_and_uid(compiled):
+    from pipelines.resources import CONFIG_ENV, CONFIG_MAP, POD_LABELS
+
+    spec, k8s, _ = compiled
+    by_task = _platform_by_task(spec, k8s)
+    register = spec["components"]["comp-condition-1"]["dag"]["tasks"]["register-op"]  # inside gates-passed
+    by_task["register"] = k8s[register["componentRef"]["name"].replace("comp-", "exec-")]
+    assert len(by_task) >= 20
+    for name, platform in by_task.items():
+        (cm,) = platform["configMapAsEnv"]
+        assert cm["configMapName"] == CONFIG_MAP and cm["optional"] is False, name
+        assert {e["configMapKey"]: e["envVar"] for e in cm["keyToEnv"]} == CONFIG_ENV, name
+        assert platform["podMetadata"]["labels"] == POD_LABELS, name  # what the egress NetworkPolicy selects
+        assert platform["securityContext"] == {"runAsUser": "10001", "runAsGroup": "10001", "runAsNonRoot": True}
+
+
+def test_scoped_secrets_per_step_kind(compiled):
+    """Reader for steps that only read, writer where a step writes, nothing where none is needed; the MLLM key
+    only on annotate and dpo."""
+    spec, k8s, _ = compiled
+    by_task = _platform_by_task(spec, k8s)
+    register = spec["components"]["comp-condition-1"]["dag"]["tasks"]["register-op"]
+    by_task["register"] = k8s[register["componentRef"]["name"].replace("comp-", "exec-")]
+    store = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    want = {
+        "dataset-version": "craft-s3-reader", "data": "craft-s3-reader", "critic-probe": "craft-s3-reader",
+        "evaluate": "craft-s3-reader", "champion": "craft-s3-reader", "validate": "craft-s3-writer",
+        "register": "craft-s3-writer", "pretrain": "craft-s3-writer", "craft": "craft-s3-writer",
+        "ti": "craft-s3-writer", "controlnet-mask": "craft-s3-writer", "annotate": None, "gate": None,
+    }  # fmt: skip
+    for name, identity in want.items():
+        secrets = _secrets(by_task[name])
+        holders = {n for n, envs in secrets.items() if envs == store}
+        assert holders == ({identity} if identity else set()), f"{name}: {holders}"
+    # annotate: the MLLM key and no object-store key (the launcher moves its artifacts)
+    assert _secrets(by_task["annotate"]) == {"craft-mllm": {"MLLM_API_KEY"}}
+    # the DPO judge (dpo.judge=mllm) needs the key too; the other baselines do not get it
+    assert _secrets(by_task["dpo"])["craft-mllm"] == {"MLLM_API_KEY"}
+    for name, platform in by_task.items():
+        if name not in ("annotate", "dpo"):
+            assert "craft-mllm" not in _secrets(platform), name
 
 
 def test_components_install_nothing(compiled):

@@ -60,7 +60,7 @@ def compiled(tmp_path, monkeypatch):
                 {
                     "accelerator": {"type": "nvidia.com/gpu", "count": 2},
                     "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
-                    "env": {"CRAFT_S3_ENDPOINT": "minio-service.kubeflow:9000"},
+                    "env": {"CRAFT_LOG_FORMAT": "json"},
                     "timeout_s": 7200,
                 },
             ),
@@ -92,8 +92,7 @@ def test_gpu_step_requests_accelerator_cpu_memory(compiled):
     k8s = spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"][exec_name]
     assert k8s["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in k8s["tolerations"]
-    assert k8s["pvcMount"][0]["mountPath"] == "/cache/models"
-    assert k8s["pvcMount"][0]["pvcNameParameter"]["runtimeValue"]["constant"] == "craft-model-cache"
+    assert k8s["emptyDirMounts"][0]["mountPath"] == "/cache/models"  # one cache per pod, fed from the store
     assert k8s["activeDeadlineSeconds"] == "7200"
 
 
@@ -107,8 +106,9 @@ def test_secrets_are_references_only(compiled):
                 refs[(name, kv["envVar"])] = (s["secretName"], kv["secretKey"])
     train_exec, _ = _executor_for(spec, "craft")
     annotate_exec, _ = _executor_for(spec, "annotate")
-    assert refs[(train_exec, "AWS_ACCESS_KEY_ID")] == ("mlpipeline-minio-artifact", "accesskey")
-    assert refs[(train_exec, "AWS_SECRET_ACCESS_KEY")] == ("mlpipeline-minio-artifact", "secretkey")
+    assert refs[(train_exec, "AWS_ACCESS_KEY_ID")] == ("craft-s3-writer", "accesskey")
+    assert refs[(train_exec, "AWS_SECRET_ACCESS_KEY")] == ("craft-s3-writer", "secretkey")
+    assert (annotate_exec, "AWS_SECRET_ACCESS_KEY") not in refs  # the annotate pod holds no object-store key
     assert refs[(annotate_exec, "MLLM_API_KEY")] == ("craft-mllm", "api-key")
     assert (train_exec, "MLLM_API_KEY") not in refs  # only the annotate step gets the MLLM key
     for value in sentinel.values():
@@ -529,9 +529,10 @@ def test_real_pipeline_steps_carry_their_resources(tmp_path):
         else:
             assert "accelerator" not in res, step
         secrets_used = {s["secretName"] for s in k8s.get(label, {}).get("secretAsEnv", [])}
-        assert "mlpipeline-minio-artifact" in secrets_used, step
+        assert (want["object_store_secret"] in secrets_used) if want.get("object_store_secret") else (
+            not secrets_used & {"craft-s3-reader", "craft-s3-writer"}), step  # fmt: skip
         assert ("craft-mllm" in secrets_used) == bool(want.get("mllm_secret")), step
-        mounts = [m["mountPath"] for m in k8s.get(label, {}).get("pvcMount", [])]
+        mounts = [m["mountPath"] for m in k8s.get(label, {}).get("emptyDirMounts", [])]
         assert mounts == (["/cache/models"] if want.get("model_cache") else []), step
         seen.add(step)
     assert {"data", "validate"} <= seen

@@ -16,12 +16,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
+import shutil
+import socket
 import string
-import subprocess
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -341,24 +345,10 @@ def model_resolution(unet, vae) -> int:
 
 
 def code_version() -> str:
-    """The git commit of the checked-out code (+ ``-dirty``), or the package version outside git."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        sha = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-            text=True, timeout=10,
-        ).stdout.strip()  # fmt: skip
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        from importlib.metadata import PackageNotFoundError, version
+    """The code version recorded in lineage: :func:`craft.version.code_version` (the image's git sha)."""
+    from craft.version import code_version as _code_version
 
-        try:
-            return "craft " + version("craft")
-        except PackageNotFoundError:
-            return "unknown"
+    return _code_version()
 
 
 def save_pipeline(pipe, out_dir: str | os.PathLike, lineage: dict[str, Any] | None = None) -> Path:
@@ -397,19 +387,116 @@ def unneeded_pickles(paths: list[str]) -> list[str]:
     return sorted(out)
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 over a committed prefix's file list (path, size, sha256): the id of what the prefix holds.
+
+    Upload time and staging id are left out, so re-uploading identical files keeps the digest.
+    """
+    files = sorted((e["path"], int(e["size"]), e["sha256"]) for e in manifest["files"])
+    return hashlib.sha256(json.dumps(files, separators=(",", ":")).encode()).hexdigest()
+
+
+def _complete(folder: Path, want: dict[str, int]) -> bool:
+    """``folder`` holds every wanted file at its manifest size (sha256 was checked when it was downloaded)."""
+    if not folder.is_dir():
+        return False
+    for rel, size in want.items():
+        try:
+            if (folder / rel).stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive ``flock`` on ``path``: one fetcher per version downloads, the others wait for it."""
+    import fcntl
+
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_TEMP = re.compile(r"\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def _remove_stale_temps(home: Path, digest: str) -> None:
+    """Remove temporary download folders of ``digest`` left by fetchers that died on this host.
+
+    Only those whose process is gone: where locks do not hold, another live fetcher may be downloading
+    into its own temporary folder right now, and a folder of another host (a shared volume) is not ours.
+    """
+    for p in home.glob(f"*{digest}.tmp-*"):
+        m = _TEMP.search(p.name)
+        if not m or m["host"] != socket.gethostname():
+            continue
+        try:
+            os.kill(int(m["pid"]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where ``s3://`` models are cached: ``cache_dir``, else ``$CRAFT_MODEL_CACHE``, else ~/.cache/craft/models."""
+    return Path(cache_dir or os.environ.get("CRAFT_MODEL_CACHE") or Path.home() / ".cache" / "craft" / "models")
+
+
 def _fetch(uri: str, cache_dir: str | os.PathLike | None) -> Path:
+    """The committed version of ``uri`` in the local cache: ``<root>/<sha256(uri)[:16]>/<manifest digest[:32]>``.
+
+    The manifest is read first (one small GET); a complete folder for its digest is used as it is, without
+    downloading. A folder is never replaced or written once it has its final name: a new version of the
+    prefix is a new folder, downloaded into a temporary one and renamed into place, so a reader (another rank,
+    another step on the same volume) never sees files change under it. Fetchers of one version take a file
+    lock, so one downloads and the others wait; the rename only happens if the name is free, so even
+    without working locks two fetchers cannot mix their files.
+    """
     from craft.storage.objectstore import ObjectStore
 
-    root = Path(cache_dir or os.environ.get("CRAFT_MODEL_CACHE", Path.home() / ".cache" / "craft" / "models"))
-    local = root / hashlib.sha256(uri.encode()).hexdigest()[:16]
     store = ObjectStore.from_env()
+    manifest = store.read_manifest(uri)
+    digest = manifest_digest(manifest)[:32]
     # An SD 2.1 snapshot carries every weight twice (.safetensors and .bin) plus .ckpt files: several GB
     # that would be downloaded to every pod and never read.
-    skip = unneeded_pickles([e["path"] for e in store.read_manifest(uri)["files"]])
-    if skip:
-        log.info("%s: not downloading pickle files %s (only .safetensors weights are loaded)", uri, ", ".join(skip))
-    store.download_dir(uri, local, skip=skip)
-    return local
+    skip = unneeded_pickles([e["path"] for e in manifest["files"]])
+    want = {e["path"]: int(e["size"]) for e in manifest["files"] if e["path"] not in set(skip)}
+    home = cache_root(cache_dir) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    final = home / digest
+    if _complete(final, want):
+        log.info("%s: version %s already in the cache at %s", uri, digest[:12], final)
+        return final
+    home.mkdir(parents=True, exist_ok=True)
+    with _file_lock(home / f".{digest}.lock"):
+        if _complete(final, want):  # another fetcher finished it while we waited for the lock
+            return final
+        if final.exists():
+            # incomplete under its final name (a file deleted or truncated by hand): set aside, never rewritten
+            broken = home / f".{digest}.broken-{uuid.uuid4().hex[:8]}"
+            log.warning("%s: cached %s is incomplete; moving it to %s and downloading again", uri, final, broken)
+            os.rename(final, broken)
+        _remove_stale_temps(home, digest)
+        if skip:
+            log.info("%s: not downloading pickle files %s (only .safetensors weights are loaded)", uri,
+                     ", ".join(skip))  # fmt: skip
+        tmp = home / f".{digest}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            store.download_dir(uri, tmp, skip=skip, manifest=manifest)
+            try:
+                os.rename(tmp, final)  # fails when the name exists: another fetcher (without the lock) won
+            except OSError:
+                if not _complete(final, want):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("%s: version %s downloaded to %s", uri, digest[:12], final)
+    return final
 
 
 def resolve_model_dir(path_or_uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -15,7 +15,9 @@ the prefix uncommitted (no manifest) and a rerun finishes the job. Readers trust
 manifest and check every file's sha256 against it.
 
 Credentials come only from the environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` and the MinIO
-and Kubeflow spellings), never from configs or arguments, and are never logged.
+and Kubeflow spellings), never from configs or arguments, and are never logged. Where the store is comes from
+the config or ``CRAFT_S3_ENDPOINT`` / ``CRAFT_S3_SECURE``, which every pipeline pod and the retraining CronJob
+get from the deployment's ConfigMap ``craft-env`` (k8s/, docs/DEPLOY.md section 2); there is no guess.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ CREDENTIAL_ENV_PAIRS = [
 ]
 # Environment variables that may name the endpoint when the config leaves it empty, in order.
 ENDPOINT_ENV = ["CRAFT_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MINIO_ENDPOINT"]
+# https or not when neither the config nor an http(s):// prefix on the endpoint says: true/false.
+SECURE_ENV = "CRAFT_S3_SECURE"
+# The ConfigMap that carries both in a cluster (k8s/base/kustomization.yaml), named in errors.
+CONFIG_MAP = "craft-env"
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 # S3 error codes worth retrying: the server is busy or failed, not the request.
 TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "OperationAborted"}
 # Codes that mean the keys are wrong: say so plainly.
@@ -68,12 +75,11 @@ CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied
 class StorageConfig:
     """Where the S3 API store is and how hard to try; never the keys (those come from the environment)."""
 
-    # host:port of the S3 API (an http:// or https:// prefix is accepted and sets `secure`);
-    # "" -> env CRAFT_S3_ENDPOINT, AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, MINIO_ENDPOINT, or Kubeflow's
-    # MINIO_SERVICE_SERVICE_HOST/PORT.
+    # host:port of the S3 API (an http:// or https:// prefix is accepted and decides `secure`);
+    # "" -> env CRAFT_S3_ENDPOINT, AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or MINIO_ENDPOINT; none -> an error
     endpoint: str = ""
-    # use https
-    secure: bool = False
+    # use https; null -> env CRAFT_S3_SECURE (true/false), else the endpoint's scheme, else false (plain http)
+    secure: bool | None = None
     # bucket region sent in signatures and on bucket creation (MinIO/SeaweedFS accept us-east-1)
     region: str = "us-east-1"
     # attempts after the first on a transient error (connection error, 5xx, SlowDown, InternalError)
@@ -128,29 +134,60 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def _split_endpoint(endpoint: str, secure: bool) -> tuple[str, bool]:
+def _env_secure() -> bool | None:
+    """``CRAFT_S3_SECURE`` as a bool, None when unset or empty; anything but true/false is an error."""
+    raw = os.environ.get(SECURE_ENV, "").strip().lower()
+    if not raw:
+        return None
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ObjectStoreError(f"{SECURE_ENV}={os.environ[SECURE_ENV]!r}: expected true or false")
+
+
+def _split_endpoint(endpoint: str, secure: bool | None) -> tuple[str, bool]:
+    """(host:port, https?) of ``endpoint``; a scheme that contradicts an explicit ``secure`` is an error.
+
+    >>> _split_endpoint("https://s3.example.org", None)
+    ('s3.example.org', True)
+    >>> _split_endpoint("minio-service.kubeflow:9000", None)
+    ('minio-service.kubeflow:9000', False)
+    """
     ep = endpoint.strip()
+    scheme = None
     if ep.startswith("https://"):
-        ep, secure = ep[len("https://") :], True
+        ep, scheme = ep[len("https://") :], True
     elif ep.startswith("http://"):
-        ep, secure = ep[len("http://") :], False
+        ep, scheme = ep[len("http://") :], False
     ep = ep.rstrip("/")
     if not ep or "/" in ep:
         raise ValueError(f"storage endpoint must be host:port (optionally with http(s)://), got {endpoint!r}")
-    return ep, secure
+    if scheme is not None and secure is not None and scheme != secure:
+        raise ValueError(
+            f"storage endpoint {endpoint!r} says {'https' if scheme else 'http'} but secure={secure} "
+            f"(storage.secure or {SECURE_ENV}): make them agree"
+        )
+    return ep, scheme if scheme is not None else bool(secure)
 
 
 def _resolve_endpoint(cfg: StorageConfig) -> tuple[str, bool]:
+    """(host:port, https?) from the config, else the environment; no endpoint at all is an error.
+
+    There is deliberately no fallback to Kubeflow's ``MINIO_SERVICE_SERVICE_HOST``: that variable exists only
+    in pods of the ``kubeflow`` namespace, so a run would work in one namespace and not in another.
+    """
+    secure = cfg.secure if cfg.secure is not None else _env_secure()
     if cfg.endpoint:
-        return _split_endpoint(cfg.endpoint, cfg.secure)
+        return _split_endpoint(cfg.endpoint, secure)
     for name in ENDPOINT_ENV:
         if os.environ.get(name):
-            return _split_endpoint(os.environ[name], cfg.secure)
-    host, port = os.environ.get("MINIO_SERVICE_SERVICE_HOST"), os.environ.get("MINIO_SERVICE_SERVICE_PORT")
-    if host and port:
-        return _split_endpoint(f"{host}:{port}", cfg.secure)
+            return _split_endpoint(os.environ[name], secure)
     raise ObjectStoreError(
-        "no S3 endpoint: set storage.endpoint or one of the environment variables " + ", ".join(ENDPOINT_ENV)
+        f"no S3 endpoint: set CRAFT_S3_ENDPOINT (host:port; with {SECURE_ENV}=true for https). In a cluster every "
+        f"pipeline pod and the retraining CronJob get it from the ConfigMap {CONFIG_MAP!r} of the deployed overlay "
+        f"(k8s/, docs/DEPLOY.md section 2); check that it exists in the namespace the pods run in. Also accepted: "
+        f"storage.endpoint, {', '.join(ENDPOINT_ENV[1:])}"
     )
 
 
@@ -237,7 +274,10 @@ class ObjectStore:
 
         cfg = cfg or StorageConfig()
         cfg.validate()
-        endpoint, secure = _resolve_endpoint(cfg)
+        try:
+            endpoint, secure = _resolve_endpoint(cfg)
+        except ValueError as e:
+            raise ObjectStoreError(str(e)) from e
         key, secret, token = _credentials_from_env()
         # Our own retry loop decides what is transient; the HTTP pool does not retry underneath it.
         http = PoolManager(timeout=Timeout(connect=10.0, read=120.0), retries=False, maxsize=8)
@@ -256,9 +296,15 @@ class ObjectStore:
                 return fn(*args, **kwargs)
             except Exception as exc:
                 if _code(exc) in CREDENTIAL_CODES:
+                    hint = (
+                        "the keys may not do this: each step kind gets a scoped identity (k8s/object-store, "
+                        "pipelines/resources.py object_store_secret); check that its policy allows this prefix"
+                        if _code(exc) == "AccessDenied"
+                        else "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+                    )
                     raise CredentialsError(
                         f"{what}: the S3 endpoint {self.endpoint} refused the request made with the credentials "
-                        f"from the environment ({_code(exc)}); check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+                        f"from the environment ({_code(exc)}); {hint}"
                     ) from exc
                 if not _is_transient(exc) or attempt >= self.cfg.retries:
                     if _is_transient(exc):
@@ -273,9 +319,21 @@ class ObjectStore:
                 attempt += 1
 
     def _ensure_bucket(self, bucket: str) -> None:
+        """Create ``bucket`` before a first write when it is missing and the keys may create it."""
         if bucket in self._known_buckets:
             return
-        if not self._call(f"bucket_exists {bucket}", self.client.bucket_exists, bucket):
+        try:
+            exists = self._call(f"bucket_exists {bucket}", self.client.bucket_exists, bucket)
+        except CredentialsError as e:
+            if _code(e.__cause__) != "AccessDenied":
+                raise  # wrong keys, not a scoped identity
+            # A scoped identity (k8s/object-store) may write its prefixes without being allowed to stat the
+            # bucket (SeaweedFS ties HeadBucket to bucket-wide read). Such keys could not create the bucket
+            # either: the administrator creates it (docs/DEPLOY.md section 4), and the write that follows
+            # fails with NoSuchBucket, naming it, when it is missing.
+            self._known_buckets.add(bucket)
+            return
+        if not exists:
             from minio.error import S3Error
 
             try:
@@ -402,14 +460,18 @@ class ObjectStore:
             raise IntegrityError(f"{uri}/{MANIFEST_NAME}: not a {MANIFEST_FORMAT} manifest")
         return manifest
 
-    def download_dir(self, uri: str, local_dir: str | os.PathLike, skip: Iterable[str] = ()) -> Path:
+    def download_dir(
+        self, uri: str, local_dir: str | os.PathLike, skip: Iterable[str] = (), manifest: dict | None = None
+    ) -> Path:
         """Download the committed version of ``uri`` into ``local_dir`` (replaced as a whole) and verify it.
 
         ``skip``: relative paths listed in the manifest that are not wanted (e.g. the pickle weights of a
         model snapshot that loading never reads); a name the manifest does not list is refused.
+        ``manifest``: the one :meth:`read_manifest` returned earlier, so that what lands is exactly the version
+        the caller decided on (a file that changed since fails its sha256 check); default: read it now.
         """
         bucket, prefix = parse_s3_uri(uri)
-        manifest = self.read_manifest(uri)
+        manifest = manifest if manifest is not None else self.read_manifest(uri)
         skip = set(skip)
         unknown = sorted(skip - {e["path"] for e in manifest["files"]})
         if unknown:
