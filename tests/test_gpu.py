@@ -87,8 +87,17 @@ def _draft_train_step(comp, c: RewardConfig, tmp_path, latents: bool):
         data["latents"] = torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(1))
     loop = LoopConfig(steps=1, batch_size=2, lr=1e-2, progress=False, mixed_precision="auto",
                       gradient_checkpointing=True)  # fmt: skip
-    res = train(model, data, loop, tmp_path / "run")
+    calls = []
+    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
+             for i, b in enumerate(comp.vae.decoder.up_blocks)]  # fmt: skip
+    try:
+        res = train(model, data, loop, tmp_path / "run")
+    finally:
+        for h in hooks:
+            h.remove()
     assert seen == [(True, torch.bfloat16, "cuda")], seen
+    # the checkpointed decode: each up-block ran in the forward and once more in the backward
+    assert sorted(calls) == sorted(list(range(len(comp.vae.decoder.up_blocks))) * 2), calls
     assert torch.backends.cuda.matmul.allow_tf32, "the loop did not allow TF32"
     assert torch.isfinite(torch.tensor(res.logs["loss"])) and torch.isfinite(torch.tensor(res.logs["grad_norm"]))
     assert res.logs["grad_norm"] > 0
