@@ -63,15 +63,20 @@ def set_scheduler(pipe, kind: Literal["ddim", "ddpm"]) -> None:
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], steps: int = 20, guidance: float = 4.0, seed: int = 0,
-             scheduler: Literal["ddim", "ddpm"] = "ddim", batch: int = 32, eta: float = 0.0):  # fmt: skip
+             scheduler: Literal["ddim", "ddpm"] = "ddim", batch: int = 32, eta: float = 0.0,
+             precision: Literal["auto", "no", "bf16", "fp16"] = "auto"):  # fmt: skip
     """PIL images for ``prompts`` (one each); the same seed gives the same images.
 
     Guidance > 1 is classifier-free guidance against the empty prompt (the models are trained
     with caption dropout to ""); guidance <= 1 samples the conditional model alone. Images come at
-    ``model_resolution`` (UNet-implied), the size every training stage uses.
+    ``model_resolution`` (UNet-implied), the size every training stage uses. ``precision``: autocast
+    as ``craft.models.accel.resolve_precision`` (auto: bf16 on CUDA, fp32 on CPU); SDPA attention, TF32.
     """
+    from craft.models.accel import autocast, configure_kernels, use_sdpa
     from craft.models.diffusion import model_resolution, vae_factor
 
+    configure_kernels(pipe.device)
+    use_sdpa(pipe.unet, pipe.vae, pipe.text_encoder)
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -86,10 +91,11 @@ def generate(pipe, prompts: list[str], steps: int = 20, guidance: float = 4.0, s
         # draw the initial noise on CPU with our generator so results do not depend on the device
         shape = (len(chunk), pipe.unet.config.in_channels, side, side)
         latents = torch.randn(shape, generator=gen).to(pipe.device, pipe.unet.dtype)
-        out = pipe(
-            chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gen, latents=latents,
-            height=res, width=res, output_type="pil", **kwargs,
-        )  # fmt: skip
+        with autocast(pipe.device, precision):
+            out = pipe(
+                chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gen, latents=latents,
+                height=res, width=res, output_type="pil", **kwargs,
+            )  # fmt: skip
         images.extend(out.images)
     return images
 

@@ -235,3 +235,140 @@ def test_critic_scores_the_plain_prompt_while_the_generator_reads_class_tokens()
     model(b, torch.Generator().manual_seed(0))
     assert seen["prompts"] == PROMPTS[:2] * 2 and "gen_prompt" not in seen["keys"]
     assert encoded[0] == b["gen_prompt"]
+
+
+# ---------------------------------------------------------------- GPU path pieces that run on CPU too
+
+
+def _count_calls(modules) -> tuple[dict[str, int], list]:
+    calls: dict[str, int] = {}
+    hooks = []
+    for name, m in modules:
+        calls[name] = 0
+
+        def hook(mod, args, name=name):
+            calls[name] += 1
+
+        hooks.append(m.register_forward_pre_hook(hook))
+    return calls, hooks
+
+
+def test_block_checkpointed_decode_matches_plain_decode(monkeypatch):
+    import torch.utils.checkpoint as tuc
+
+    from craft.train.reward import decode
+
+    vae = tiny().vae
+    blocks = [("mid", vae.decoder.mid_block)] + [(f"up{i}", b) for i, b in enumerate(vae.decoder.up_blocks)]
+    weight = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    results = {}
+    real = tuc.checkpoint
+    n_ckpt = {"n": 0}
+
+    def counting(*a, **k):
+        n_ckpt["n"] += 1
+        return real(*a, **k)
+
+    for ckpt in (False, True):
+        n_ckpt["n"] = 0
+
+        monkeypatch.setattr(tuc, "checkpoint", counting)
+        z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        calls, hooks = _count_calls(blocks)
+        try:
+            x = decode(vae, z, checkpoint_blocks=ckpt)
+            (x * weight).sum().backward()
+        finally:
+            for h in hooks:
+                h.remove()
+        results[ckpt] = (x.detach(), z.grad)
+        # checkpointed: one segment per block plus head and output conv; each block recomputed once in backward
+        assert n_ckpt["n"] == (len(vae.decoder.up_blocks) + 2 if ckpt else 0)
+        assert set(calls.values()) == {2 if ckpt else 1}, calls
+    (x0, g0), (x1, g1) = results[False], results[True]
+    assert torch.equal(x0, x1)
+    assert g0.abs().max() > 0 and torch.allclose(g0, g1, rtol=1e-5, atol=1e-7)
+
+
+def _perturbed_lora(seed: int = 3):
+    """Tiny components with a LoRA moved off its zero init (so lora_A gets a gradient too)."""
+    comp = tiny()
+    add_lora(comp.unet, LoraSettings())
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in comp.unet.named_parameters():
+            if "lora" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    return comp
+
+
+def _lora_grads(comp, c: RewardConfig, checkpointing: bool, precision: str = "no"):
+    """LoRA gradients of one DRaFT step on ``comp`` (same batch and noise every call) and the step's outputs."""
+    from craft.models.accel import autocast
+
+    comp.unet.zero_grad(set_to_none=True)
+    model = DraftObjective(comp.unet, comp.vae, comp.text_encoder, comp.tokenizer, comp.scheduler, mean_brightness, c)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    with autocast("cpu", precision):
+        res = model(batch(2, latents=True), torch.Generator().manual_seed(0))
+    res["loss"].backward()
+    lora = [(n, p) for n, p in comp.unet.named_parameters() if "lora" in n]
+    return torch.cat([p.grad.flatten() for _, p in lora]), lora, res
+
+
+def test_vae_checkpointing_modes_give_the_same_lora_gradients():
+    comp = _perturbed_lora()
+    ref, _, _ = _lora_grads(comp, cfg(sample_steps=2, vae_checkpointing="off"), checkpointing=False)
+    assert ref.abs().max() > 0
+    for mode, ckpt in (("blocks", False), ("whole", False), ("auto", True)):
+        g, _, _ = _lora_grads(comp, cfg(sample_steps=2, vae_checkpointing=mode), checkpointing=ckpt)
+        assert torch.allclose(g, ref, rtol=1e-4, atol=1e-8), (mode, (g - ref).abs().max())
+    with pytest.raises(ValueError, match="vae_checkpointing"):
+        cfg(vae_checkpointing="tiles")
+
+
+@pytest.mark.skipif(not torch.amp.autocast_mode.is_autocast_available("cpu"), reason="no CPU autocast in this torch")
+def test_bf16_autocast_step_matches_fp32_gradient_direction():
+    comp = _perturbed_lora()
+    c = cfg(diffusion_weight=1.0)
+    g32, _, _ = _lora_grads(comp, c, checkpointing=True, precision="no")
+    g16, lora, r16 = _lora_grads(comp, c, checkpointing=True, precision="bf16")
+    assert torch.isfinite(g16).all() and torch.isfinite(r16["loss"])
+    # master weights and their gradients stay fp32 under autocast; only the arithmetic is bf16
+    assert {p.dtype for _, p in lora} == {torch.float32} and {p.grad.dtype for _, p in lora} == {torch.float32}
+    cos = torch.nn.functional.cosine_similarity(g32, g16, dim=0)
+    assert cos >= 0.99, float(cos)
+    assert not torch.equal(g32, g16), "bf16 autocast changed nothing: it did not run in bf16"
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps ONE mixed precision per process (a second Accelerator with another one raises); the test
+    session shares a process with fp32 loop runs, so reset its state around a bf16 run (as accelerate's tests do)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_loop_with_bf16_runs_the_step_under_autocast(tmp_path, fresh_accelerate_state):
+    seen = []
+
+    def reward(images, meta):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return mean_brightness(images, meta)
+
+    comp, model = objective(cfg(diffusion_weight=1.0), reward=reward)
+    before = {n: p.detach().clone() for n, p in comp.unet.named_parameters()}
+    data = {"prompt": PROMPTS[:2], "label": ["a", "b"], "latents": torch.randn(2, 4, 16, 16)}
+    loop = LoopConfig(steps=1, batch_size=2, lr=1e-2, threads=2, progress=False, mixed_precision="bf16",
+                      gradient_checkpointing=True)  # fmt: skip
+    res = train(model, data, loop, tmp_path / "run")
+    assert seen == [(True, torch.bfloat16)]
+    assert torch.isfinite(torch.tensor(res.logs["loss"]))
+    changed = [n for n, p in comp.unet.named_parameters() if not torch.equal(before[n], p.detach())]
+    assert changed and all("lora" in n for n in changed)
+    assert all(p.dtype == torch.float32 for n, p in comp.unet.named_parameters() if "lora" in n)

@@ -213,7 +213,10 @@ def train(
         torch.set_num_threads(cfg.threads)
     out = Path(out_dir)
     use_cuda = torch.cuda.is_available()
-    mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if use_cuda else "no")
+    from craft.models.accel import configure_kernels, resolve_precision
+
+    mp = resolve_precision(cfg.mixed_precision, "cuda" if use_cuda else "cpu")  # auto: bf16 on CUDA, fp32 on CPU
+    configure_kernels("cuda" if use_cuda else "cpu")  # TF32 for what stays fp32
     acc = Accelerator(
         cpu=not use_cuda, mixed_precision=mp,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],

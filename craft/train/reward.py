@@ -7,7 +7,7 @@ One step of ``DraftObjective`` (what the shared loop in ``craft.train.loop`` cal
 2. draw n stochastic trajectories per prompt, batched together as one UNet batch of n*B (x2 with
    guidance): T - K sampler steps without gradient (DDPM by default, as in the paper, app. I);
 3. the last K sampler steps keep the graph (each UNet call optionally checkpointed), then the VAE
-   decoder (optionally checkpointed) -> images in [0, 1] -> the reward CALLABLE (the frozen critic
+   decoder (optionally checkpointed block by block) -> images in [0, 1] -> the reward CALLABLE (the frozen critic
    in a real run: ``craft.models.encoders.ClinicalAlignmentModule`` + ``craft.losses.clinical_reward``);
 4. rewards averaged over the n repeats of each prompt (eq. 6), then over the batch;
 5. plus the standard diffusion loss on the paired real latent conditioned on its enriched prompt
@@ -100,6 +100,10 @@ class RewardConfig:
     missing_prompt: Literal["skip", "error"] = "skip"  # rows without an ok enriched prompt: drop or refuse
     checklist_mode: Literal["mean_items", "joined"] = "mean_items"  # how the critic embeds a checklist
     use_sfs: bool = True  # SFS needs the paired real image (eq. 5); False = prompt-only reward
+    # how the VAE decode inside the DRaFT graph is checkpointed: "blocks" = each decoder block separately (backward
+    # holds one block's activations), "whole" = the decode as one unit (its recomputation rebuilds them all at
+    # once; kept for bench/bench_sd21.py), "off" = in the graph; "auto" = blocks when loop.gradient_checkpointing
+    vae_checkpointing: Literal["auto", "blocks", "whole", "off"] = "auto"
     device: str = "auto"  # auto: cuda when available
 
     def validate(self) -> None:
@@ -114,6 +118,8 @@ class RewardConfig:
         bad = sorted(set(self.reward_weights) - {"vdc", "ccs", "dd", "sfs"})
         if bad:
             raise ValueError(f"reward_weights: unknown reward {bad[0]!r} (vdc, ccs, dd, sfs)")
+        if self.vae_checkpointing not in ("auto", "blocks", "whole", "off"):
+            raise ValueError(f"vae_checkpointing must be auto, blocks, whole or off, got {self.vae_checkpointing!r}")
         self.lora.validate()
 
 
@@ -274,10 +280,49 @@ def sample_latents(unet, sched, cond, uncond, generator, guidance: float, eta: f
     return z
 
 
-def decode(vae, z: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [0, 1] (differentiable)."""
-    x = vae.decode((z / vae.config.scaling_factor).to(vae.dtype)).sample.float()
+def decode(vae, z: torch.Tensor, checkpoint_blocks: bool = False) -> torch.Tensor:
+    """Latents -> images in [0, 1] (differentiable).
+
+    ``checkpoint_blocks``: run the decoder as separately checkpointed segments (conv_in + mid-block, each
+    up-block, the output head), so backward recomputes one segment at a time and keeps only the segment
+    boundaries alive; the whole decode in the graph (or checkpointed as one unit, whose recomputation
+    rebuilds every activation at once) holds all of them. Same values and gradients (``tests/test_draft.py``).
+    """
+    z = (z / vae.config.scaling_factor).to(vae.dtype)
+    if checkpoint_blocks and torch.is_grad_enabled():
+        x = _decode_by_blocks(vae, z).float()
+    else:
+        x = vae.decode(z).sample.float()
     return (x / 2 + 0.5).clamp(0, 1)
+
+
+def _decode_by_blocks(vae, z: torch.Tensor) -> torch.Tensor:
+    """``AutoencoderKL.decode(z).sample`` (diffusers 0.42 ``_decode`` + ``Decoder.forward``), one checkpoint per block.
+
+    diffusers' own ``vae.enable_gradient_checkpointing()`` checkpoints the mid- and up-blocks too but leaves
+    the output head (GroupNorm, SiLU, conv at full resolution and 128 channels for SD) in the graph.
+    """
+    from diffusers.models.autoencoders.vae import Decoder
+    from torch.utils.checkpoint import checkpoint
+
+    dec = vae.decoder
+    if type(dec) is not Decoder or dec.conv_norm_out.__class__ is not torch.nn.GroupNorm:
+        raise TypeError(f"block checkpointing supports diffusers' AutoencoderKL Decoder, got {type(dec).__name__}")
+    if vae.use_tiling or vae.use_slicing:
+        raise ValueError("block-checkpointed decode does not tile or slice; disable vae tiling/slicing")
+
+    def head(a):  # conv_in and the mid-block (attention at the lowest resolution)
+        if vae.post_quant_conv is not None:
+            a = vae.post_quant_conv(a)
+        return dec.mid_block(dec.conv_in(a), None)
+
+    def tail(a):
+        return dec.conv_out(dec.conv_act(dec.conv_norm_out(a)))
+
+    x = checkpoint(head, z, use_reentrant=False)
+    for block in dec.up_blocks:
+        x = checkpoint(block, x, None, use_reentrant=False)
+    return checkpoint(tail, x, use_reentrant=False)
 
 
 class TrainableOnly(torch.nn.Module):
@@ -352,8 +397,7 @@ class DraftObjective(TrainableOnly):
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, reward_fn: RewardFn, cfg: RewardConfig):
         super().__init__()
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
+        from craft.models.accel import use_sdpa
         from craft.models.diffusion import prediction_type
 
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
@@ -361,7 +405,7 @@ class DraftObjective(TrainableOnly):
         self.__dict__["reward_fn"] = reward_fn  # not a submodule: the critic stays out of state_dict / optimizer
         vae.requires_grad_(False)
         text_encoder.requires_grad_(False)
-        unet.set_attn_processor(AttnProcessor2_0())
+        use_sdpa(unet, vae, text_encoder)  # flash / memory-efficient attention kernels on CUDA
         self.sched = make_scheduler(scheduler, cfg.scheduler, cfg.sample_steps, cfg.timestep_spacing)
         self.train_sched = scheduler  # the training noise schedule for L_diff
         prediction_type(scheduler)  # refuse a parameterisation L_diff cannot target before the first step
@@ -393,6 +437,17 @@ class DraftObjective(TrainableOnly):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The graph's VAE decode, checkpointed as ``cfg.vae_checkpointing`` says."""
+        mode = self.cfg.vae_checkpointing
+        if mode == "auto":
+            mode = "blocks" if self.checkpointing else "off"
+        if mode == "whole" and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(decode, self.vae, z, use_reentrant=False)
+        return decode(self.vae, z, checkpoint_blocks=mode == "blocks")
+
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         prompts = list(batch.get("gen_prompt", batch["prompt"]))  # the generator's conditioning
@@ -416,7 +471,7 @@ class DraftObjective(TrainableOnly):
             zin = self.sched.scale_model_input(z, t)
             pred = self._maybe_ckpt(lambda a, tt=t: den(a, tt, cond, uncond), zin)
             z = _sched_step(self.sched, pred, t, z, generator, cfg.eta)
-        images = self._maybe_ckpt(lambda a: decode(self.vae, a), z)
+        images = self.decode(z)
         meta = {k: _repeat(v, n) for k, v in batch.items() if k not in ("latents", "gen_prompt")}
         meta["repeat"] = torch.arange(n, device=dev).repeat_interleave(b)
         rewards = self.reward_fn(images, meta)
