@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from craft.config import to_dict
+from craft.data.loader import PixelColumn
 from craft.data.manifest import read_manifest
 from craft.io import atomic_dir, atomic_write_json
 from craft.models.diffusion import (
@@ -134,15 +135,21 @@ def encode_mask(inst: np.ndarray) -> np.ndarray:
     return out
 
 
-def read_condition(dataset_dir: str | os.PathLike, row: Any, kind: str, resolution: int) -> np.ndarray:
-    """The condition image of one manifest row as uint8 [R, R, 3] (see the module docstring)."""
-    from PIL import Image
-
+def _condition_rel(row: Any, kind: str) -> str:
+    """The row's condition file (relative path); an error naming the row when it has none."""
     col = "mask_path" if kind == "mask" else "condition_path"
     rel = row[col]
     if rel is None or (isinstance(rel, float) and math.isnan(rel)) or str(rel) in ("", "<NA>"):
         raise ValueError(f"manifest row image_id={row['image_id']}: no {col} (condition={kind} needs it)")
-    path = Path(dataset_dir) / str(rel)
+    return str(rel)
+
+
+def read_condition(dataset_dir: str | os.PathLike, row: Any, kind: str, resolution: int) -> np.ndarray:
+    """The condition image of one manifest row as uint8 [R, R, 3] (see the module docstring)."""
+    from PIL import Image
+
+    path = Path(dataset_dir) / _condition_rel(row, kind)
+    col = "mask_path" if kind == "mask" else "condition_path"
     try:
         with Image.open(path) as im:
             im.load()
@@ -162,12 +169,37 @@ def read_condition(dataset_dir: str | os.PathLike, row: Any, kind: str, resoluti
         raise ValueError(f"{path}: cannot read {col} ({e})") from e
 
 
+class ConditionFiles:
+    """Reader of the condition images of manifest rows: ``files(i)`` -> uint8 [R, R, 3] (picklable for workers)."""
+
+    def __init__(self, dataset_dir, df, kind: str, resolution: int):
+        if kind not in CONDITIONS:
+            raise ValueError(f"condition must be one of {', '.join(CONDITIONS)}, got {kind!r}")
+        col = "mask_path" if kind == "mask" else "condition_path"
+        cols = ["image_id", col] if col in df.columns else ["image_id"]
+        self.rows = [dict(r) for r in df[cols].to_dict("records")]
+        for r in self.rows:
+            r.setdefault(col, None)
+            _condition_rel(r, kind)  # refuse a row without a condition now, not at its first batch
+        self.root, self.kind, self.resolution = dataset_dir, kind, resolution
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __call__(self, i: int) -> np.ndarray:
+        return read_condition(self.root, self.rows[i], self.kind, self.resolution)
+
+
+def condition_column(dataset_dir, df, kind: str, resolution: int) -> PixelColumn:
+    """Conditions of ``df`` as a lazy column: float [B, 3, R, R] in [0, 1] per batch, read from disk then."""
+    files = ConditionFiles(dataset_dir, df, kind, resolution)
+    return PixelColumn(files, len(files), "unit")
+
+
 def load_conditions(dataset_dir, df, kind: str, resolution: int) -> torch.Tensor:
-    """Conditions of ``df`` as float [N, 3, R, R] in [0, 1] (the range diffusers' ControlNet expects)."""
-    if kind not in CONDITIONS:
-        raise ValueError(f"condition must be one of {', '.join(CONDITIONS)}, got {kind!r}")
-    arr = np.stack([read_condition(dataset_dir, r, kind, resolution) for _, r in df.iterrows()])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255.0)
+    """Conditions of ``df`` as one float tensor [N, 3, R, R] in [0, 1] (the range diffusers' ControlNet expects)."""
+    col = condition_column(dataset_dir, df, kind, resolution)
+    return col[list(range(len(col)))]
 
 
 def condition_from_file(path: str | os.PathLike, kind: str, resolution: int) -> torch.Tensor:
@@ -441,7 +473,7 @@ def _triplet_validation(comp: Components, cfg: ControlNetConfig, val: dict[str, 
 
 def train_controlnet(cfg: ControlNetConfig, dataset_dir, base_dir, out_dir, work_dir=None) -> dict[str, float]:
     """Train a ControlNet for ``cfg.condition`` on the frozen ``base_dir`` pipeline; write it to ``out_dir``."""
-    from craft.train.crafts import _dataset_version, load_images
+    from craft.train.crafts import _dataset_version, stage_latents
 
     t0 = time.time()
     cfg.validate()
@@ -456,9 +488,9 @@ def train_controlnet(cfg: ControlNetConfig, dataset_dir, base_dir, out_dir, work
         m.requires_grad_(False)
         m.eval()
     df = pair_table(dataset_dir, cfg.split, cfg.condition)
-    cond = load_conditions(dataset_dir, df, cfg.condition, res)
+    cond = condition_column(dataset_dir, df, cfg.condition, res)  # read from disk per batch
     comp.vae.to(_device())
-    latents = _encode(comp.vae, load_images(dataset_dir, df, res))
+    latents = stage_latents(comp.vae, dataset_dir, df, res, cfg.loop)  # the frozen VAE's targets, cached
     torch.manual_seed(cfg.loop.seed)
     controlnet = build_controlnet(comp.unet, comp.vae, cfg.conditioning_channels)
     model = ControlNetObjective(controlnet, comp.unet, comp.text_encoder, comp.tokenizer, comp.scheduler,
@@ -496,15 +528,6 @@ def train_controlnet(cfg: ControlNetConfig, dataset_dir, base_dir, out_dir, work
 
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@torch.no_grad()
-def _encode(vae, pixels: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    """Scaled posterior means of ``pixels`` computed on the VAE's device, returned on the CPU."""
-    from craft.train.crafts import encode_latents
-
-    dev = next(vae.parameters()).device
-    return torch.cat([encode_latents(vae, pixels[i : i + batch].to(dev)).cpu() for i in range(0, len(pixels), batch)])
 
 
 def _pil_images(dataset_dir, df, res: int) -> list:
