@@ -119,7 +119,10 @@ def test_second_run_hits_the_cache_and_keys_miss(ds, vae, tmp_path):
 
 
 def test_dataset_version_follows_the_files_without_a_ref(ds):
+    from craft.storage.datasets import local_version
+
     v1 = loader.dataset_version(ds)
+    assert v1 == local_version(ds)
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(ds / "images/000.png")
     v2 = loader.dataset_version(ds)
     assert v1 != v2 and loader.dataset_version(ds) == v2

@@ -216,8 +216,9 @@ _VERSIONS: dict[tuple, str] = {}
 
 def dataset_version(dataset_dir: str | os.PathLike) -> str:
     """The content version of a dataset folder: its ``dataset_ref.json`` (written by the pipeline's data step
-    after checking the files), else ``local_version`` of the folder (memoised per process on file stats)."""
-    from craft.storage.datasets import REF_FILE, is_version, local_version
+    after checking the files), else ``craft.storage.datasets.content_version`` of its files, as ``local_version``
+    computes it (memoised per process on the files' sizes and mtimes)."""
+    from craft.storage.datasets import REF_FILE, content_version, is_version
 
     root = Path(dataset_dir)
     ref = root / REF_FILE
@@ -226,14 +227,19 @@ def dataset_version(dataset_dir: str | os.PathLike) -> str:
         if not is_version(version):
             raise ValueError(f"{ref}: no valid dataset version in it ({version!r})")
         return version
-    stats = tuple(
-        (p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and (st := p.stat())
-    )
+    stats = []  # (relative posix path, size, mtime) of every file; plain strings (Path objects cost ~1 kB each)
+    for dirpath, _, names in os.walk(root, followlinks=True):
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in names:
+            st = os.stat(os.path.join(dirpath, name))  # follows a symlinked file (see below)
+            rel = name if rel_dir == "." else f"{Path(rel_dir).as_posix()}/{name}"
+            stats.append((rel, st.st_size, st.st_mtime_ns))
+    stats.sort()
     key = (str(root.resolve()), hashlib.sha256(repr(stats).encode()).hexdigest())
     if key not in _VERSIONS:
-        _VERSIONS[key] = local_version(root)
+        # local_version's lines (relative path, sha256), except that a symlinked file (a DVC checkout with
+        # link type symlink) counts as its target's content instead of being refused
+        _VERSIONS[key] = content_version([{"path": rel, "sha256": sha256_file(root / rel)} for rel, _, _ in stats])
     return _VERSIONS[key]
 
 
@@ -351,6 +357,8 @@ def _open_or_build(kind: str, key: dict[str, Any], build: Callable[[Path], dict[
             shape, dtype, _ = _npy_layout(data_f)
             meta = {"key": key, "shape": list(shape), "dtype": str(dtype), "sha256": sha256_file(data_f), **extra}
             atomic_write_json(tmp / "meta.json", meta)
+        st = (entry / "data.npy").stat()
+        _VERIFIED[str(entry / "data.npy")] = (st.st_size, st.st_mtime_ns)  # hashed just now, in tmp
         check_entry(entry, key)
         log.info("%s cache written: %s", kind, entry)
     return entry
