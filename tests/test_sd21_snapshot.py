@@ -66,7 +66,9 @@ def spy(monkeypatch):
         return real_target(kind, *args)
 
     def train(model, data_, cfg, out, **kw):
-        seen["train"].append({k: tuple(v.shape[1:]) for k, v in data_.items() if isinstance(v, torch.Tensor)})
+        # a column is a tensor or a lazy craft.data.loader column (cached latents, streamed pixels): ask it for row 0
+        seen["train"].append({k: tuple((v if isinstance(v, torch.Tensor) else v[[0]]).shape[1:])
+                              for k, v in data_.items() if not isinstance(v, list)})  # fmt: skip
         return real_train(model, data_, cfg, out, **kw)
 
     for mod in (D, crafts, baselines, controlnet):  # reward imports it from D at call time

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from craft.data.loader import PixelColumn
+
 CONDITIONS = ("mask", "fluorescence")
 # The paper's instruction prompts (CRAFTS, "Structure-controllable image generation"), in our own words and
 # short enough for the tiny model's 32-token window (a longer prompt is truncated, with a warning).
@@ -54,15 +56,21 @@ def encode_mask(inst: np.ndarray) -> np.ndarray:
     return out
 
 
-def read_condition(dataset_dir: str | os.PathLike, row: Any, kind: str, resolution: int) -> np.ndarray:
-    """The condition image of one manifest row as uint8 [R, R, 3] (see the module docstring)."""
-    from PIL import Image
-
+def _condition_rel(row: Any, kind: str) -> str:
+    """The row's condition file (relative path); an error naming the row when it has none."""
     col = "mask_path" if kind == "mask" else "condition_path"
     rel = row[col]
     if rel is None or (isinstance(rel, float) and math.isnan(rel)) or str(rel) in ("", "<NA>"):
         raise ValueError(f"manifest row image_id={row['image_id']}: no {col} (condition={kind} needs it)")
-    path = Path(dataset_dir) / str(rel)
+    return str(rel)
+
+
+def read_condition(dataset_dir: str | os.PathLike, row: Any, kind: str, resolution: int) -> np.ndarray:
+    """The condition image of one manifest row as uint8 [R, R, 3] (see the module docstring)."""
+    from PIL import Image
+
+    path = Path(dataset_dir) / _condition_rel(row, kind)
+    col = "mask_path" if kind == "mask" else "condition_path"
     try:
         with Image.open(path) as im:
             im.load()
@@ -82,12 +90,37 @@ def read_condition(dataset_dir: str | os.PathLike, row: Any, kind: str, resoluti
         raise ValueError(f"{path}: cannot read {col} ({e})") from e
 
 
+class ConditionFiles:
+    """Reader of the condition images of manifest rows: ``files(i)`` -> uint8 [R, R, 3] (picklable for workers)."""
+
+    def __init__(self, dataset_dir, df, kind: str, resolution: int):
+        if kind not in CONDITIONS:
+            raise ValueError(f"condition must be one of {', '.join(CONDITIONS)}, got {kind!r}")
+        col = "mask_path" if kind == "mask" else "condition_path"
+        cols = ["image_id", col] if col in df.columns else ["image_id"]
+        self.rows = [dict(r) for r in df[cols].to_dict("records")]
+        for r in self.rows:
+            r.setdefault(col, None)
+            _condition_rel(r, kind)  # refuse a row without a condition now, not at its first batch
+        self.root, self.kind, self.resolution = dataset_dir, kind, resolution
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __call__(self, i: int) -> np.ndarray:
+        return read_condition(self.root, self.rows[i], self.kind, self.resolution)
+
+
+def condition_column(dataset_dir, df, kind: str, resolution: int) -> PixelColumn:
+    """Conditions of ``df`` as a lazy column: float [B, 3, R, R] in [0, 1] per batch, read from disk then."""
+    files = ConditionFiles(dataset_dir, df, kind, resolution)
+    return PixelColumn(files, len(files), "unit")
+
+
 def load_conditions(dataset_dir, df, kind: str, resolution: int) -> torch.Tensor:
-    """Conditions of ``df`` as float [N, 3, R, R] in [0, 1] (the range diffusers' ControlNet expects)."""
-    if kind not in CONDITIONS:
-        raise ValueError(f"condition must be one of {', '.join(CONDITIONS)}, got {kind!r}")
-    arr = np.stack([read_condition(dataset_dir, r, kind, resolution) for _, r in df.iterrows()])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255.0)
+    """Conditions of ``df`` as one float tensor [N, 3, R, R] in [0, 1] (the range diffusers' ControlNet expects)."""
+    col = condition_column(dataset_dir, df, kind, resolution)
+    return col[list(range(len(col)))]
 
 
 def condition_from_file(path: str | os.PathLike, kind: str, resolution: int) -> torch.Tensor:

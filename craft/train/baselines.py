@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from craft.config import to_dict
+from craft.data.loader import cached_text_states
 from craft.io import atomic_dir, atomic_write_json
 from craft.models.diffusion import add_noise, alpha_bar, prediction_type, training_target
 from craft.train.loop import LoopConfig, train
@@ -258,9 +259,16 @@ class LoRADiffusionObjective(TrainableOnly):
         self.unet.enable_gradient_checkpointing()
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        cond = encode_unique(self.tokenizer, self.text_encoder, list(batch["prompt"]))
+        cond = _text_states(self, batch)
         loss = denoising_loss(self.unet, self.train_sched, batch["latents"], cond, generator)
         return {"loss": loss, "l_diff": loss.detach()}
+
+
+def _text_states(model, batch: dict[str, Any]) -> torch.Tensor:
+    """The batch's prompt states: precomputed (``states``, the stage's cached column) or through the frozen encoder."""
+    if "states" in batch:
+        return batch["states"]
+    return encode_unique(model.tokenizer, model.text_encoder, list(batch["prompt"]))
 
 
 # ---------------------------------------------------------------- Diffusion-DPO
@@ -305,7 +313,7 @@ class DPOObjective(TrainableOnly):
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
         zw, zl = batch["z_w"].float(), batch["z_l"].float()
         b, dev = zw.shape[0], zw.device
-        cond = encode_unique(self.tokenizer, self.text_encoder, list(batch["prompt"]))
+        cond = _text_states(self, batch)
         noise = torch.randn(zw.shape, generator=generator).to(dev)
         t = torch.randint(0, self.train_sched.config.num_train_timesteps, (b,), generator=generator).to(dev)
         # w and l share t and noise (Wallace et al. 2024, eq. 14); the forward process is CRAFTS eq. 3
@@ -392,10 +400,11 @@ def _device(name: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
-def _load(base, dev, split: str, dataset_dir):
+def _load(base, dev, split: str, dataset_dir, loop: LoopConfig):
+    """(meta, rows of ``split``, the base's components on ``dev``, their latents from the latent cache)."""
     from craft.data.manifest import read_manifest, read_meta
     from craft.models.diffusion import Components, load_pipeline, model_resolution
-    from craft.train.crafts import encode_latents, load_images
+    from craft.train.crafts import stage_latents
 
     meta = read_meta(dataset_dir)
     df = read_manifest(dataset_dir)
@@ -408,7 +417,7 @@ def _load(base, dev, split: str, dataset_dir):
         m.to(dev)
     comp.vae.requires_grad_(False)
     res = model_resolution(comp.unet, comp.vae)  # UNet-implied, as DRaFT / DPO / evaluation sample
-    latents = encode_latents(comp.vae, load_images(dataset_dir, df, res).to(dev)).cpu()
+    latents = stage_latents(comp.vae, dataset_dir, df, res, loop)  # frozen VAE: encoded once, then cached
     return meta, df, comp, latents
 
 
@@ -442,7 +451,7 @@ def ti_main(cfg: TIConfig, dataset_dir, base, out_dir, work_dir=None) -> dict[st
     t0 = time.time()
     out_dir = Path(out_dir)
     work = Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".work")
-    meta, df, comp, latents = _load(base, _device(cfg.device), cfg.split, dataset_dir)
+    meta, df, comp, latents = _load(base, _device(cfg.device), cfg.split, dataset_dir, cfg.loop)
     embeds, res = train_ti(cfg, comp, meta, df, latents, work)
     metrics = _metrics(res, t0)
     tokens = {c: cfg.token.format(label=c) for c in meta.classes}
@@ -467,7 +476,7 @@ def ti_lora_main(cfg: TILoRAConfig, dataset_dir, base, out_dir, ti_dir=None, ann
     t0 = time.time()
     out_dir = Path(out_dir)
     work = Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".work")
-    meta, df, comp, latents = _load(base, _device(cfg.device), cfg.split, dataset_dir)
+    meta, df, comp, latents = _load(base, _device(cfg.device), cfg.split, dataset_dir, cfg.loop)
     if ti_dir:
         embeds = load_file(str(Path(ti_dir) / EMBEDS_FILE))
         add_tokens(comp.tokenizer, comp.text_encoder, embeds)
@@ -482,28 +491,21 @@ def ti_lora_main(cfg: TILoRAConfig, dataset_dir, base, out_dir, ti_dir=None, ann
         if not annotations_dir:
             raise ValueError("ti_lora.prompts=enriched needs the annotations directory")
         _, df, _ = paired_table(dataset_dir, annotations_dir, cfg.split, "skip")
-        keep = df["image_id"].tolist()
-        pos = {iid: k for k, iid in enumerate(_load_ids(dataset_dir, cfg.split))}
-        latents = latents[[pos[i] for i in keep]]
+        latents = latents.select_ids([str(i) for i in df["image_id"]])
         labels = df["label"].astype(str).tolist()
         prompts = [f"{tokens[lab]}, {p}" for lab, p in zip(labels, df["enriched_prompt"].astype(str))]
     else:
         prompts = [cfg.ti.prompt.format(token=tokens[lab], phrase=meta.phrase(lab)) for lab in labels]
     add_lora(comp.unet, cfg.lora)
     model = LoRADiffusionObjective(comp.unet, comp.text_encoder, comp.tokenizer, comp.scheduler)
-    res = train(model, {"latents": latents, "prompt": prompts}, cfg.loop, work / "lora")
+    # the text encoder (TI rows included) is frozen from here: each distinct prompt is encoded once, cached
+    states = cached_text_states(comp.tokenizer, comp.text_encoder, prompts)
+    res = train(model, {"latents": latents, "prompt": prompts, "states": states}, cfg.loop, work / "lora")
     metrics = _metrics(res, t0)
     info = _lineage("ti_lora", cfg, base, dataset_dir, metrics, kind="ti+lora", class_tokens=tokens,
                     ti=str(ti_dir) if ti_dir else None)  # fmt: skip
     save_adapters(out_dir, unet=comp.unet, lora=cfg.lora, embeddings=embeds, info=info)
     return metrics
-
-
-def _load_ids(dataset_dir, split: str) -> list[str]:
-    from craft.data.manifest import read_manifest
-
-    df = read_manifest(dataset_dir)
-    return df[df["split"] == split]["image_id"].tolist()
 
 
 def dpo_main(cfg: DPOConfig, dataset_dir, annotations_dir, critic_dir, probe_dir, base, out_dir, start_dir=None,
@@ -564,7 +566,8 @@ def dpo_main(cfg: DPOConfig, dataset_dir, annotations_dir, critic_dir, probe_dir
             backend.close()
     ref = copy.deepcopy(unet)
     model = DPOObjective(unet, ref, te, tok, pipe.scheduler, cfg.beta)
-    data = {"z_w": pairs["z_w"], "z_l": pairs["z_l"], "prompt": pairs["prompt"]}
+    states = cached_text_states(tok, te, pairs["prompt"])  # frozen text encoder: each distinct prompt once
+    data = {"z_w": pairs["z_w"], "z_l": pairs["z_l"], "prompt": pairs["prompt"], "states": states}
     res = train(model, data, cfg.loop, work / "dpo")
     metrics = _metrics(res, t0)
     if cfg.judge == "critic":  # an MLLM judge ranks; it gives no margin

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from craft.config import to_dict
-from craft.data.conditions import CONDITIONS, PROMPTS, load_conditions, load_pil_images
+from craft.data.conditions import CONDITIONS, PROMPTS, condition_column, load_conditions, load_pil_images
 from craft.data.manifest import read_manifest
 from craft.io import atomic_dir, atomic_write_json
 from craft.models.diffusion import (
@@ -246,7 +246,7 @@ def _triplet_validation(comp: Components, cfg: ControlNetConfig, val: dict[str, 
 
 def train_controlnet(cfg: ControlNetConfig, dataset_dir, base_dir, out_dir, work_dir=None) -> dict[str, float]:
     """Train a ControlNet for ``cfg.condition`` on the frozen ``base_dir`` pipeline; write it to ``out_dir``."""
-    from craft.train.crafts import _dataset_version, load_images
+    from craft.train.crafts import _dataset_version, stage_latents
 
     t0 = time.time()
     cfg.validate()
@@ -263,9 +263,9 @@ def train_controlnet(cfg: ControlNetConfig, dataset_dir, base_dir, out_dir, work
         m.requires_grad_(False)
         m.eval()
     df = pair_table(dataset_dir, cfg.split, cfg.condition)
-    cond = load_conditions(dataset_dir, df, cfg.condition, res)
+    cond = condition_column(dataset_dir, df, cfg.condition, res)  # read from disk per batch
     comp.vae.to(_device())
-    latents = _encode(comp.vae, load_images(dataset_dir, df, res))
+    latents = stage_latents(comp.vae, dataset_dir, df, res, cfg.loop)  # the frozen VAE's targets, cached
     torch.manual_seed(cfg.loop.seed)
     controlnet = build_controlnet(comp.unet, comp.vae, cfg.conditioning_channels)
     model = ControlNetObjective(controlnet, comp.unet, comp.text_encoder, comp.tokenizer, comp.scheduler,
@@ -301,15 +301,6 @@ def train_controlnet(cfg: ControlNetConfig, dataset_dir, base_dir, out_dir, work
 
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@torch.no_grad()
-def _encode(vae, pixels: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    """Scaled posterior means of ``pixels`` computed on the VAE's device, returned on the CPU."""
-    from craft.train.crafts import encode_latents
-
-    dev = next(vae.parameters()).device
-    return torch.cat([encode_latents(vae, pixels[i : i + batch].to(dev)).cpu() for i in range(0, len(pixels), batch)])
 
 
 def main(cfg: ControlNetConfig, dataset_dir, base_dir, out_dir, work_dir=None) -> dict[str, float]:

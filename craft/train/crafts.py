@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from craft.config import to_dict
+from craft.data.loader import LatentColumn, cached_latents, encode_dtype, image_column
 from craft.data.manifest import DatasetMeta, read_manifest, read_meta
 from craft.losses import category_guidance_loss, semantic_consistency_loss, typicality_stats
 from craft.models.diffusion import (
@@ -149,21 +150,12 @@ def caption_for(row: Any, meta: DatasetMeta, mode: str) -> str:
 
 
 def load_images(dataset_dir: str | os.PathLike, df, resolution: int) -> torch.Tensor:
-    """Images of ``df`` as a float tensor [N, 3, R, R] in [-1, 1] (grey images repeated to RGB)."""
-    from PIL import Image
+    """Images of ``df`` as one float tensor [N, 3, R, R] in [-1, 1] (grey images repeated to RGB).
 
-    out = np.empty((len(df), resolution, resolution, 3), dtype=np.uint8)
-    for i, rel in enumerate(df["image_path"].tolist()):
-        path = Path(dataset_dir) / rel
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                if im.size != (resolution, resolution):
-                    im = im.resize((resolution, resolution), Image.BICUBIC)
-                out[i] = np.asarray(im)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: cannot read image ({e})") from e
-    return torch.from_numpy(out).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    Eager: for a handful of images (tests, the eager reference in bench/bench_memory.py). Training stages
+    stream ``craft.data.loader.image_column`` and read cached latents instead.
+    """
+    return image_column(dataset_dir, df, resolution, "signed")[list(range(len(df)))]
 
 
 def training_table(dataset_dir, cfg: CraftsConfig):
@@ -285,25 +277,30 @@ def _threads(cfg: CraftsConfig) -> None:
         torch.set_num_threads(cfg.loop.threads)
 
 
-@torch.no_grad()
-def encode_latents(vae, pixels: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    """Scaled posterior means of ``pixels`` (the frozen first stage's deterministic code)."""
-    vae.eval()
-    outs = []
-    for i in range(0, len(pixels), batch):
-        outs.append(vae.encode(pixels[i : i + batch]).latent_dist.mean * vae.config.scaling_factor)
-    return torch.cat(outs)
+def stage_latents(vae, dataset_dir, df, resolution: int, loop: LoopConfig) -> LatentColumn:
+    """Latents of the manifest rows ``df`` (in its order) through the frozen ``vae``, from the latent cache.
+
+    The cache entry covers every row of the split(s) ``df`` comes from, so stages that train on different
+    subsets of a split (all rows, rows with an enriched prompt) share one entry, encoded once.
+    """
+    full = read_manifest(dataset_dir)
+    full = full[full["split"].isin(set(df["split"]))].reset_index(drop=True)
+    dtype = encode_dtype(next(vae.parameters()).device, loop.encode_dtype)
+    col = cached_latents(vae, dataset_dir, full, resolution, batch_size=loop.encode_batch, dtype=dtype)
+    return col.select_ids([str(i) for i in df["image_id"]])
 
 
-def train_autoencoder(vae, pixels: torch.Tensor, cfg: CraftsConfig, work_dir: Path) -> dict[str, float]:
-    """Train the first-stage VAE on ``pixels`` with the shared loop; set its latent scaling factor."""
+def train_autoencoder(vae, dataset_dir, df, resolution: int, cfg: CraftsConfig, work_dir: Path) -> dict[str, float]:
+    """Train the first-stage VAE on the images of ``df`` (streamed from disk) with the shared loop; set its latent
+    scaling factor from the trained VAE's latents, which go to the latent cache where the stage reads them next."""
+    pixels = image_column(dataset_dir, df, resolution, "signed")
     ae = cfg.autoencoder
     if ae.steps > 0:
         loop = LoopConfig(
             steps=ae.steps, batch_size=min(ae.batch_size, len(pixels)), lr=ae.lr, seed=cfg.loop.seed,
             checkpoint_every=cfg.loop.checkpoint_every, threads=cfg.loop.threads, progress=cfg.loop.progress,
             mixed_precision=cfg.loop.mixed_precision, upload_uri=cfg.loop.upload_uri and cfg.loop.upload_uri + "/ae",
-            warmup_steps=min(20, ae.steps // 10), lr_schedule="cosine",
+            warmup_steps=min(20, ae.steps // 10), lr_schedule="cosine", data_workers=cfg.loop.data_workers,
         )  # fmt: skip
         vae.requires_grad_(True)
         res = train(AutoencoderObjective(vae, ae.kl_weight), {"pixels": pixels}, loop, work_dir / "autoencoder")
@@ -313,12 +310,14 @@ def train_autoencoder(vae, pixels: torch.Tensor, cfg: CraftsConfig, work_dir: Pa
     vae.requires_grad_(False)
     vae.eval()
     vae.register_to_config(scaling_factor=1.0)
-    lat = encode_latents(vae, pixels)
+    lat = stage_latents(vae, dataset_dir, df, resolution, cfg.loop)  # unscaled posterior means (factor 1)
     # Like SD's 0.18215: scale latents to unit variance so the noise schedule fits them.
-    vae.register_to_config(scaling_factor=float(1.0 / lat.float().std().clamp_min(1e-6)))
+    vae.register_to_config(scaling_factor=float(1.0 / max(lat.std(), 1e-6)))
+    head = list(range(min(64, len(pixels))))
     with torch.no_grad():
-        rec = vae.decode(lat[:64].to(pixels.dtype)).sample
-        logs["ae_recon_mse"] = float(F.mse_loss(rec, pixels[:64]) / 4.0)  # MSE in [0, 1] units
+        x = pixels[head]
+        rec = vae.decode(lat[head].to(x.dtype)).sample
+        logs["ae_recon_mse"] = float(F.mse_loss(rec, x) / 4.0)  # MSE in [0, 1] units
     return logs
 
 
@@ -362,13 +361,12 @@ def run_stage(
     meta, df = training_table(dataset_dir, cfg)
     comp = _components(cfg, meta, base)
     res_px = model_resolution(comp.unet, comp.vae)  # = cfg.model.resolution without a base
-    pixels = load_images(dataset_dir, df, res_px)
     metrics: dict[str, float] = {}
-    if base is None:
-        metrics.update(train_autoencoder(comp.vae, pixels, cfg, work))
+    if base is None:  # the autoencoder sees pixels (streamed from disk per batch), nothing else does
+        metrics.update(train_autoencoder(comp.vae, dataset_dir, df, res_px, cfg, work))
     comp.vae.requires_grad_(False)
     comp.vae.eval()
-    latents = encode_latents(comp.vae, pixels)
+    latents = stage_latents(comp.vae, dataset_dir, df, res_px, cfg.loop)  # cached: encoded once per dataset+VAE
     captions = [caption_for(r, meta, cfg.captions) for _, r in df.iterrows()]
     class_prompts = [cfg.class_prompt.format(phrase=meta.phrase(str(lab))) for lab in df["label"]]
     mu, sigma = 0.0, 1.0

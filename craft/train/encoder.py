@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from craft.data.loader import PixelColumn, image_column
 from craft.data.manifest import DatasetMeta, read_manifest, read_meta
 
 log = logging.getLogger(__name__)
@@ -99,28 +100,13 @@ class EncoderTrainConfig:
 
 
 def load_images(dataset_dir: str | Path, df: pd.DataFrame, size: int | None = None) -> torch.Tensor:
-    """The images of ``df`` as float [N, 3, H, W] in [0, 1] (grayscale repeated to 3 channels)."""
-    from PIL import Image
+    """The images of ``df`` as one float tensor [N, 3, H, W] in [0, 1] (grayscale repeated to 3 channels).
 
-    dataset_dir = Path(dataset_dir)
-    out = []
-    for row in df.itertuples(index=False):
-        path = dataset_dir / row.image_path
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                if size is not None and im.size != (size, size):
-                    im = im.resize((size, size), Image.BICUBIC)
-                arr = np.asarray(im, dtype=np.uint8)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path} (image_id {row.image_id}): cannot read image: {e}") from e
-        out.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
-    if not out:
+    Eager: for one batch (the probe embeds the dataset batch by batch); training streams ``image_column``.
+    """
+    if len(df) == 0:
         return torch.zeros(0, 3, size or 1, size or 1)
-    shapes = {tuple(t.shape) for t in out}
-    if len(shapes) != 1:
-        raise ValueError(f"{dataset_dir}: images differ in size {sorted(shapes)[:3]}; set a size to resize them")
-    return torch.stack(out).float() / 255.0
+    return image_column(dataset_dir, df, size, "unit")[list(range(len(df)))]
 
 
 def split_rows(dataset_dir: str | Path, split: str) -> tuple[DatasetMeta, pd.DataFrame]:
@@ -285,8 +271,8 @@ class _Batcher:
 
 
 @torch.no_grad()
-def zero_shot_accuracy(batcher: _Batcher, images: torch.Tensor, y: torch.Tensor) -> float:
-    """Share of images whose nearest class-phrase embedding is their own class."""
+def zero_shot_accuracy(batcher: _Batcher, images: torch.Tensor | PixelColumn, y: torch.Tensor) -> float:
+    """Share of images (a tensor, or a column read 256 at a time) whose nearest class-phrase embedding is their own class."""
     if len(y) == 0:
         return float("nan")
     cls = batcher.embed_texts({k: v[: batcher.n_classes] for k, v in batcher.class_ids.items()})
@@ -324,7 +310,7 @@ def train_encoder(
     if unknown:
         raise ValueError(f"{dataset_dir}: label {unknown[0]!r} is not in dataset.yaml classes")
     y = torch.tensor([classes.index(lbl) for lbl in rows["label"]])
-    images = load_images(dataset_dir, rows, cfg.image_size)
+    images = image_column(dataset_dir, rows, cfg.image_size, "unit")  # decoded from disk per batch
     class_texts = [cfg.class_template.format(phrase=meta.phrase(c)) for c in classes]
     class_of_text = list(range(len(classes)))
     checklist = _checklist(cfg.checklist, annotations, meta)
@@ -372,7 +358,7 @@ def train_encoder(
     test_rows = df[df["split"] == "test"].reset_index(drop=True)
     if len(test_rows):
         ty = torch.tensor([classes.index(lbl) for lbl in test_rows["label"]])
-        test_acc = zero_shot_accuracy(batcher, load_images(dataset_dir, test_rows, cfg.image_size), ty)
+        test_acc = zero_shot_accuracy(batcher, image_column(dataset_dir, test_rows, cfg.image_size, "unit"), ty)
     k = max(1, min(5, len(losses) // 4))
     metrics = {
         "steps": float(step),

@@ -1,8 +1,9 @@
 """A generic accelerate training loop with exact resume, reused by every training stage.
 
 The stage supplies a ``torch.nn.Module`` whose ``forward(batch, generator)`` returns a dict with a
-scalar ``"loss"`` (plus any scalars to log), an in-memory dataset (a dict of equal-length tensors
-or lists), and optionally a ``validate(model, step, out_dir, writer)`` callback. The loop gives:
+scalar ``"loss"`` (plus any scalars to log), a dataset (a dict of equal-length columns: tensors, lists,
+or the lazy pixel / latent / text-state columns of ``craft.data.loader``, which produce only the rows of
+the current batch), and optionally a ``validate(model, step, out_dir, writer)`` callback. The loop gives:
 
 - one code path for 1 process (CPU or GPU) and ``torchrun --nproc_per_node N`` (DDP: gloo on CPU,
   NCCL on GPU; ``accelerate launch --cpu`` would start only one process, ENVIRONMENT.md);
@@ -11,6 +12,7 @@ or lists), and optionally a ``validate(model, step, out_dir, writer)`` callback.
   dataloader state and consumes exactly the batches an uninterrupted run would;
 - checkpoints every N steps (model, optimizer, LR scheduler, EMA, all RNG states, step) written
   atomically, optionally mirrored to an ``s3://`` prefix, and exact resume from the newest one;
+- batches fetched through a torch ``DataLoader`` (``data_workers`` processes decode ahead of the step);
 - NaN/inf detection: the run stops with ``NonFiniteLossError`` before the bad update, and the
   last good checkpoint stays on disk;
 - TensorBoard event files under ``OUT/tb`` and a tqdm progress bar.
@@ -32,6 +34,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from craft.data import loader
 from craft.io import atomic_dir, atomic_write_json
 
 CKPT_DIR = "checkpoints"
@@ -61,6 +64,9 @@ class LoopConfig:
     threads: int = 0  # torch CPU threads per process (0 = leave the default)
     upload_uri: str = ""  # s3:// prefix: mirror each checkpoint there ("" = off)
     progress: bool = True  # tqdm progress bar on the main process
+    data_workers: int = 0  # DataLoader worker processes decoding batches ahead (0 = in the training process)
+    encode_batch: int = 64  # images per VAE forward when a stage encodes (and caches) its latents
+    encode_dtype: Literal["auto", "fp32", "bf16"] = "auto"  # VAE encode precision; auto: bf16 on CUDA, fp32 on CPU
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -69,6 +75,11 @@ class LoopConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.data_workers < 0 or self.encode_batch < 1:
+            raise ValueError(f"data_workers must be >= 0 and encode_batch >= 1 (got {self.data_workers}, "
+                             f"{self.encode_batch})")  # fmt: skip
+        if self.encode_dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"encode_dtype must be auto, fp32 or bf16, got {self.encode_dtype!r}")
         if self.upload_uri and not self.upload_uri.startswith("s3://"):
             raise ValueError(f"upload_uri must start with s3://, got {self.upload_uri!r}")
 
@@ -115,19 +126,23 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0, 
     return window[rank * batch_size : (rank + 1) * batch_size]
 
 
-def take(data: dict[str, Any], idx: torch.Tensor) -> dict[str, Any]:
-    """Rows ``idx`` of an in-memory dataset (dict of tensors / lists)."""
-    out = {}
-    for k, v in data.items():
-        out[k] = v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx.tolist()]
-    return out
+take = loader.take  # rows idx of a dict of columns (tensors, lists, lazy columns)
+dataset_len = loader.column_len  # the common length of a dict of columns
 
 
-def dataset_len(data: dict[str, Any]) -> int:
-    lens = {k: len(v) for k, v in data.items()}
-    if len(set(lens.values())) != 1:
-        raise ValueError(f"dataset columns differ in length: {lens}")
-    return next(iter(lens.values()))
+class StepBatches:
+    """The index batches of steps ``start .. end - 1`` for one rank: a re-iterable batch sampler."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int, start: int, end: int):
+        self.args, self.start, self.end = (n, batch_size), start, end
+        self.seed, self.rank, self.world = seed, rank, world
+
+    def __len__(self) -> int:
+        return max(self.end - self.start, 0)
+
+    def __iter__(self):
+        for step in range(self.start, self.end):
+            yield batch_indices(*self.args, step, self.seed, self.rank, self.world).tolist()
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -262,11 +277,13 @@ def train(
     logs: dict[str, float] = {}
     history: list[dict[str, float]] = []
     step = start
+    batches = iter(loader.batch_loader(data, StepBatches(n, cfg.batch_size, cfg.seed, rank, world, start, end),
+                                       cfg.data_workers, pin_memory=use_cuda))  # fmt: skip
     try:
         while step < end:
             model.train()
-            idx = batch_indices(n, cfg.batch_size, step, cfg.seed, rank, world)
-            batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in take(data, idx).items()}
+            batch = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                     for k, v in next(batches).items()}  # fmt: skip
             with acc.autocast():
                 res = model(batch, gen)
             loss = res["loss"]

@@ -544,9 +544,10 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
     of a fresh one; its class tokens stay in the generator's prompts ("<token>, <enriched prompt>") and in
     the output, while the critic scores against the plain enriched prompt (as the evaluator does).
     """
+    from craft.data.loader import image_column
     from craft.models.diffusion import load_pipeline, model_resolution, read_lineage
     from craft.models.encoders import ClinicalAlignmentModule, load_encoder, load_probe
-    from craft.train.crafts import encode_latents, load_images
+    from craft.train.crafts import stage_latents
 
     cfg.validate()
     t0 = time.time()
@@ -564,8 +565,7 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
         add_lora(pipe.unet, cfg.lora)
     unet, vae, te = pipe.unet.to(dev), pipe.vae.to(dev), pipe.text_encoder.to(dev)
     res = model_resolution(unet, vae)  # the size DRaFT samples at (UNet-implied), not vae.config.sample_size
-    pixels = load_images(dataset_dir, df, res)  # [-1, 1]
-    latents = encode_latents(vae, pixels.to(dev)).cpu()
+    latents = stage_latents(vae, dataset_dir, df, res, cfg.loop)  # eq. 1's real latents, from the latent cache
     critic = load_encoder(critic_dir, device=str(dev)).eval().requires_grad_(False)
     probe = load_probe(probe_dir, critic)
     checklists = json.loads((Path(annotations_dir) / "checklists.json").read_text())
@@ -580,7 +580,8 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
     if tokens:
         data["gen_prompt"] = token_prompts(enriched, labels, tokens)
     if cfg.use_sfs:
-        data["reference"] = (pixels + 1) / 2  # the paired real image x_i in [0, 1] (eq. 5)
+        data["reference"] = image_column(dataset_dir, df, res, "unit")  # paired real image x_i in [0, 1] (eq. 5),
+        # read from disk per batch
     model = DraftObjective(unet, vae, te, pipe.tokenizer, pipe.scheduler, critic_reward(cam, weights), cfg)
     result = train(model, data, cfg.loop, work / "draft")
     metrics = {k: v for k, v in result.logs.items() if k != "lr"}
