@@ -335,3 +335,48 @@ def test_one_process_step_runs_in_process_with_the_checkpoint_override(monkeypat
 def test_a_run_cannot_change_the_compiled_resources(monkeypatch):
     with pytest.raises(LaunchError, match="resources are compiled into the pipeline"):
         run_step("tests.test_launch:echo", {"overrides": ["resources.steps.craft.gpus=8"]}, config="reward")
+
+
+# ---------------------------------------------------------------- checkpoints on the object store (one process)
+
+
+def test_a_fresh_pod_resumes_from_the_object_store_and_matches_an_uninterrupted_run(s3_env, tmp_path, capfd):
+    """The retried pod has an empty disk: the loop downloads the newest committed checkpoint and continues."""
+    import torch
+
+    from craft.storage.objectstore import ObjectStore
+    from craft.train.loop import list_checkpoints, remote_checkpoints, train
+    from tests.test_train_loop import _cfg, _data, _objective
+
+    uri = f"s3://{s3_env.make_bucket('ckpt')}/checkpoints/run-1/finetune-op"
+    cfg = _cfg(steps=6, checkpoint_every=2, keep_checkpoints=2)
+    _, model_a = _objective(cfg)
+    res_a = train(model_a, _data(), cfg.loop, tmp_path / "a")  # uninterrupted, no store
+
+    cfg.loop.upload_uri = uri
+    _, model_b = _objective(cfg)
+    part = train(model_b, _data(), cfg.loop, tmp_path / "pod-1", stop_after=5)  # the pod dies after step 5
+    assert part.step == 5
+    store = ObjectStore.from_env()
+    assert [s for s, _ in remote_checkpoints(store, uri)] == [2, 4]  # committed: 2 and 4; 5 never was
+
+    _, model_c = _objective(cfg)  # the retried pod: a new process, an empty disk
+    res_c = train(model_c, _data(), cfg.loop, tmp_path / "pod-2")
+    assert res_c.resumed_from == 4 and res_c.step == 6
+    assert f"resuming from {uri}/checkpoints/step-0000004 (step 4, object store)" in capfd.readouterr().out
+    for (k, va), (_, vc) in zip(model_a.state_dict().items(), model_c.state_dict().items()):
+        assert torch.equal(va, vc), f"parameter {k} differs after resuming from the object store"
+    assert res_a.logs["loss"] == res_c.logs["loss"]
+    # only the newest keep_checkpoints stay on the store, as on disk
+    assert [s for s, _ in remote_checkpoints(store, uri)] == [4, 6]
+    assert [p.name for p in list_checkpoints(tmp_path / "pod-2")] == ["step-0000004", "step-0000006"]
+
+
+def test_without_a_store_checkpoint_a_fresh_pod_starts_from_zero(s3_env, tmp_path):
+    from craft.train.loop import train
+    from tests.test_train_loop import _cfg, _data, _objective
+
+    uri = f"s3://{s3_env.make_bucket('empty')}/checkpoints/run-2/pretrain-op"
+    cfg = _cfg(steps=2, checkpoint_every=0, ema_decay=0.0, upload_uri=uri)
+    _, model = _objective(cfg)
+    assert train(model, _data(), cfg.loop, tmp_path).resumed_from == 0
