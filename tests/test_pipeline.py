@@ -334,3 +334,14 @@ def test_two_nodes_compile_to_a_small_pod_that_submits_a_trainjob(tmp_path):
     spec2, _ = _compile(tmp_path, "demo-histo", ["resources.steps.pretrain.gpus=4", "resources.steps.pretrain.nodes=2",
                                                  "resources.scale_out=pytorchjob"])  # fmt: skip
     assert ScaleOut.from_json(_env(spec2, "pretrain-op")["CRAFT_SCALE_OUT"]).engine == "pytorchjob"
+
+
+def test_profile_resources_reach_the_compiled_pods(every_profile):
+    def deadline(profile, task):
+        spec, k8s = every_profile[profile]
+        return int(k8s[_executor(spec, task)]["activeDeadlineSeconds"])
+
+    assert deadline("chexpert", "reward-op") == 12 * 3600  # configs/chexpert.yaml resources.steps.craft
+    assert deadline("fitzpatrick17k", "evaluate-op") == 72 * 3600
+    assert deadline("smoke-chexpert", "probe-op") == deadline("smoke-chexpert", "ti-op") == 2 * 3600  # extends
+    assert deadline("demo-histo", "reward-op") == 24 * 3600  # no resources section: pipelines/resources.py's
