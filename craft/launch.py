@@ -16,9 +16,11 @@ the profile's ``resources`` section, :class:`ResourcesConfig`):
   ``torchrun`` with the ``PET_*`` rendezvous the Trainer (or the training operator) injects, and node 0
   uploads the outputs.
 
-Checkpoints: with ``CRAFT_CHECKPOINT_ROOT`` set (compiled cluster pods; never under kfp.local) the stage's
-``loop.upload_uri`` becomes ``ROOT/<run id>/<task name>``: stable across retries of the task, so a retried
-pod (or a restarted node) resumes from the newest checkpoint on the object store (``craft.train.loop``).
+Checkpoints: with ``CRAFT_CHECKPOINT_ROOT`` set (on training tasks by pipelines/resources.py; kfp.local passes
+task env too, so local runs mirror to their own store under their own run id) the stage's ``loop.upload_uri``
+becomes ``ROOT/<run id>/<task name>``: stable across retries of the task, so a retried pod (or a restarted
+node) resumes from the newest checkpoint on the object store (``craft.train.loop``). Unset (a stage run by
+hand, ``craft train ...``): local checkpoints only.
 
 Only the DDP-aware stages may run as several processes (:data:`DDP_STEPS`): the baselines, encoders, probes
 and evaluation write their outputs from every process and are refused, by name, when the profile asks.
@@ -119,7 +121,7 @@ class ResourcesConfig:
     scale_out: Literal["trainjob", "pytorchjob"] = "trainjob"
     trainer_runtime: str = "torch-distributed"  # the TrainJob's runtimeRef (a ClusterTrainingRuntime name)
     # s3:// root under which training steps of cluster runs keep their checkpoints, per run and task (a retried
-    # pod resumes from there); "" switches it off. kfp.local runs never upload (their disk persists).
+    # pod resumes from there); "" switches it off. kfp.local runs mirror to their own store and run id too.
     checkpoints: str = "s3://craft/checkpoints"
     # where the pod-local scratch volume (sized by ephemeral_storage) is mounted: the local root of the
     # pipeline root's artifacts, /minio for KFP's default minio://mlpipeline/v2/artifacts, /s3 for s3://
@@ -182,7 +184,7 @@ def resolve_target(target: str):
 
 
 def checkpoint_prefix(run_id: str, task: str) -> str:
-    """``$CRAFT_CHECKPOINT_ROOT/<run_id>/<task>``, or "" when the root is unset (kfp.local, by hand)."""
+    """``$CRAFT_CHECKPOINT_ROOT/<run_id>/<task>``, or "" when the root is unset (a stage run by hand)."""
     root = os.environ.get(ENV_CHECKPOINT_ROOT, "").strip().rstrip("/")
     if not root:
         return ""
@@ -280,6 +282,12 @@ def torchrun(target: str, kwargs: dict[str, Any], nproc: int, *, nnodes: int = 1
 def _worker(call_file: str) -> None:
     """One torchrun process: call the target; rank 0 writes the result."""
     spec = json.loads(Path(call_file).read_text())
+    import torch
+
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        # stages place frozen parts on "cuda" (the critic, the VAE) before accelerate starts: make that this
+        # rank's GPU, not GPU 0 for every rank
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     res = resolve_target(spec["target"])(**spec["kwargs"])
     if int(os.environ.get("RANK", "0")) == 0:
         from craft.io import atomic_write_json

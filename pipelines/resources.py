@@ -35,7 +35,8 @@ pod small and CPU-only and compiles the GPU settings into ``CRAFT_SCALE_OUT`` in
 with that ``sizeLimit`` over the artifacts' local root: the disk a step may fill is explicit and bounded
 (the kubelet evicts the pod with that reason) rather than unaccounted on the node. Multi-node jobs get a
 real ``ephemeral-storage`` request per node. The profile's ``resources`` section (craft.launch.ResourcesConfig)
-is merged over the defaults by :func:`profile_settings`.
+is merged over the defaults by :func:`profile_settings`. kfp.local ignores resources, placement and volumes but
+passes task env: a local run's training steps see ``CRAFT_NPROC_PER_NODE`` and ``CRAFT_CHECKPOINT_ROOT`` too.
 """
 
 from typing import Any

@@ -251,3 +251,48 @@ def test_two_nodes_through_the_job_path(s3_env, tmp_path):
     # node 1's RNG state reached node 0's checkpoint through the process group (they share no disk)
     assert (ckpt / "rng-0.pt").read_bytes() != (ckpt / "rng-1.pt").read_bytes()
     assert not (tmp_path / "scratch" / "node-1" / "outputs" / "model" / "model_index.json").exists()
+
+
+@pytest.mark.slow  # a tiny critic + probe, then torchrun + 2 ranks: ~1 min on 2 cores
+def test_the_craft_reward_stage_as_two_processes(tmp_path, monkeypatch):
+    """CRAFT reward finetuning (DRaFT-K against the frozen critic) through the launcher as 2 processes: DDP over
+    prompts (each rank draws its own slice of every step's prompts), rank 0 writes the adapter."""
+    import shutil
+
+    import pandas as pd
+
+    from craft.config import load_stage_config
+    from craft.data.demo import DemoConfig, generate
+    from craft.data.manifest import read_manifest
+    from craft.launch import Artifact, run_step
+    from craft.models.diffusion import ModelConfig, build_components, load_pipeline, save_pipeline
+    from craft.train import encoder, probe, reward
+
+    data = tmp_path / "data"
+    generate(DemoConfig(modality="histo", n=16, seed=0, resolution=32, images_per_patient=2), data)
+    df = read_manifest(data)
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    pd.DataFrame({"image_id": df["image_id"], "enriched_prompt": [f"{lab} tissue with glands" for lab in df["label"]],
+                  "status": "ok"}).to_parquet(ann / "annotations.parquet")  # fmt: skip
+    shutil.copy(REPO / "craft" / "annotate" / "checklists" / "demo-histo.json", ann / "checklists.json")
+    encoder.main(load_stage_config("encoder", None, ["epochs=1", "batch_size=8"]), "critic", data, tmp_path / "critic",
+                 ann)  # fmt: skip
+    probe.main(load_stage_config("probe", None, ["epochs=2"]), tmp_path / "critic", data, tmp_path / "probe")
+    mc = ModelConfig(preset="tiny", resolution=32, unet_channels=[8, 16], vae_channels=[8, 8], text_hidden=16,
+                     text_layers=1)  # fmt: skip
+    save_pipeline(build_components(mc, ["adenocarcinoma", "adenoma", "normal", "mucinous carcinoma"]).pipeline(),
+                  tmp_path / "base", {"stage": "test"})  # fmt: skip
+    _two_processes(monkeypatch)
+    monkeypatch.delenv("CRAFT_CHECKPOINT_ROOT", raising=False)
+    out = tmp_path / "craft"
+    args = dict(dataset_dir=Artifact(str(data)), annotations_dir=Artifact(str(ann)),
+                critic_dir=Artifact(str(tmp_path / "critic")), probe_dir=Artifact(str(tmp_path / "probe")),
+                base=Artifact(str(tmp_path / "base")), model_dir=Artifact(str(out), output=True), profile="",
+                overrides=["loop.steps=2", "loop.batch_size=2", "loop.threads=1", "loop.progress=false",
+                           "loop.checkpoint_every=1", "sample_steps=2"], start_dir=None)  # fmt: skip
+    m = run_step("craft.train.reward:step", args, config="reward")
+    assert m["steps"] == 2.0 and {"reward", "reward_vdc", "reward_dd"} <= set(m)
+    last = out.with_name("craft.work") / "draft" / "checkpoints" / "step-0000002"
+    assert json.loads((last / "state.json").read_text())["world"] == 2
+    assert reward.load_adapters(load_pipeline(tmp_path / "base"), out) is not None

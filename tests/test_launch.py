@@ -306,9 +306,9 @@ def test_a_retried_step_takes_over_a_job_that_is_still_running():
 # ---------------------------------------------------------------- run_step
 
 
-def test_checkpoint_prefix_is_per_run_and_task_and_only_in_cluster_pods(monkeypatch):
+def test_checkpoint_prefix_is_per_run_and_task(monkeypatch):
     monkeypatch.delenv("CRAFT_CHECKPOINT_ROOT", raising=False)
-    assert checkpoint_prefix("run-1", "pretrain-op") == ""  # kfp.local, by hand: the disk persists
+    assert checkpoint_prefix("run-1", "pretrain-op") == ""  # a stage run by hand: local checkpoints only
     monkeypatch.setenv("CRAFT_CHECKPOINT_ROOT", "s3://craft/checkpoints/")
     assert checkpoint_prefix("run-1", "pretrain-op") == "s3://craft/checkpoints/run-1/pretrain-op"
     with pytest.raises(LaunchError, match="need the run id and task name"):
