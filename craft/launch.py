@@ -52,7 +52,7 @@ DDP_STEPS = frozenset({"pretrain", "finetune", "craft", "controlnet"})
 
 ENV_NPROC = "CRAFT_NPROC_PER_NODE"  # processes per pod (torchrun --nproc_per_node), set when gpus > 1
 ENV_SCALE_OUT = "CRAFT_SCALE_OUT"  # JSON of the multi-node job (craft.trainjob.ScaleOut), set when nodes > 1
-ENV_CHECKPOINT_ROOT = "CRAFT_CHECKPOINT_ROOT"  # s3:// root of per-run/per-task checkpoints (cluster pods only)
+ENV_CHECKPOINT_ROOT = "CRAFT_CHECKPOINT_ROOT"  # s3:// root of per-run/per-task checkpoints (training tasks)
 
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _DURATION = re.compile(r"^([0-9]+)\s*(s|m|h|d)?$")
@@ -112,7 +112,7 @@ class ResourcesConfig:
     ``steps`` is keyed by the step names of pipelines/resources.py (``dataset-version``, ``data``, ``validate``,
     ``annotate``, ``pretrain``, ``finetune``, ``encoders``, ``probe``, ``baselines``, ``craft``, ``controlnet``,
     ``evaluate``, ``champion``, ``gate``, ``register``); a step not named keeps its defaults. Read when the
-    pipeline is compiled (``resources.steps.craft.gpus=4`` as a compile override); a run cannot change it.
+    pipeline is compiled from the profile (pipelines/craft_pipeline.py); a run cannot change it.
     """
 
     steps: dict[str, StepResources] = field(default_factory=dict)  # step name -> its sizes
