@@ -1,5 +1,6 @@
 """KFP components for ControlNet on the foundation model (CRAFTS, "Structure-controllable image generation")."""
 
+from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
 from components.images import gpu_component
@@ -8,12 +9,16 @@ from components.images import gpu_component
 @gpu_component()
 def controlnet_op(
     base: Input[Model], dataset: Input[Dataset], condition: str, profile: str, overrides: list, dataset_version: str,
-    controlnet: Output[Model], metrics: Output[Metrics],
+    controlnet: Output[Model], metrics: Output[Metrics], run_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    task_name: str = dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
 ):  # fmt: skip
-    """Train a ControlNet (mask or fluorescence -> H&E) on the frozen base model."""
-    from craft.train.controlnet import step
+    """Train a ControlNet (mask or fluorescence -> H&E) on the frozen base model (through craft.launch)."""
+    from craft.launch import Artifact, run_step
 
-    for key, value in step(dataset.path, base.path, controlnet.path, condition, profile, overrides).items():
+    args = dict(dataset_dir=Artifact.read(dataset), base_dir=Artifact.read(base),
+                out_dir=Artifact.write(controlnet), condition=condition, profile=profile, overrides=overrides)  # fmt: skip
+    for key, value in run_step("craft.train.controlnet:step", args, config="controlnet", run_id=run_id,
+                               task=task_name).items():  # fmt: skip
         metrics.log_metric(key, value)
 
 

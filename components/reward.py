@@ -1,5 +1,10 @@
-"""KFP components for CRAFT reward finetuning (DRaFT-K) and the baselines TI, TI+LoRA and DPO."""
+"""KFP components for CRAFT reward finetuning (DRaFT-K) and the baselines TI, TI+LoRA and DPO.
 
+Each enters through craft.launch (the CRAFT stage may run as several processes: DDP over prompts; the
+baselines run as one); ``run_id`` and ``task_name`` make the checkpoint prefix a retried attempt resumes from.
+"""
+
+from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from components.images import gpu_component
@@ -18,12 +23,18 @@ def reward_op(
     model: Output[Model],
     metrics: Output[Metrics],
     start: Input[Model] = None,
+    run_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    task_name: str = dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
 ):
     """CRAFT: LoRA reward finetuning with DRaFT-K against the frozen critic and probe (from ``start`` when given)."""
-    from craft.train.reward import step
+    from craft.launch import Artifact, run_step
 
-    args = (dataset.path, annotations.path, critic.path, probe.path, base.path, model.path, profile, overrides)
-    for key, value in step(*args, start_dir=start.path if start is not None else None).items():
+    args = dict(dataset_dir=Artifact.read(dataset), annotations_dir=Artifact.read(annotations),
+                critic_dir=Artifact.read(critic), probe_dir=Artifact.read(probe), base=Artifact.read(base),
+                model_dir=Artifact.write(model), profile=profile, overrides=overrides,
+                start_dir=Artifact.read(start))  # fmt: skip
+    for key, value in run_step("craft.train.reward:step", args, config="reward", run_id=run_id,
+                               task=task_name).items():  # fmt: skip
         metrics.log_metric(key, value)
 
 
@@ -36,11 +47,16 @@ def ti_op(
     dataset: Input[Dataset],
     model: Output[Model],
     metrics: Output[Metrics],
+    run_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    task_name: str = dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
 ):
     """Baseline: textual inversion, one learned token per class."""
-    from craft.train.baselines import step
+    from craft.launch import Artifact, run_step
 
-    for key, value in step("ti", dataset.path, base.path, model.path, profile, overrides).items():
+    args = dict(stage="ti", dataset_dir=Artifact.read(dataset), base=Artifact.read(base),
+                model_dir=Artifact.write(model), profile=profile, overrides=overrides)  # fmt: skip
+    for key, value in run_step("craft.train.baselines:step", args, config="ti", run_id=run_id,
+                               task=task_name).items():  # fmt: skip
         metrics.log_metric(key, value)
 
 
@@ -55,13 +71,17 @@ def ti_lora_op(
     ti: Input[Model],
     model: Output[Model],
     metrics: Output[Metrics],
+    run_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    task_name: str = dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
 ):
     """Baseline: TI tokens (from the ti step), then LoRA on the UNet cross-attention with the diffusion loss."""
-    from craft.train.baselines import step
+    from craft.launch import Artifact, run_step
 
-    res = step("ti_lora", dataset.path, base.path, model.path, profile, overrides, annotations.path,
-               start_dir=ti.path)  # fmt: skip
-    for key, value in res.items():
+    args = dict(stage="ti_lora", dataset_dir=Artifact.read(dataset), base=Artifact.read(base),
+                model_dir=Artifact.write(model), profile=profile, overrides=overrides,
+                annotations_dir=Artifact.read(annotations), start_dir=Artifact.read(ti))  # fmt: skip
+    for key, value in run_step("craft.train.baselines:step", args, config="ti_lora", run_id=run_id,
+                               task=task_name).items():  # fmt: skip
         metrics.log_metric(key, value)
 
 
@@ -78,11 +98,16 @@ def dpo_op(
     start: Input[Model],
     model: Output[Model],
     metrics: Output[Metrics],
+    run_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    task_name: str = dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
 ):
     """Baseline: Diffusion-DPO from the TI+LoRA model on critic-judged pairs of seed-varied samples."""
-    from craft.train.baselines import step
+    from craft.launch import Artifact, run_step
 
-    res = step("dpo", dataset.path, base.path, model.path, profile, overrides, annotations.path, critic.path,
-               probe.path, start.path)  # fmt: skip
-    for key, value in res.items():
+    args = dict(stage="dpo", dataset_dir=Artifact.read(dataset), base=Artifact.read(base),
+                model_dir=Artifact.write(model), profile=profile, overrides=overrides,
+                annotations_dir=Artifact.read(annotations), critic_dir=Artifact.read(critic),
+                probe_dir=Artifact.read(probe), start_dir=Artifact.read(start))  # fmt: skip
+    for key, value in run_step("craft.train.baselines:step", args, config="dpo", run_id=run_id,
+                               task=task_name).items():  # fmt: skip
         metrics.log_metric(key, value)

@@ -52,6 +52,8 @@ STAGES: dict[str, str] = {
     "ti": "craft.train.baselines:TIConfig",
     "ti_lora": "craft.train.baselines:TILoRAConfig",
     "dpo": "craft.train.baselines:DPOConfig",
+    # per-step GPUs, CPU, memory, disk, timeouts and multi-node scale-out; compiled into the pipeline's pods
+    "resources": "craft.launch:ResourcesConfig",
 }
 
 # Top-level profile keys that are not stages.

@@ -14,6 +14,11 @@ dataset version is a new cache key everywhere (kubeflow/pipelines issue 4857). `
 production model so that ``evaluate`` scores it beside the candidate; ``register`` records a candidate
 and never moves production (``craft promote``, run by CI, does). Which optional tasks exist is the profile's ``pipeline`` section (craft.plan), read
 when the pipeline is built: ``craft pipeline compile --profile P`` or ``craft demo --profile P``.
+
+Pod sizes are the profile's ``resources`` section (craft.launch.ResourcesConfig) over pipelines/resources.py's
+defaults, fixed at compile time. Every task that asks for a GPU (or a multi-node job) runs after ``validate``
+has passed, whatever its data inputs: with an imported foundation model nothing else would hold TI or the
+probes back, and GPU time is not spent on a dataset that fails validation.
 """
 
 from pathlib import Path
@@ -29,7 +34,7 @@ from components.evaluate import evaluate_op
 from components.promote import champion_op, gate_op, register_op
 from components.reward import dpo_op, reward_op, ti_lora_op, ti_op
 from craft.plan import PipelinePlan
-from pipelines.resources import apply_resources, settings_for
+from pipelines.resources import apply_resources, profile_settings, settings_for
 
 PIPELINE_NAME = "craft"
 DEFAULT_PROFILE = "demo-histo"
@@ -37,13 +42,23 @@ DEFAULT_PROFILE = "demo-histo"
 RESOURCE_STEP: dict[str, str] = {}
 
 
-def _step(task, name: str, resources: str | None = None):
-    """Name the task and give it its step's Kubernetes settings (pipelines/resources.py)."""
+def _sized(task, name: str, resources: str | None = None, *, sizes=None, gate=None):
+    """Name the task and give it its step's Kubernetes settings (pipelines/resources.py, with the profile's
+    ``resources`` section ``sizes``); a task that asks for GPUs runs after ``gate`` (the validate task)."""
+    step = resources or name
     task.set_display_name(name)
     if resources and resources != name:
         RESOURCE_STEP[name] = resources
-    apply_resources(task, resources or name, settings_for(resources or name))
+    settings = settings_for(step, profile_settings(sizes, step))
+    apply_resources(task, step, settings)
+    if gate is not None and uses_gpus(settings):
+        task.after(gate)
     return task
+
+
+def uses_gpus(settings: dict) -> bool:
+    """Whether a task with these settings holds GPUs: its own accelerator, or a multi-node job's."""
+    return bool(settings.get("accelerator")) or int(settings.get("nodes") or 1) > 1
 
 
 def pipeline_name(profile: str | None) -> str:
@@ -58,16 +73,19 @@ def build_pipeline(
     name: str = PIPELINE_NAME,
     pipeline_version: str = "",
     default_profile: str = DEFAULT_PROFILE,
+    resources=None,
 ):
     """The pipeline function for ``plan`` (which optional tasks exist); compile it or call it under kfp.local.
 
     ``pipeline_version`` (profile and code version, fixed at compile time) is recorded in the lineage of
     what the run registers. ``default_profile`` is the run form's default for ``profile``: the profile whose
     plan this DAG is, so a run started from the UI with the defaults runs that profile's settings.
+    ``resources`` (craft.launch.ResourcesConfig, None = the defaults) sizes the pods.
     """
     from craft.version import code_version
 
     plan = plan or PipelinePlan()
+    resources_cfg = resources
     pipeline_version = pipeline_version or f"{name}@{code_version()}"
     plan.validate()
     if controlnet_conditions and plan.foundation != "train":
@@ -95,12 +113,18 @@ def build_pipeline(
                 pipeline.foundation=import the foundation model itself; empty = train from scratch.
             model_name: registry name gated and promoted by this run; empty = the profile's name.
         """
+        validated = None  # the validate task, once it exists: every GPU task runs after it
+
+        def _step(task, name: str, resources: str | None = None):
+            return _sized(task, name, resources, sizes=resources_cfg, gate=validated)
+
         common = {"profile": profile, "overrides": overrides}
         version = _step(dataset_version_op(dataset_uri=dataset_uri, **common), "dataset-version")
         common_data = {**common, "dataset_version": version.output}  # tasks that read the data
         data = _step(prepare_data_op(dataset_uri=dataset_uri, **common_data), "data")
         dataset = data.outputs["dataset"]
         validate = _step(validate_op(dataset=dataset, **common_data), "validate")
+        validated = validate
         if plan.until == "validate":
             return
         annotate = _step(annotate_op(dataset=dataset, **common_data), "annotate")
@@ -112,7 +136,6 @@ def build_pipeline(
         stage1 = None
         if plan.foundation == "train":
             pretrain = _step(pretrain_op(base_uri=base_uri, dataset=dataset, **common_data), "pretrain")
-            pretrain.after(validate)
             stage1 = pretrain.outputs["model"]
             finetune = _step(finetune_op(dataset=dataset, base=stage1, **common_data), "finetune")
             base = finetune.outputs["model"]
@@ -201,11 +224,13 @@ def pipeline_for_profile(profile: str | None, overrides: list[str] = ()):
     if not profile:
         return build_pipeline()
     plan = load_stage_config("pipeline", profile, overrides)
+    resources = load_stage_config("resources", profile, overrides)
     conditions: tuple[str, ...] = ()
     if "controlnet" in load_profile(profile) and plan.until == "all":
         cn = load_stage_config("controlnet", profile, overrides)
         conditions = tuple(cn.conditions) if cn.enabled else ()
-    return build_pipeline(plan, conditions, name=pipeline_name(profile), default_profile=str(profile))
+    return build_pipeline(plan, conditions, name=pipeline_name(profile), default_profile=str(profile),
+                          resources=resources)  # fmt: skip
 
 
 def compile_pipeline(output: str | Path, profile: str | None = DEFAULT_PROFILE) -> Path:

@@ -4,6 +4,7 @@ settings, and the walking skeleton runs locally with kfp.local."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -245,3 +246,161 @@ def test_overrides_that_weaken_the_gates_are_refused(bad):
         pipeline_for_profile("demo-histo", [bad])
     with pytest.raises(ConfigError, match="refused"):  # at run time, in the first task of every run
         dataset_version_step("demo-histo", [bad], "")
+
+
+# ---------------------------------------------------------------- sizes, scale-out and order (issue 17)
+
+PROFILES = sorted(
+    p.stem for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml") if p.stem != "gates"
+)
+
+
+@pytest.fixture(scope="module")
+def every_profile(tmp_path_factory):
+    """Every bundled profile's pipeline, compiled: {profile: (spec, k8s executor settings)}."""
+    out = tmp_path_factory.mktemp("profiles")
+    return {p: _load(compile_pipeline(out / f"{p}.yaml", p)) for p in PROFILES}
+
+
+def _compile(tmp_path, profile, overrides):
+    from kfp import compiler
+
+    from pipelines.craft_pipeline import pipeline_for_profile
+
+    out = tmp_path / "p.yaml"
+    compiler.Compiler().compile(pipeline_for_profile(profile, overrides), str(out))
+    return _load(out)
+
+
+def _executor(spec, task):
+    return spec["root"]["dag"]["tasks"][task]["componentRef"]["name"].replace("comp-", "exec-")
+
+
+def _container(spec, task):
+    """The task's container; {} for a sub-DAG (the gates-passed condition), which runs nothing itself."""
+    return spec["deploymentSpec"]["executors"].get(_executor(spec, task), {}).get("container", {})
+
+
+def _env(spec, task):
+    return {e["name"]: e["value"] for e in _container(spec, task).get("env", [])}
+
+
+def _holds_gpus(spec, task):
+    c = _container(spec, task)
+    return "accelerator" in c.get("resources", {}) or "CRAFT_SCALE_OUT" in _env(spec, task)
+
+
+def _upstream(spec, task):
+    tasks = spec["root"]["dag"]["tasks"]
+    seen, todo = set(), list(tasks[task].get("dependentTasks", []))
+    while todo:
+        t = todo.pop()
+        if t not in seen:
+            seen.add(t)
+            todo += tasks[t].get("dependentTasks", [])
+    return seen
+
+
+def test_every_gpu_task_of_every_profile_waits_for_validation(every_profile):
+    """With an imported foundation model (chexpert, ...) TI and the probes read only data the validate step
+    has not passed yet: the explicit edge makes every GPU task wait for it."""
+    assert {"chexpert", "breakhis", "demo-histo", "smoke-chexpert"} <= set(every_profile)
+    for profile, (spec, _) in every_profile.items():
+        gpu = [t for t in spec["root"]["dag"]["tasks"] if _holds_gpus(spec, t)]
+        assert len(gpu) >= 5, profile
+        for t in gpu:
+            assert "validate-op" in _upstream(spec, t), f"{profile}: {t} may start before validation passed"
+
+
+def test_import_plans_make_ti_and_the_probes_depend_on_validate_directly(every_profile):
+    spec, _ = every_profile["chexpert"]
+    tasks = spec["root"]["dag"]["tasks"]
+    assert "import-model-op" in tasks  # the plan imports its foundation model
+    for t in ("ti-op", "probe-op", "probe-op-2"):
+        assert "validate-op" in tasks[t]["dependentTasks"], t
+
+
+def test_every_step_has_a_timeout_and_a_disk_budget(every_profile):
+    for profile, (spec, k8s) in every_profile.items():
+        for name in spec["deploymentSpec"]["executors"]:
+            assert int(k8s[name]["activeDeadlineSeconds"]) >= 1800, f"{profile}: {name} has no timeout"
+            [scratch] = [v for v in k8s[name]["emptyDirMounts"] if v["volumeName"] == "craft-scratch"]
+            assert scratch["mountPath"] == "/minio" and scratch["sizeLimit"].endswith("Gi"), (profile, name)
+
+
+def test_register_is_sized_for_merging_sd21_on_the_cpu(every_profile):
+    spec, k8s = every_profile["chexpert"]
+    res = spec["deploymentSpec"]["executors"]["exec-register-op"]["container"]["resources"]
+    assert res["resourceMemoryRequest"] == res["resourceMemoryLimit"] == "24Gi" and "accelerator" not in res
+
+
+def test_training_steps_resume_from_per_run_checkpoints(every_profile):
+    spec, _ = every_profile["demo-histo"]
+    for task in ("pretrain-op", "finetune-op", "reward-op", "ti-op", "ti-lora-op", "dpo-op", "controlnet-op"):
+        assert _env(spec, task)["CRAFT_CHECKPOINT_ROOT"] == "s3://craft/checkpoints", task
+        params = spec["components"][spec["root"]["dag"]["tasks"][task]["componentRef"]["name"]]["inputDefinitions"]
+        assert params["parameters"]["run_id"]["defaultValue"] == "{{$.pipeline_job_uuid}}"
+        assert params["parameters"]["task_name"]["defaultValue"] == "{{$.pipeline_task_name}}"
+    for task in ("evaluate-op", "probe-op", "validate-op"):
+        assert "CRAFT_CHECKPOINT_ROOT" not in _env(spec, task)
+
+
+def test_four_gpus_on_one_node_launch_torchrun(tmp_path):
+    spec, k8s = _compile(
+        tmp_path,
+        "chexpert",
+        ["resources.steps.craft.gpus=4", "resources.steps.craft.gpu_product=NVIDIA-H100-80GB-HBM3"],
+    )
+    c = _container(spec, "reward-op")
+    assert c["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert c["resources"]["accelerator"]["resourceCount"] == "4"
+    assert _env(spec, "reward-op")["CRAFT_NPROC_PER_NODE"] == "4"  # craft.launch: torchrun --nproc_per_node 4
+    assert "run_step" in json.dumps(c["command"]) and "craft.train.reward:step" in json.dumps(c["command"])
+    ex = k8s[_executor(spec, "reward-op")]
+    assert {"mountPath": "/dev/shm", "medium": "Memory", "sizeLimit": "8Gi", "volumeName": "dshm"} in ex[
+        "emptyDirMounts"
+    ]
+    assert ex["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert "CRAFT_NPROC_PER_NODE" not in _env(spec, "ti-op")  # the other GPU steps keep one GPU
+    assert _container(spec, "ti-op")["resources"]["accelerator"]["resourceCount"] == "1"
+
+
+def test_two_nodes_compile_to_a_small_pod_that_submits_a_trainjob(tmp_path):
+    from kubeflow_trainer_api import models as m
+
+    from craft.trainjob import ScaleOut, manifest
+
+    spec, k8s = _compile(tmp_path, "demo-histo", ["resources.steps.pretrain.gpus=4", "resources.steps.pretrain.nodes=2",
+                                                  "resources.steps.pretrain.memory=256Gi", "resources.steps.pretrain.timeout=2d"])  # fmt: skip
+    c = _container(spec, "pretrain-op")
+    assert "accelerator" not in c["resources"]  # the pod orchestrates; the GPUs are the job's
+    assert c["resources"]["resourceCpuLimit"] == "1" and c["resources"]["resourceMemoryLimit"] == "4Gi"
+    ex = k8s[_executor(spec, "pretrain-op")]
+    assert "tolerations" not in ex and "pvcMount" not in ex
+    assert int(ex["activeDeadlineSeconds"]) == 2 * 86400 + 3600  # the job's deadline + staging
+    scale = ScaleOut.from_json(_env(spec, "pretrain-op")["CRAFT_SCALE_OUT"])
+    assert (scale.engine, scale.nodes, scale.gpus_per_node, scale.memory, scale.timeout_s) == (
+        "trainjob",
+        2,
+        4,
+        "256Gi",
+        2 * 86400,
+    )
+    assert scale.image == c["image"] and scale.secrets[0]["name"] == "mlpipeline-minio-artifact"
+    body = manifest(scale, "craft-pretrain-op-00000000", ["python", "-m", "craft.launch", "node", "s3://b/s"], {})
+    assert m.TrainerV1alpha1TrainJob.from_dict(body).to_dict() == body
+    assert "validate-op" in _upstream(spec, "pretrain-op")  # still a GPU step for the order
+    spec2, _ = _compile(tmp_path, "demo-histo", ["resources.steps.pretrain.gpus=4", "resources.steps.pretrain.nodes=2",
+                                                 "resources.scale_out=pytorchjob"])  # fmt: skip
+    assert ScaleOut.from_json(_env(spec2, "pretrain-op")["CRAFT_SCALE_OUT"]).engine == "pytorchjob"
+
+
+def test_profile_resources_reach_the_compiled_pods(every_profile):
+    def deadline(profile, task):
+        spec, k8s = every_profile[profile]
+        return int(k8s[_executor(spec, task)]["activeDeadlineSeconds"])
+
+    assert deadline("chexpert", "reward-op") == 12 * 3600  # configs/chexpert.yaml resources.steps.craft
+    assert deadline("fitzpatrick17k", "evaluate-op") == 72 * 3600
+    assert deadline("smoke-chexpert", "probe-op") == deadline("smoke-chexpert", "ti-op") == 2 * 3600  # extends
+    assert deadline("demo-histo", "reward-op") == 24 * 3600  # no resources section: pipelines/resources.py's

@@ -11,7 +11,9 @@ the current batch), and optionally a ``validate(model, step, out_dir, writer)`` 
 - a batch order that is a pure function of (seed, step, rank): resuming at step s needs no saved
   dataloader state and consumes exactly the batches an uninterrupted run would;
 - checkpoints every N steps (model, optimizer, LR scheduler, EMA, all RNG states, step) written
-  atomically, optionally mirrored to an ``s3://`` prefix, and exact resume from the newest one;
+  atomically, optionally mirrored to an ``s3://`` prefix (``upload_uri``, newest ``keep_checkpoints`` kept
+  there too), and exact resume from the newest one: local, or with an empty local folder (a retried pod, a
+  restarted node) the newest one on the object store, downloaded first;
 - batches fetched through a torch ``DataLoader`` (``data_workers`` processes decode ahead of the step);
 - NaN/inf detection: the run stops with ``NonFiniteLossError`` before the bad update, and the
   last good checkpoint stays on disk;
@@ -62,7 +64,7 @@ class LoopConfig:
     log_every: int = 10  # steps between TensorBoard scalars
     seed: int = 0  # seeds weights-independent randomness: batch order, noise, dropout
     threads: int = 0  # torch CPU threads per process (0 = leave the default)
-    upload_uri: str = ""  # s3:// prefix: mirror each checkpoint there ("" = off)
+    upload_uri: str = ""  # s3:// prefix: mirror each checkpoint there and resume from it ("" = off)
     progress: bool = True  # tqdm progress bar on the main process
     data_workers: int = 0  # DataLoader worker processes decoding batches ahead (0 = in the training process)
     encode_batch: int = 64  # images per VAE forward when a stage encodes (and caches) its latents
@@ -255,8 +257,7 @@ def train(
     torch.manual_seed(cfg.seed + rank)
 
     start = 0
-    ckpts = list_checkpoints(out) if resume else []
-    last_good: Path | None = ckpts[-1] if ckpts else None
+    last_good: Path | None = _resume_point(acc, out, cfg) if resume else None
     if last_good is not None:
         start = _load_checkpoint(last_good, model, opt, sched, ema, gen, rank)
     model, opt = acc.prepare(model, opt)
@@ -365,15 +366,16 @@ def _run_validation(acc, validate, model, step: int, out: Path, writer) -> None:
 
 
 def _save_checkpoint(acc, out: Path, step: int, model, opt, sched, ema, gen, logs, cfg: LoopConfig) -> Path:
-    """Write ``OUT/checkpoints/step-XXXXXXX`` atomically: rank 0 writes weights/optimizer, every rank its RNG."""
+    """Write ``OUT/checkpoints/step-XXXXXXX`` atomically: rank 0 writes weights/optimizer and every rank's RNG.
+
+    The RNG states (they differ by rank) reach rank 0 through the process group, so ranks on other nodes
+    (other disks) are saved too. With ``upload_uri`` rank 0 then commits the checkpoint to the object store
+    and drops the ones there older than the newest ``keep_checkpoints``.
+    """
     from safetensors.torch import save_file
 
     path = out / CKPT_DIR / f"step-{step:07d}"
-    # Every rank's RNG state (they differ by rank) is gathered to rank 0 through files in a staging dir.
-    stage = out / CKPT_DIR / f".rng-{step:07d}"
-    stage.mkdir(parents=True, exist_ok=True)
-    torch.save(_rng_state(gen), stage / f"rng-{acc.process_index}.pt")
-    acc.wait_for_everyone()
+    rng = _gather_objects(acc, _rng_state(gen))
     if acc.is_main_process:
         m = acc.unwrap_model(model)
         with atomic_dir(path) as tmp:
@@ -382,18 +384,65 @@ def _save_checkpoint(acc, out: Path, step: int, model, opt, sched, ema, gen, log
             if ema is not None:
                 save_file({k: v.cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
             torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
-            for f in stage.iterdir():
-                shutil.copy2(f, tmp / f.name)
+            for rank, state in enumerate(rng):
+                torch.save(state, tmp / f"rng-{rank}.pt")
             atomic_write_json(tmp / "state.json", {"step": step, "world": acc.num_processes, "logs": logs})
-        shutil.rmtree(stage, ignore_errors=True)
         for old in list_checkpoints(out)[: -max(cfg.keep_checkpoints, 1)]:
             shutil.rmtree(old, ignore_errors=True)
         if cfg.upload_uri:
             from craft.storage.objectstore import ObjectStore
 
-            ObjectStore.from_env().upload_dir(path, f"{cfg.upload_uri.rstrip('/')}/{CKPT_DIR}/{path.name}")
+            store = ObjectStore.from_env()
+            store.upload_dir(path, f"{cfg.upload_uri.rstrip('/')}/{CKPT_DIR}/{path.name}")
+            for _, old_uri in remote_checkpoints(store, cfg.upload_uri)[: -max(cfg.keep_checkpoints, 1)]:
+                store.delete_prefix(old_uri)
     acc.wait_for_everyone()
     return path
+
+
+def _gather_objects(acc, obj) -> list:
+    """``obj`` of every rank, in rank order (one process: ``[obj]``)."""
+    if acc.num_processes == 1:
+        return [obj]
+    out = [None] * acc.num_processes
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def remote_checkpoints(store, upload_uri: str) -> list[tuple[int, str]]:
+    """Committed checkpoints under ``UPLOAD_URI/checkpoints`` on the object store as (step, uri), oldest first."""
+    from craft.storage.objectstore import MANIFEST_NAME
+
+    root = f"{upload_uri.rstrip('/')}/{CKPT_DIR}/"
+    found: dict[int, str] = {}
+    for uri in store.list(root):
+        name, _, rest = uri[len(root) :].partition("/")
+        m = _CKPT_RE.match(name)
+        if m and rest == MANIFEST_NAME:
+            found[int(m.group(1))] = root + name
+    return sorted(found.items())
+
+
+def _resume_point(acc, out: Path, cfg: LoopConfig) -> Path | None:
+    """The checkpoint this run resumes from: the newest local one; with none and ``upload_uri`` set, the newest
+    one on the object store, downloaded first by each node's main process. Every rank must agree on it."""
+    if cfg.upload_uri and acc.is_local_main_process and not list_checkpoints(out):
+        from craft.storage.objectstore import ObjectStore
+
+        store = ObjectStore.from_env()
+        remote = remote_checkpoints(store, cfg.upload_uri)
+        if remote:
+            step, uri = remote[-1]
+            print(f"resuming from {uri} (step {step}, object store)", flush=True)
+            store.download_dir(uri, out / CKPT_DIR / f"step-{step:07d}")
+    acc.wait_for_everyone()
+    ckpts = list_checkpoints(out)
+    newest = ckpts[-1] if ckpts else None
+    steps = _gather_objects(acc, newest.name if newest else None)
+    if len(set(steps)) > 1:
+        raise RuntimeError(f"ranks disagree on the checkpoint to resume from {steps} (nodes with different local "
+                           f"checkpoints under {out / CKPT_DIR}); set loop.upload_uri so every node reads the same")  # fmt: skip
+    return newest
 
 
 def _load_checkpoint(path: Path, model, opt, sched, ema, gen, rank: int) -> int:
