@@ -73,8 +73,9 @@ def test_pod_settings(compiled):
         assert res["accelerator"]["resourceType"] == "nvidia.com/gpu" and res["accelerator"]["resourceCount"] == "1"
         assert "craft-gpu" in containers[ex]["image"]
         # one model cache per pod (emptyDir, fed from the object store); no shared PVC
-        assert k8s[ex]["emptyDirMounts"] == [{"volumeName": "model-cache", "mountPath": "/cache/models",
-                                              "sizeLimit": "50Gi"}]  # fmt: skip
+        mounts = {m["volumeName"]: m for m in k8s[ex]["emptyDirMounts"]}
+        assert mounts["model-cache"] == {"volumeName": "model-cache", "mountPath": "/cache/models", "sizeLimit": "50Gi"}
+        assert "craft-scratch" in mounts  # the step's disk budget (ephemeral_storage), apart from the cache
         assert "pvcMount" not in k8s[ex]
         env = {e["name"]: e["value"] for e in containers[ex]["env"]}
         assert env["CRAFT_MODEL_CACHE"] == "/cache/models"
@@ -386,7 +387,7 @@ def test_two_nodes_compile_to_a_small_pod_that_submits_a_trainjob(tmp_path):
         "256Gi",
         2 * 86400,
     )
-    assert scale.image == c["image"] and scale.secrets[0]["name"] == "mlpipeline-minio-artifact"
+    assert scale.image == c["image"] and scale.secrets[0]["name"] == "craft-s3-writer"
     body = manifest(scale, "craft-pretrain-op-00000000", ["python", "-m", "craft.launch", "node", "s3://b/s"], {})
     assert m.TrainerV1alpha1TrainJob.from_dict(body).to_dict() == body
     assert "validate-op" in _upstream(spec, "pretrain-op")  # still a GPU step for the order
