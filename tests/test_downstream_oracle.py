@@ -94,7 +94,10 @@ def test_library_backbone_trains_one_epoch_at_tiny_size():
     assert before.keys() == after.keys()
     assert all(not torch.equal(before[k], p.cpu()) for k, p in after.items() if p.requires_grad)  # all trained
     again = ds.train_classifier(x, train[1], 3, synth_images=x[:6], synth_labels=train[1][:6], **kw)
-    assert all(torch.equal(p, q) for p, q in zip(m.state_dict().values(), again.state_dict().values()))
+    # same seed, same schedule: the same model up to the summation order of multi-threaded CPU convolution
+    # gradients, which is not bit-reproducible on every CPU (seen: max |diff| 3e-3 after one epoch at 2 threads)
+    for (k, p), q in zip(m.state_dict().items(), again.state_dict().values()):
+        assert torch.allclose(p.float(), q.float(), atol=2e-2), k
     pred = ds.predict(m, np.repeat(np.repeat(test[0], 3, axis=1), 3, axis=2))  # raw 48 px in, resized inside
     assert pred.shape == (12,) and set(pred) <= {0, 1, 2}
     d = ds.downstream_utility(train, test, {}, 3, scales=(1.0,), arch="resnet18", width=4, epochs=1, batch_size=8)

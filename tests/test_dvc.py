@@ -134,7 +134,12 @@ CLI_GAPS: dict = {}
 # KFP tasks that would have a stage if the CLI exposed their step: task -> the command it would be
 MISSING_COMMANDS: dict = {}
 # deps that only order two stages (KFP `.after`); every other outputs/ dep is a path the command reads
-ORDER_ONLY = {("annotate", "outputs/validate/demo-histo"), ("pretrain", "outputs/validate/demo-histo")}
+# the validation report orders every step that uses an MLLM or a GPU after validation (KFP .after(validate))
+ORDER_ONLY = {(s, "outputs/validate/demo-histo") for s in (
+    "annotate", "pretrain", "finetune", "critic", "evaluator", "critic-probe", "evaluator-probe", "ti", "ti-lora",
+    "dpo", "craft", "controlnet-mask", "controlnet-mask-plain-base", "controlnet-mask-eval", "controlnet-fluorescence",
+    "controlnet-fluorescence-plain-base", "controlnet-fluorescence-eval", "evaluate",
+)}  # fmt: skip
 
 
 def _stages() -> dict:

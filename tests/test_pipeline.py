@@ -74,7 +74,11 @@ def test_pod_settings(compiled):
         assert "craft-gpu" in containers[ex]["image"]
         # one model cache per pod (emptyDir, fed from the object store); no shared PVC
         mounts = {m["volumeName"]: m for m in k8s[ex]["emptyDirMounts"]}
-        assert mounts["model-cache"] == {"volumeName": "model-cache", "mountPath": "/cache/models", "sizeLimit": "50Gi"}
+        assert mounts["model-cache"] == {
+            "volumeName": "model-cache",
+            "mountPath": "/cache/models",
+            "sizeLimit": "50Gi",
+        }
         assert "craft-scratch" in mounts  # the step's disk budget (ephemeral_storage), apart from the cache
         assert "pvcMount" not in k8s[ex]
         env = {e["name"]: e["value"] for e in containers[ex]["env"]}

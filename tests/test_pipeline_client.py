@@ -92,7 +92,9 @@ def test_gpu_step_requests_accelerator_cpu_memory(compiled):
     k8s = spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"][exec_name]
     assert k8s["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in k8s["tolerations"]
-    assert k8s["emptyDirMounts"][0]["mountPath"] == "/cache/models"  # one cache per pod, fed from the store
+    mounts = {m["volumeName"]: m["mountPath"] for m in k8s["emptyDirMounts"]}
+    assert mounts["model-cache"] == "/cache/models"  # one cache per pod, fed from the store
+    assert mounts["dshm"] == "/dev/shm"  # 2 GPUs: torchrun's processes share memory through it
     assert k8s["activeDeadlineSeconds"] == "7200"
 
 
@@ -532,8 +534,9 @@ def test_real_pipeline_steps_carry_their_resources(tmp_path):
         assert (want["object_store_secret"] in secrets_used) if want.get("object_store_secret") else (
             not secrets_used & {"craft-s3-reader", "craft-s3-writer"}), step  # fmt: skip
         assert ("craft-mllm" in secrets_used) == bool(want.get("mllm_secret")), step
-        mounts = [m["mountPath"] for m in k8s.get(label, {}).get("emptyDirMounts", [])]
-        assert mounts == (["/cache/models"] if want.get("model_cache") else []), step
+        mounts = {m["volumeName"]: m["mountPath"] for m in k8s.get(label, {}).get("emptyDirMounts", [])}
+        assert (mounts.get("model-cache") == "/cache/models") == bool(want.get("model_cache")), step
+        assert ("craft-scratch" in mounts) == bool(want.get("ephemeral_storage")), step  # the disk budget
         seen.add(step)
     assert {"data", "validate"} <= seen
 
