@@ -218,11 +218,29 @@ def test_rbac_is_namespaced_and_least_privilege(rendered):
             for rule in role["rules"]:
                 assert "*" not in rule["verbs"] and "*" not in rule["resources"], f"{name}: wildcard {rule}"
                 assert "secrets" not in rule["resources"], f"{name}: the scheduler must not read secrets"
-                assert not set(rule["verbs"]) & {"delete", "deletecollection", "update", "patch", "escalate", "bind"}
+                # only the scale-out role may delete, and only the jobs it submits (at their deadline)
+                allowed = {"delete"} if role["metadata"]["name"] == "craft-scale-out" else set()
+                assert not set(rule["verbs"]) & ({"delete", "deletecollection", "update", "patch", "escalate",
+                                                  "bind"} - allowed)  # fmt: skip
         own, run = NAMESPACES[name]
-        binding = next(d for d in docs if d["kind"] == "RoleBinding")
+        binding = next(d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["name"] == "craft-scheduler")
         assert binding["metadata"]["namespace"] == run  # where the runs are created and checked
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "craft-scheduler", "namespace": own}]
+
+
+def test_pipeline_pods_may_submit_multi_node_jobs_and_nothing_else(rendered):
+    """craft.launch's multi-node path creates, watches and deletes TrainJobs / PyTorchJobs in the run namespace,
+    as the pipeline pods' ServiceAccount (pipeline-runner standalone, default-editor in a Profile)."""
+    sa = {"standalone": "pipeline-runner", "dev": "pipeline-runner", "multi-user": "default-editor"}
+    for name, docs in rendered.items():
+        _, run = NAMESPACES[name]
+        (role,) = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "craft-scale-out"]
+        assert role["metadata"]["namespace"] == run
+        kinds = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+        assert kinds == {("trainer.kubeflow.org", "trainjobs"), ("kubeflow.org", "pytorchjobs")}, name
+        (binding,) = [d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["name"] == "craft-scale-out"]
+        assert binding["metadata"]["namespace"] == run
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa[name], "namespace": run}], name
 
 
 def test_cronjob_runs_retrain_without_overlap(rendered):
