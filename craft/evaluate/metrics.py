@@ -5,10 +5,10 @@ Everything here takes numbers that the caller has already computed with the EVAL
 
 - per image: ``per_image_cas`` from the four primitives VDC, CCS, DD, SFS (CRAFT 4.1.4);
 - tails: ``low_alignment_rate`` and ``percentile`` (CRAFT 4.2.2 / app. H, Table 14);
-- fidelity: ``fid_from_embeddings`` (CRAFTS eq. 16, "PLIP-FID" in any embedding),
+- fidelity: ``fid_from_embeddings`` (CRAFTS eq. 16, "PLIP-FID" in any embedding; torchmetrics),
   ``image_image_similarity`` / ``image_text_similarity`` (eqs. 17-18, "PLIP-I" / "PLIP-T" style),
-  ``silhouette`` (eq. 19-21);
-- paired images: ``ssim``, ``mse``, ``ncc``, ``psnr`` (CRAFTS eqs. 22-25);
+  ``silhouette`` (eq. 19-21; scikit-learn);
+- paired images: ``ssim``, ``mse``, ``ncc``, ``psnr`` (CRAFTS eqs. 22-25; torchmetrics);
 - diversity: ``prompt_diversity`` (embedding substitute for LPIPS, see its docstring), ``pixel_diversity``;
 - ``variant_table``: one row per generator variant, shaped like CRAFT Table 1 + Table 14.
 
@@ -27,7 +27,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-import scipy.linalg
 import torch
 
 PRIMITIVES = ("vdc", "ccs", "dd", "sfs")
@@ -119,41 +118,39 @@ def _mat(x, name: str) -> np.ndarray:
     return a
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) (CRAFTS eq. 16).
+class _Embeddings(torch.nn.Module):
+    """The identity "feature extractor" that lets torchmetrics' FID take embeddings the caller already has."""
 
-    The matrix square root comes from ``scipy.linalg.sqrtm``. When S1 S2 is near singular (fewer
-    samples than dimensions) the product is regularised with ``eps * I`` on both covariances, and
-    a small imaginary part left by round-off is dropped; a large one is an error.
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
-    diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(s1 @ s2)
-    if not np.all(np.isfinite(covmean)) or np.linalg.cond(s1 @ s2) > 1e12:
-        offset = np.eye(s1.shape[0]) * eps
-        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    if np.iscomplexobj(covmean):
-        imag = np.max(np.abs(covmean.imag))
-        if imag > 1e-3 * max(1.0, np.max(np.abs(covmean.real))):
-            raise ValueError(f"frechet_distance: sqrtm left an imaginary part of {imag:.3g}")
-        covmean = covmean.real
-    fd = diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean)
-    return float(max(fd, 0.0))
+    def __init__(self, dim: int):
+        super().__init__()
+        self.num_features = dim  # read by FrechetInceptionDistance instead of probing with a dummy image
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
-def fid_from_embeddings(real, gen, eps: float = 1e-6) -> float:
+def fid_from_embeddings(real, gen) -> float:
     """Frechet distance between Gaussians fitted to two embedding sets (CRAFTS eq. 16, "PLIP-FID").
 
-    ``real``, ``gen``: (n, d) embeddings from the same (evaluator) encoder. Unbiased covariances
-    (ddof=1), as the common FID implementations use.
+    ``real``, ``gen``: (n, d) embeddings from the same (evaluator) encoder. Computed by torchmetrics'
+    ``FrechetInceptionDistance`` with the embeddings as its features (float64, unbiased covariances,
+    Tr((S1 S2)^1/2) from the eigenvalues of S1 S2, so rank-deficient covariances with n < d need no
+    regularisation). A negative result of round-off (identical sets) is clipped to 0.
     """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
     r, g = _mat(real, "real"), _mat(gen, "gen")
     if r.shape[1] != g.shape[1]:
         raise ValueError(f"gen: dimension {g.shape[1]} differs from real's {r.shape[1]}")
     if len(r) < 2 or len(g) < 2:
         raise ValueError("fid_from_embeddings: need at least 2 embeddings on each side")
-    return frechet_distance(r.mean(0), np.cov(r, rowvar=False), g.mean(0), np.cov(g, rowvar=False), eps)
+    fid = FrechetInceptionDistance(feature=_Embeddings(r.shape[1]))
+    fid.update(torch.from_numpy(r), real=True)
+    fid.update(torch.from_numpy(g), real=False)
+    out = float(fid.compute())
+    if not np.isfinite(out):
+        raise ValueError(f"fid_from_embeddings: torchmetrics returned {out}")
+    return max(out, 0.0)
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
@@ -182,31 +179,21 @@ def image_text_similarity(text_emb, gen_emb) -> float:
 
 
 def silhouette(emb, labels) -> float:
-    """Mean silhouette coefficient, Euclidean distance (CRAFTS eqs. 19-21).
+    """Mean silhouette coefficient, Euclidean distance (CRAFTS eqs. 19-21), by ``sklearn.metrics.silhouette_score``.
 
     s(i) = (b(i) - a(i)) / max(a(i), b(i)); a(i) mean distance to the other members of i's class,
-    b(i) the smallest mean distance to another class; s(i) = 0 for a singleton class (as sklearn).
+    b(i) the smallest mean distance to another class; s(i) = 0 for a singleton class.
     """
+    from sklearn.metrics import silhouette_score
+
     x = _mat(emb, "emb")
     lab = np.asarray(labels)
     if len(lab) != len(x):
         raise ValueError(f"labels: length {len(lab)} differs from emb's {len(x)}")
-    classes, idx = np.unique(lab, return_inverse=True)
-    if not 2 <= len(classes) <= len(x) - 1:
-        raise ValueError(f"silhouette: needs 2..n-1 classes, got {len(classes)} for {len(x)} points")
-    sq = np.sum(x * x, axis=1)
-    dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0))
-    np.fill_diagonal(dist, 0.0)
-    onehot = np.eye(len(classes))[idx]  # (n, k)
-    sums = dist @ onehot  # total distance from i to each class
-    counts = onehot.sum(0)
-    own = counts[idx]
-    a = sums[np.arange(len(x)), idx] / np.maximum(own - 1, 1)
-    mean_other = sums / counts
-    mean_other[np.arange(len(x)), idx] = np.inf
-    b = mean_other.min(1)
-    s = np.where(own > 1, (b - a) / np.maximum(np.maximum(a, b), 1e-300), 0.0)
-    return float(s.mean())
+    n_cls = len(np.unique(lab))
+    if not 2 <= n_cls <= len(x) - 1:
+        raise ValueError(f"silhouette: needs 2..n-1 classes, got {n_cls} for {len(x)} points")
+    return float(silhouette_score(x, lab, metric="euclidean"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,21 +241,34 @@ def ssim(x, y) -> np.ndarray:
 
 
 def mse(x, y) -> np.ndarray:
-    """Per-pair mean squared error on [0, 1] intensities (CRAFTS eq. 23)."""
+    """Per-pair mean squared error on [0, 1] intensities (CRAFTS eq. 23) via torchmetrics (one output per pair)."""
+    from torchmetrics.functional import mean_squared_error
+
     tx, ty = _pair(x, y)
-    return ((tx.double() - ty.double()) ** 2).flatten(1).mean(1).numpy()
+    a, b = tx.double().flatten(1), ty.double().flatten(1)
+    # columns are the pairs: torchmetrics' multi-output form gives one MSE per column
+    out = mean_squared_error(a.T, b.T, num_outputs=len(a)) if len(a) > 1 else mean_squared_error(a[0], b[0])
+    return out.reshape(-1).numpy()
 
 
 def ncc(x, y) -> np.ndarray:
-    """Per-pair normalised cross-correlation over all pixels and channels (CRAFTS eq. 24); 0 for a flat image."""
+    """Per-pair normalised cross-correlation over all pixels and channels (CRAFTS eq. 24); 0 for a flat image.
+
+    NCC over the pixels is Pearson's r, computed by torchmetrics' ``pearson_corrcoef`` (one column per
+    pair). A flat image has no defined correlation (torchmetrics gives NaN); it scores 0 here, as before.
+    """
+    from torchmetrics.functional import pearson_corrcoef
+
     tx, ty = _pair(x, y)
-    a = tx.double().flatten(1)
-    b = ty.double().flatten(1)
-    a = a - a.mean(1, keepdim=True)
-    b = b - b.mean(1, keepdim=True)
-    den = a.norm(dim=1) * b.norm(dim=1)
-    num = (a * b).sum(1)
-    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num)).numpy()
+    a, b = tx.double().flatten(1), ty.double().flatten(1)
+    flat = (a.amax(1) == a.amin(1)) | (b.amax(1) == b.amin(1))
+    keep = ~flat
+    out = torch.zeros(len(a), dtype=torch.float64)
+    if keep.any():
+        a, b = a[keep], b[keep]
+        r = pearson_corrcoef(a.T, b.T) if len(a) > 1 else pearson_corrcoef(a[0], b[0])
+        out[keep] = r.reshape(-1)
+    return out.numpy()
 
 
 def psnr(x, y) -> np.ndarray:
@@ -306,10 +306,12 @@ def _groups(prompt_ids: Sequence, n: int) -> list[np.ndarray]:
 def prompt_diversity(emb, prompt_ids) -> float:
     """Mean pairwise cosine DISTANCE between samples of the same prompt, averaged over prompts.
 
-    Substitute for LPIPS: LPIPS needs a pretrained perceptual network (AlexNet/VGG weights) that
-    cannot be downloaded here, so diversity is measured in the evaluator's image embedding instead
-    (1 - cos between every two samples of one prompt). Higher = more diverse; 0 = identical samples
-    (mode collapse). Prompts with a single sample are skipped.
+    Kept instead of torchmetrics' LPIPS (CRAFT 4.2.7's metric): LPIPS needs torchvision's AlexNet/VGG
+    backbone, whose weights torchvision downloads at run time, and torchvision's wheel does not import
+    beside the CPU torch wheel (its compiled ops are missing; issue 22). So diversity is measured in the
+    evaluator's image embedding (1 - cos between every two samples of one prompt); ``implementations()``
+    and metrics.json say so. Higher = more diverse; 0 = identical samples (mode collapse). Prompts with
+    a single sample are skipped.
     """
     x = _unit(_mat(emb, "emb"))
     groups = _groups(prompt_ids, len(x))
@@ -339,6 +341,41 @@ def pixel_diversity(images, prompt_ids) -> float:
             float(np.mean(1.0 - ssim(t[g[i]].permute(0, 2, 3, 1).numpy(), t[g[j]].permute(0, 2, 3, 1).numpy())))
         )
     return float(np.mean(vals))
+
+
+# ----------------------------------------------------------------------------------------------
+# which implementation computed each metric (metrics.json "implementations", the report's table)
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import version
+
+    return f"{dist} {version(dist)}"
+
+
+def implementations() -> dict[str, str]:
+    """{metric: implementation and version} for every metric ``craft evaluate`` reports (issue 22).
+
+    Library calls name the library and its installed version; the few kept by hand say why in
+    their own docstring and name what they were cross-checked against (tests/test_library_metrics.py).
+    """
+    skl, tm, npv = _version("scikit-learn"), _version("torchmetrics"), _version("numpy")
+    return {
+        "cas": f"craft per_image_cas: mean of VDC, CCS, DD, SFS (CRAFT 4.1.4), {npv}",
+        "low_cas_rate": f"craft low_alignment_rate: share below the real P25, numpy.percentile (linear), {npv}",
+        "fid": f"torchmetrics.image.fid.FrechetInceptionDistance on evaluator embeddings, {tm}",
+        "image_image": f"craft paired_cosine (numpy), {npv}",
+        "image_text": f"craft paired_cosine (numpy), {npv}",
+        "silhouette": f"sklearn.metrics.silhouette_score (euclidean), {skl}",
+        "diversity": f"craft prompt_diversity: 1 - cosine in the evaluator embedding (LPIPS unavailable offline), {npv}",
+        "ssim": f"torchmetrics.functional.image.structural_similarity_index_measure, {tm}",
+        "memorization_ssim": f"craft batched SSIM (craft.evaluate.memorization, kept for speed), checked against {tm}",
+        "mse": f"torchmetrics.functional.mean_squared_error, {tm}",
+        "ncc": f"torchmetrics.functional.pearson_corrcoef, {tm}",
+        "psnr": f"torchmetrics.functional.image.peak_signal_noise_ratio, {tm}",
+        "confusion_matrix": f"sklearn.metrics.confusion_matrix, {skl}",
+        "bradley_terry": f"choix.ilsr_pairwise_dense, {_version('choix')}",
+    }
 
 
 # ----------------------------------------------------------------------------------------------

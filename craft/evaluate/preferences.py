@@ -2,9 +2,9 @@
 
 CRAFT 4.2.6 / app. D-E: for each case (a held-out prompt with its target diagnosis) a judge ranks the
 images that the variants generated, best to worst. Rankings become pairwise wins, aggregated by a
-Bradley-Terry model (P(i beats j) = p_i / (p_i + p_j)), fitted with Hunter's (2004) MM algorithm
-and a tiny symmetric prior (``prior`` virtual wins each way per pair) so that a variant that always
-wins or always loses still has a finite score. Confidence intervals come from a case bootstrap
+Bradley-Terry model (P(i beats j) = p_i / (p_i + p_j)), fitted by choix (its ILSR maximum-likelihood
+estimate) with a tiny symmetric prior (``prior`` virtual wins each way per pair) so that a variant
+that always wins or always loses still has a finite score. Confidence intervals come from a case bootstrap
 (resample cases with replacement, refit). The rank-1 share is the fraction of cases a variant is
 ranked first (app. E's "top-1 selection rate"). CRAFT 4.2.7's checklist audit asks a judge whether
 each checklist attribute is present in an image; the pass rate is the share of attributes passed.
@@ -142,30 +142,32 @@ def pairwise_wins(rankings: Sequence[Sequence[str]], variants: Sequence[str]) ->
     return w
 
 
-def fit_bradley_terry(wins: np.ndarray, prior: float = 0.1, iters: int = 2000, tol: float = 1e-10) -> np.ndarray:
-    """Bradley-Terry log-strengths (mean zero) from a wins matrix, MM algorithm (Hunter 2004).
+def fit_bradley_terry(wins: np.ndarray, prior: float = 0.1, max_iter: int = 1000, tol: float = 1e-10) -> np.ndarray:
+    """Bradley-Terry log-strengths (mean zero) from a wins matrix, the ML estimate by ``choix.ilsr_pairwise_dense``.
 
-    p_i <- W_i / sum_j n_ij / (p_i + p_j), with W_i the total wins of i and n_ij the games between i
-    and j; ``prior`` virtual wins are added in both directions for every pair (regularises toward
-    equal strengths).
+    ``wins[i, j]``: times i was preferred to j. ``prior`` virtual wins are added in both directions
+    for every pair before the fit (regularises toward equal strengths; the fit is the ML estimate of
+    the augmented counts, which Hunter's 2004 MM algorithm also converges to).
     """
+    import choix
+
     w = np.asarray(wins, dtype=np.float64)
     k = len(w)
-    if w.shape != (k, k) or k < 2:
+    if w.ndim != 2 or w.shape != (k, k) or k < 2:
         raise ValueError(f"wins: expected a square matrix of at least 2 variants, got {w.shape}")
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError("wins: counts must be finite and >= 0")
+    if prior < 0:
+        raise ValueError(f"prior: {prior} must be >= 0")
     w = w + prior * (1.0 - np.eye(k))
-    n = w + w.T
-    total = w.sum(1)
-    p = np.ones(k)
-    for _ in range(iters):
-        denom = (n / (p[:, None] + p[None, :])).sum(1)
-        new = total / denom
-        new /= np.exp(np.mean(np.log(new)))
-        if np.max(np.abs(np.log(new) - np.log(p))) < tol:
-            p = new
-            break
-        p = new
-    s = np.log(p)
+    try:
+        s = choix.ilsr_pairwise_dense(w, alpha=0.0, max_iter=max_iter, tol=tol)
+    except (RuntimeError, ValueError) as e:  # no convergence / no stationary distribution: no ML estimate exists
+        raise ValueError(f"fit_bradley_terry: {e} (a variant that never wins or never loses needs prior > 0)") from e
+    if not np.all(np.isfinite(s)):
+        raise ValueError(
+            "fit_bradley_terry: non-finite strengths (a variant never wins or never loses; use prior > 0)"
+        )
     return s - s.mean()
 
 
@@ -195,7 +197,7 @@ def preference_table(
     score = fit_bradley_terry(per_case.sum(0), prior)
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(len(rankings), np.full(len(rankings), 1 / len(rankings)), size=n_boot)
-    boot = np.stack([fit_bradley_terry(np.tensordot(c, per_case, axes=1), prior, iters=500) for c in counts])
+    boot = np.stack([fit_bradley_terry(np.tensordot(c, per_case, axes=1), prior) for c in counts])
     lo, hi = np.quantile(boot, [(1 - ci) / 2, 1 - (1 - ci) / 2], axis=0)
     df = pd.DataFrame(
         {

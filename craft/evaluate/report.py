@@ -210,12 +210,21 @@ def image_grid_png(images_by_class: Mapping[str, Sequence], per_class: int = 8, 
 
 
 def confusion_matrix(y_true, y_pred, classes: Sequence[str]) -> np.ndarray:
-    """C[i, j] = images of true class i predicted as j; labels are indices or names from ``classes``."""
+    """C[i, j] = images of true class i predicted as j, by ``sklearn.metrics.confusion_matrix``.
+
+    Labels are indices into ``classes`` or names from it; a label outside ``classes`` is an error
+    (scikit-learn would drop it silently).
+    """
+    from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+
     idx = {c: i for i, c in enumerate(classes)}
 
     def to_idx(v, name):
         a = np.asarray(v)
         if a.dtype.kind in "iu":
+            bad = a[(a < 0) | (a >= len(classes))]
+            if bad.size:
+                raise ValueError(f"{name}: index {int(bad[0])} outside 0..{len(classes) - 1}")
             return a.astype(int)
         bad = [x for x in a.tolist() if x not in idx]
         if bad:
@@ -225,9 +234,7 @@ def confusion_matrix(y_true, y_pred, classes: Sequence[str]) -> np.ndarray:
     t, p = to_idx(y_true, "y_true"), to_idx(y_pred, "y_pred")
     if t.shape != p.shape:
         raise ValueError(f"y_pred: {len(p)} predictions for {len(t)} labels")
-    m = np.zeros((len(classes), len(classes)), np.int64)
-    np.add.at(m, (t, p), 1)
-    return m
+    return sk_confusion_matrix(t, p, labels=np.arange(len(classes))).astype(np.int64)
 
 
 def confusion_table_html(matrix: np.ndarray, classes: Sequence[str]) -> str:
@@ -243,6 +250,15 @@ def confusion_table_html(matrix: np.ndarray, classes: Sequence[str]) -> str:
         )
         body.append(f"<tr><th>{html.escape(str(c))}</th>{cells}</tr>")
     return f'<table class="cm"><tr><th>true \\ predicted</th>{head}</tr>{"".join(body)}</table>'
+
+
+def implementations_table_html(implementations: Mapping[str, str]) -> str:
+    """metrics.json's ``implementations`` ({metric: implementation and version}) as an HTML table."""
+    rows = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td style='text-align:left'>{html.escape(str(v))}</td></tr>"
+        for k, v in implementations.items()
+    )
+    return f'<table class="impl"><tr><th>metric</th><th>implementation</th></tr>{rows}</table>'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,12 +309,14 @@ def build_report(
     metrics: Mapping | None = None,
     per_image: pd.DataFrame | None = None,
     float_format: str = "{:.4f}",
+    implementations: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``out_dir/report.html`` (self-contained) and, when given, metrics.json and per_image.parquet.
 
     ``tables``: {heading: DataFrame or ready HTML (e.g. ``confusion_table_html``)}; ``figures``:
     {heading: PNG bytes}; ``grids``: {heading: PNG path or bytes}; ``notes``: plain-text bullets
-    (escaped). Returns the report path.
+    (escaped); ``implementations``: {metric: implementation and version}, shown as the last table.
+    Returns the report path.
     """
     out = Path(out_dir)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"]
@@ -313,6 +331,8 @@ def build_report(
             parts.append(t)
         else:
             raise ValueError(f"tables[{name!r}]: expected a DataFrame or an HTML string")
+    if implementations:
+        parts.append(f"<h2>Metric implementations</h2>{implementations_table_html(implementations)}")
     for name, data in (figures or {}).items():
         parts.append(f"<h2>{html.escape(name)}</h2>{_img_tag(_check_png(data, name), name)}")
     for name, src in (grids or {}).items():

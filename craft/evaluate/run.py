@@ -808,6 +808,7 @@ def main(
         "preferences": prefs,
         "checklist_audit": audit,
         "probe_confusion": confusion,
+        "implementations": M.implementations(),  # which library (and version) computed each metric (issue 22)
         "notes": notes,
     }  # fmt: skip
     cand = None
@@ -992,7 +993,7 @@ def write_report(out_dir: Path, metrics: dict, per_image: pd.DataFrame, images: 
              f"evaluator: {metrics['evaluator']['source']} (identity {metrics['evaluator']['identity'][:12]}), "
              "never the training critic", *metrics["notes"],
              f"checklist audit: {metrics['checklist_audit'].get('note', 'done')}"]  # fmt: skip
-    return R.build_report(out_dir, tables, figures, grids, notes)
+    return R.build_report(out_dir, tables, figures, grids, notes, implementations=metrics.get("implementations"))
 
 
 # ----------------------------------------------------------------------------------------------
