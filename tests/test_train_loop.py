@@ -342,3 +342,75 @@ def test_v_prediction_trainers_regress_v_not_the_noise(name):
                 cfeat = comp.text_encoder(ids).pooler_output
             want = category_guidance_loss(x0_hat, pooled, cfeat, 0.8, 0.2, s=torch.full((4,), 0.5))
             assert float(res["l_cate"]) == pytest.approx(float(want), rel=1e-4)
+
+
+class _Quadratic(torch.nn.Module):
+    """A tiny seeded model that records its raw weights at every forward (= after the previous step's update)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, batch, generator):
+        self.seen.append(self.w.detach().clone())
+        return {"loss": ((self.w * batch["x"] - 1.0) ** 2).mean()}
+
+
+def _reference_ema(trajectory, decay, min_decay=0.0, after=0, warmup=False, power=2 / 3):
+    """The EMA recursion written from diffusers' documented schedule (not from EMAModel's code):
+    t = step - after - 1; decay 0 while t <= 0 (a copy), else min(ceiling, (1 + t) / (10 + t)) or, with
+    warm-up, min(ceiling, 1 - (1 + t)^-power); never below min_decay."""
+    e = trajectory[0].clone()
+    for step, p in enumerate(trajectory[1:], start=1):
+        t = step - after - 1
+        if t <= 0:
+            d = 0.0
+        else:
+            d = min(decay, 1 - (1 + t) ** -power if warmup else (1 + t) / (10 + t))
+            d = max(d, min_decay)
+        e = d * e + (1 - d) * p
+    return e
+
+
+@pytest.mark.parametrize(
+    "ema",
+    [
+        dict(ema_decay=0.9),
+        dict(ema_decay=0.95, ema_warmup=True, ema_power=0.75, ema_update_after_step=2),
+        dict(ema_decay=0.8, ema_min_decay=0.8),  # constant decay after the first update
+    ],
+)
+def test_ema_follows_the_documented_schedule(tmp_path, ema):
+    from safetensors.torch import load_file
+
+    model = _Quadratic()
+    cfg = LoopConfig(steps=7, batch_size=2, lr=0.1, progress=False, **ema)
+    res = train(model, {"x": torch.linspace(0.5, 2.0, 8)[:, None].repeat(1, 3)}, cfg, tmp_path)
+    raw_last = load_file(str(res.checkpoint / "model.safetensors"))["w"]
+    trajectory = [*model.seen, raw_last]  # the weights before step 1 .. after step 7
+    assert len(trajectory) == 8 and not torch.equal(trajectory[-1], trajectory[-2])
+    want = _reference_ema(trajectory, ema["ema_decay"], ema.get("ema_min_decay", 0.0),
+                          ema.get("ema_update_after_step", 0), ema.get("ema_warmup", False),
+                          ema.get("ema_power", 2 / 3))  # fmt: skip
+    assert torch.allclose(res.ema["w"], want, atol=1e-6), (res.ema["w"], want)
+    assert torch.equal(model.w.detach(), res.ema["w"]) and res.ema_applied  # _swap_in_ema left the EMA in the model
+    assert torch.equal(load_file(str(res.checkpoint / "ema.safetensors"))["w"], res.ema["w"])
+
+
+def test_ema_warmup_resume_is_exact(tmp_path):
+    """Resuming restores the EMA's step count too, so the warm-up schedule continues where it stopped."""
+    cfg = LoopConfig(steps=6, batch_size=2, lr=0.1, progress=False, checkpoint_every=3, ema_decay=0.99,
+                     ema_warmup=True)  # fmt: skip
+    data = {"x": torch.linspace(0.5, 2.0, 8)[:, None].repeat(1, 3)}
+    full = train(_Quadratic(), data, cfg, tmp_path / "a")
+    train(_Quadratic(), data, cfg, tmp_path / "b", stop_after=4)
+    resumed = train(_Quadratic(), data, cfg, tmp_path / "b")
+    assert resumed.resumed_from == 3 and torch.equal(full.ema["w"], resumed.ema["w"])
+
+
+def test_ema_settings_are_validated():
+    with pytest.raises(ValueError, match="ema_min_decay must be in"):
+        LoopConfig(ema_decay=0.9, ema_min_decay=0.95).validate()
+    with pytest.raises(ValueError, match="ema_update_after_step must be >= 0"):
+        LoopConfig(ema_decay=0.9, ema_update_after_step=-1).validate()

@@ -7,7 +7,8 @@ the current batch), and optionally a ``validate(model, step, out_dir, writer)`` 
 
 - one code path for 1 process (CPU or GPU) and ``torchrun --nproc_per_node N`` (DDP: gloo on CPU,
   NCCL on GPU; ``accelerate launch --cpu`` would start only one process, ENVIRONMENT.md);
-- mixed precision (bf16 on GPU, fp32 on CPU by default), optional gradient checkpointing, EMA;
+- mixed precision (bf16 on GPU, fp32 on CPU by default), optional gradient checkpointing, EMA of the
+  trainable weights by ``diffusers.training_utils.EMAModel`` (its decay warm-up and schedule);
 - a batch order that is a pure function of (seed, step, rank): resuming at step s needs no saved
   dataloader state and consumes exactly the batches an uninterrupted run would;
 - checkpoints every N steps (model, optimizer, LR scheduler, EMA, all RNG states, step) written
@@ -57,7 +58,11 @@ class LoopConfig:
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, slower)
-    ema_decay: float = 0.0  # exponential moving average of the trainable weights (0 = off)
+    ema_decay: float = 0.0  # EMA of the trainable weights (0 = off): the decay's ceiling (diffusers EMAModel `decay`)
+    ema_min_decay: float = 0.0  # the decay's floor (set it to ema_decay for a constant decay after the first update)
+    ema_update_after_step: int = 0  # steps before the EMA starts averaging (till then it copies the weights)
+    ema_warmup: bool = False  # decay 1 - (1 + t)^-ema_power (diffusers use_ema_warmup), else (1 + t) / (10 + t)
+    ema_power: float = 2 / 3  # exponent of the warm-up schedule (2/3 long runs, 3/4 shorter ones; diffusers' note)
     checkpoint_every: int = 0  # steps between checkpoints (0 = only the final one)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     validate_every: int = 0  # steps between validation samples (0 = only at the end)
@@ -75,6 +80,11 @@ class LoopConfig:
             raise ValueError(f"steps and batch_size must be >= 1 (got {self.steps}, {self.batch_size})")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.ema_decay > 0 and not 0.0 <= self.ema_min_decay <= self.ema_decay:
+            raise ValueError(f"ema_min_decay must be in [0, ema_decay={self.ema_decay}], got {self.ema_min_decay}")
+        if self.ema_update_after_step < 0 or self.ema_power <= 0:
+            raise ValueError(f"ema_update_after_step must be >= 0 and ema_power > 0 (got {self.ema_update_after_step}, "
+                             f"{self.ema_power})")  # fmt: skip
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.data_workers < 0 or self.encode_batch < 1:
@@ -250,7 +260,7 @@ def train(
         raise ValueError("model has no trainable parameters (nothing has requires_grad=True)")
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    ema = {k: p.detach().clone().float() for k, p in params.items()} if cfg.ema_decay > 0 else None
+    ema = _make_ema(params, cfg)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 7919 + rank)
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
@@ -308,9 +318,7 @@ def train(
             opt.step()
             sched.step()
             if ema is not None:
-                with torch.no_grad():
-                    for k, p in params.items():
-                        ema[k].mul_(cfg.ema_decay).add_(p.detach().float(), alpha=1.0 - cfg.ema_decay)
+                ema.model.step(params.values())  # decay of this step from diffusers' schedule (warm-up, ceiling)
             step += 1
             logs = {k: float(v.detach().float().mean()) for k, v in res.items() if isinstance(v, torch.Tensor)}
             logs["lr"] = sched.get_last_lr()[0]
@@ -338,10 +346,39 @@ def train(
     acc.wait_for_everyone()
     _swap_in_ema(params, ema)
     # the trained weights live in the caller's module object: prepare() wraps it (DDP), it does not copy it
-    return TrainResult(step, logs, last_good, ema, start, history, ema_applied=ema is not None)
+    ema_named = ema.named() if ema is not None else None
+    return TrainResult(step, logs, last_good, ema_named, start, history, ema_applied=ema is not None)
 
 
-def _swap_in_ema(params: dict[str, torch.nn.Parameter], ema: dict[str, torch.Tensor] | None) -> None:
+@dataclass
+class _Ema:
+    """diffusers' EMAModel over the trainable parameters, plus their names (checkpoints store the EMA by name)."""
+
+    model: Any  # diffusers.training_utils.EMAModel
+    names: list[str]  # parameter names in the order of model.shadow_params
+
+    def named(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.model.shadow_params))
+
+
+def _make_ema(params: dict[str, torch.nn.Parameter], cfg: LoopConfig) -> _Ema | None:
+    """``diffusers.training_utils.EMAModel`` configured from ``cfg`` (None when ``ema_decay`` is 0).
+
+    The shadow weights are kept in fp32 whatever the trainable weights' dtype, so a bf16 run still
+    averages at full precision.
+    """
+    if cfg.ema_decay <= 0:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    m = EMAModel(list(params.values()), decay=float(cfg.ema_decay), min_decay=float(cfg.ema_min_decay),
+                 update_after_step=int(cfg.ema_update_after_step), use_ema_warmup=bool(cfg.ema_warmup),
+                 power=float(cfg.ema_power), foreach=True)  # fmt: skip
+    m.to(dtype=torch.float32)
+    return _Ema(m, list(params))
+
+
+def _swap_in_ema(params: dict[str, torch.nn.Parameter], ema: _Ema | None) -> None:
     """Copy the EMA weights into the trainable parameters (idempotent; nothing without EMA).
 
     The EMA weights are every stage's result (the checkpoints keep the raw ones beside them for resuming):
@@ -349,9 +386,7 @@ def _swap_in_ema(params: dict[str, torch.nn.Parameter], ema: dict[str, torch.Ten
     """
     if ema is None:
         return
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(ema[k].to(p.device, p.dtype))
+    ema.model.copy_to(params.values())
 
 
 def _run_validation(acc, validate, model, step: int, out: Path, writer) -> None:
@@ -382,7 +417,7 @@ def _save_checkpoint(acc, out: Path, step: int, model, opt, sched, ema, gen, log
             sd = {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
             save_file(sd, str(tmp / "model.safetensors"))
             if ema is not None:
-                save_file({k: v.cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+                save_file({k: v.cpu().contiguous() for k, v in ema.named().items()}, str(tmp / "ema.safetensors"))
             torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
             for rank, state in enumerate(rng):
                 torch.save(state, tmp / f"rng-{rank}.pt")
@@ -460,8 +495,13 @@ def _load_checkpoint(path: Path, model, opt, sched, ema, gen, rank: int) -> int:
         ef = path / "ema.safetensors"
         if not ef.is_file():
             raise ValueError(f"{path}: EMA is on but the checkpoint has no ema.safetensors")
-        for k, v in load_file(str(ef)).items():
-            ema[k].copy_(v)
+        saved = load_file(str(ef))
+        if set(saved) != set(ema.names):
+            diff = sorted(set(saved) ^ set(ema.names))
+            raise ValueError(f"{ef} does not match the trainable parameters (e.g. {diff[:3]})")
+        shadow = [saved[k].to(s.device, s.dtype) for k, s in zip(ema.names, ema.model.shadow_params)]
+        # the loop steps the EMA once per optimizer step, so its step count (the decay schedule's t) is the step
+        ema.model.load_state_dict({"shadow_params": shadow, "optimization_step": int(state["step"])})
     rng_file = path / f"rng-{rank}.pt"
     if not rng_file.is_file():
         raise ValueError(f"{path}: no RNG state for rank {rank} (saved with world={state.get('world')})")
