@@ -204,3 +204,14 @@ def test_build_report_is_self_contained_and_writes_outputs(tmp_path):
     assert not [p for p in (tmp_path / "rep").iterdir() if ".tmp" in p.name]
     with pytest.raises(ValueError, match="expected PNG bytes"):
         R.build_report(tmp_path / "bad", {}, {"x": b"GIF89a"})
+
+
+def test_report_shows_the_metric_implementations(tmp_path):
+    from craft.evaluate import report as R
+
+    impl = M.implementations()
+    out = R.build_report(tmp_path, {"t": pd.DataFrame({"a": [1.0]})}, implementations=impl)
+    page = out.read_text()
+    assert "<h2>Metric implementations</h2>" in page
+    for k, v in impl.items():
+        assert f"<th>{k}</th>" in page and v in page

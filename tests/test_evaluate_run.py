@@ -114,6 +114,10 @@ def test_every_output_file_and_the_gate_schema(result):
     assert audit["status"] == "done" and set(audit["variants"]) == {"real", "zero_shot", "craft"}
     for v in audit["variants"].values():
         assert v["pass_rate"] == pytest.approx(1 / 5) and v["all_pass_rate"] == 0.0
+    impl = on_disk["implementations"]  # issue 22: which library (and version) computed each reported metric
+    assert set(on_disk["variants"]["craft"]["fidelity"]) <= set(impl) and "bradley_terry" in impl
+    page = (out / "report.html").read_text()
+    assert "Metric implementations" in page and impl["silhouette"] in page
 
 
 def test_per_image_rows_and_primitives(result, world):
