@@ -89,6 +89,24 @@ class PlanError(Exception):
                          f"({len(missing)} missing):\n{lines}")  # fmt: skip
 
 
+def config_errors(profile, overrides=()) -> list[str]:
+    """Every stage config of ``profile`` + ``overrides`` that cannot be built (unknown key, wrong type, bad value).
+
+    Each pipeline step builds only its own stage's config, so without this a typo in ``pretrain.loop.stepz=10``
+    surfaces when that GPU step starts, and again on its retry. Checked by ``craft pipeline run`` before the host
+    is contacted and by the plan check of the validate step (runs started from the Kubeflow UI). [] = all build.
+    """
+    from craft.config import STAGES, ConfigError, load_stage_config
+
+    errors = []
+    for stage in STAGES:
+        try:
+            load_stage_config(stage, profile, list(overrides))
+        except ConfigError as e:
+            errors.append(str(e))
+    return errors
+
+
 def check_plan(dataset_dir, profile, overrides=(), base_uri: str = "") -> list[Missing]:
     """What ``profile`` (with ``overrides``) needs of the dataset at ``dataset_dir`` and of the run, and does not get.
 
@@ -105,6 +123,9 @@ def check_plan(dataset_dir, profile, overrides=(), base_uri: str = "") -> list[M
     from craft.data.manifest import MODALITIES, read_manifest, read_meta
 
     overrides = list(overrides)
+    bad = config_errors(profile, overrides)
+    if bad:  # the checks below read these configs: report what cannot be built, nothing else
+        return [Missing(f"a valid config: {e}", "the step of that stage", "correct or drop that key") for e in bad]
     meta = read_meta(dataset_dir)
     df = read_manifest(dataset_dir)
     plan = load_stage_config("pipeline", profile, overrides)

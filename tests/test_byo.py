@@ -211,3 +211,21 @@ def test_custom_profile_runs_an_imported_folder_to_a_gate_decision(folder, tmp_p
     assert "registered" in summary["decision"] or "REFUSED by the gates" in summary["decision"], summary["decision"]
     checklists = json.loads(next(Path(summary["run_dir"]).rglob("checklists.json")).read_text())
     assert sorted(checklists) == sorted(CLASSES)
+
+
+def test_a_mistyped_key_is_refused_before_any_run_starts(folder, tmp_path):
+    """A bad override is named by the plan check (validate step, never retried) and `craft pipeline run` refuses it
+    before contacting the host; each step would otherwise meet it only when it starts, and again on its retry."""
+    from craft.config import ConfigError
+    from craft.data import importers
+    from craft.plan import check_plan
+    from pipelines.client import run_params
+
+    ds = importers.main(
+        importers.ImportConfig(modality="other", resolution=64, captions="label"), folder, tmp_path / "d"
+    )
+    missing = check_plan(ds, "custom", ["pretrain.loop.stepz=10"])
+    assert len(missing) == 1 and "pretrain.loop.stepz: unknown key" in str(missing[0]), missing
+    with pytest.raises(ConfigError, match="pretrain.loop.stepz: unknown key"):
+        run_params("custom", ["pretrain.loop.stepz=10"], "s3://b/datasets/mine")
+    assert run_params("custom", ["pretrain.loop.steps=10"], "s3://b/datasets/mine")["overrides"]
