@@ -255,18 +255,40 @@ def validate_step(dataset_dir, html_path, profile: str, overrides: list[str], ba
     """Pipeline step ``validate``: the plan check (seconds), then the dataset checks (craft.steps.validate_dataset).
 
     A plan failure writes report.json / report.html (``ok: false``, one failure per missing piece) where the
-    dataset report would go and raises :class:`PlanError` (a ``BadInput``): the step is never retried
-    (pipelines/resources.py), so a bad config fails once and no GPU step starts.
+    dataset report would go, records that verdict for the dataset version as the dataset checks do (so
+    ``craft retrain-if-new-data`` does not start the version again with this profile; ``--force`` does, and a
+    later validation overwrites it) and raises ``BadInput``. The step is never retried (pipelines/resources.py;
+    its object-store calls retry transient errors themselves, ``storage.retries``), so a bad config fails once
+    and no GPU step starts.
     """
     from craft.config import BadInput
     from craft.steps import validate_dataset
 
     missing = check_plan(dataset_dir, profile, overrides, base_uri=base_uri)
     if missing:
-        err = PlanError(f"dataset {Path(dataset_dir).name} with profile {profile}", missing)
+        from craft.data.manifest import read_meta
+
+        err = PlanError(f"dataset {read_meta(dataset_dir).name} with profile {profile}", missing)
         _write_plan_report(missing, html_path, verdict_dir, str(err))
-        raise BadInput(str(err)) from err
+        _record_plan_verdict(dataset_dir, profile, overrides, missing)
+        raise BadInput(str(err)) from None  # one traceback in the task log: the list of fixes
     return validate_dataset(dataset_dir, html_path, profile, overrides, verdict_dir=verdict_dir, record=True)
+
+
+def _record_plan_verdict(dataset_dir, profile: str, overrides: list[str], missing: list[Missing]) -> None:
+    from craft.config import load_stage_config
+    from craft.steps import _utc_now, dataset_ref
+    from craft.storage import datasets
+    from craft.storage.registry import open_registry
+
+    ref = dataset_ref(dataset_dir)
+    registry = open_registry(load_stage_config("registry", profile, overrides),
+                             load_stage_config("storage", profile, overrides))  # fmt: skip
+    verdict = {"ok": False, "n_rows": 0, "n_failures": len(missing), "failures": [f"plan: {m}" for m in missing],
+               "dataset_uri": ref.uri, "profile": str(profile), "overrides": list(overrides), "kind": "plan",
+               "validated": _utc_now()}  # fmt: skip
+    uri = datasets.record_validation(registry.store, registry.root, ref.name, ref.version, verdict)
+    print(f"plan check of dataset {ref.name} {ref.version} with profile {profile}: FAILED ({uri})")
 
 
 def _write_plan_report(missing: list[Missing], html_path, verdict_dir, text: str) -> None:
