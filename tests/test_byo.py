@@ -128,32 +128,41 @@ def test_plan_check_names_every_missing_piece_and_its_fix(folder, tmp_path):
     assert any("pretrain.model.resolution=64" in m.fix for m in wrong)
 
 
-def test_bad_config_run_fails_once_at_validate_naming_the_fix(folder, tmp_path, caplog, capfd):
-    """Under kfp.local (what `craft demo` runs) the uncaptioned dataset fails the validate task ONCE: no retry, no
-    annotate or training task started, and the run's validation report names the flag that fixes it."""
+def test_bad_config_run_fails_once_at_validate_naming_the_fix(folder, tmp_path, caplog, capfd, s3_env, monkeypatch):
+    """The scheduled check (`craft retrain-if-new-data`, no KFP host: kfp.local, what `craft demo` runs too) starts
+    the `custom` profile on the uncaptioned dataset: the validate task fails ONCE (no task retry, no annotate or
+    training task started), its report and log name the flag that fixes it, and the verdict recorded for the
+    version keeps the next check from starting it again (no run-level retry either)."""
     from craft.data import importers
-    from pipelines.local import run_local
+    from craft.retrain import RetrainConfig, main
+    from craft.storage.objectstore import ObjectStore, StorageConfig
+    from craft.storage.registry import Registry
+    from pipelines.client import local_run_starter
 
+    root = f"s3://{s3_env.make_bucket('byo')}"
+    monkeypatch.setenv("CRAFT_REGISTRY", root)  # where the validate step records its verdict
+    registry = Registry(ObjectStore.from_env(StorageConfig()), root)
     ds = importers.main(importers.ImportConfig(modality="other", resolution=64), folder, tmp_path / "ds")
+    cfg = RetrainConfig(model="mine", profile="custom", dataset=str(ds))
+    start = local_run_starter(tmp_path / "runs")
     caplog.set_level(logging.INFO)
-    try:
-        run_local("custom", [], tmp_path / "runs", dataset_uri=str(ds))
-    except Exception as e:  # noqa: BLE001 - kfp.local's error type; what failed is asserted below
-        error = str(e)
-    else:
-        pytest.fail("the run passed validation")
-    assert "validate" in error, error
+    first = main(cfg, registry, start)
+    assert first.action == "invalid", first
     assert not [r for r in caplog.records if "Retrying" in r.getMessage()], "the validate task was retried"
-    run_dir = next(p for p in (tmp_path / "runs").iterdir() if p.is_dir() and p.name not in ("store", ".store-server"))
+    (run_dir,) = (p for p in (tmp_path / "runs").iterdir() if p.is_dir() and p.name not in ("store", ".store-server"))
     tasks = {p.name for p in run_dir.iterdir() if p.is_dir()}
     assert not {t for t in tasks if t.startswith(("annotate", "pretrain", "finetune"))}, tasks
     reports = [json.loads(p.read_text()) for p in run_dir.rglob("report.json")]
     assert reports and reports[0]["ok"] is False
     fixes = " ".join(f["fix"] for f in reports[0]["failures"])
     assert "--captions label" in fixes and "annotate.backend=openai" in fixes
-    out = " ".join(capfd.readouterr().out.split())  # the task's log: the fix, and the verdict recorded for the
-    assert "fix: re-import with `craft data import ... --captions label`" in out  # version (retrain skips it)
+    out = " ".join(capfd.readouterr().out.split())  # the validate task's log
+    assert "fix: re-import with `craft data import ... --captions label`" in out
     assert "plan check of dataset my-photos" in out and "with profile custom: FAILED (s3://" in out
+
+    second = main(cfg, registry, start)  # the next scheduled check
+    assert second.action == "invalid" and "not retrying" in second.message, second
+    assert len([p for p in (tmp_path / "runs").iterdir() if p.name.startswith("craft-")]) == 1  # no second run
 
 
 def test_validate_task_has_no_retries_and_gpu_tasks_wait_for_it():
