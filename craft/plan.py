@@ -126,8 +126,14 @@ def check_plan(dataset_dir, profile, overrides=(), base_uri: str = "") -> list[M
     bad = config_errors(profile, overrides)
     if bad:  # the checks below read these configs: report what cannot be built, nothing else
         return [Missing(f"a valid config: {e}", "the step of that stage", "correct or drop that key") for e in bad]
-    meta = read_meta(dataset_dir)
-    df = read_manifest(dataset_dir)
+    try:
+        meta, df = read_meta(dataset_dir), read_manifest(dataset_dir)
+    except (OSError, ValueError) as e:
+        return [
+            Missing(
+                f"a readable dataset: {e}", "every stage", "write it with `craft data import FORMAT SRC --out DIR`"
+            )
+        ]
     plan = load_stage_config("pipeline", profile, overrides)
     out: list[Missing] = []
 
@@ -264,15 +270,28 @@ def validate_step(dataset_dir, html_path, profile: str, overrides: list[str], ba
     from craft.config import BadInput
     from craft.steps import validate_dataset
 
+    from craft.data.manifest import read_manifest, read_meta
+
+    try:
+        read_meta(dataset_dir), read_manifest(dataset_dir)
+    except (OSError, ValueError):  # the dataset checks name what is wrong with it, file by file
+        return validate_dataset(dataset_dir, html_path, profile, overrides, verdict_dir=verdict_dir, record=True)
     missing = check_plan(dataset_dir, profile, overrides, base_uri=base_uri)
     if missing:
-        from craft.data.manifest import read_meta
-
-        err = PlanError(f"dataset {read_meta(dataset_dir).name} with profile {profile}", missing)
+        err = PlanError(f"dataset {_name(dataset_dir)} with profile {profile}", missing)
         _write_plan_report(missing, html_path, verdict_dir, str(err))
         _record_plan_verdict(dataset_dir, profile, overrides, missing)
         raise BadInput(str(err)) from None  # one traceback in the task log: the list of fixes
     return validate_dataset(dataset_dir, html_path, profile, overrides, verdict_dir=verdict_dir, record=True)
+
+
+def _name(dataset_dir) -> str:
+    from craft.data.manifest import read_meta
+
+    try:
+        return read_meta(dataset_dir).name
+    except (OSError, ValueError):
+        return Path(dataset_dir).name
 
 
 def _record_plan_verdict(dataset_dir, profile: str, overrides: list[str], missing: list[Missing]) -> None:
