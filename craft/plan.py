@@ -268,9 +268,8 @@ def validate_step(dataset_dir, html_path, profile: str, overrides: list[str], ba
     and no GPU step starts.
     """
     from craft.config import BadInput
-    from craft.steps import validate_dataset
-
     from craft.data.manifest import read_manifest, read_meta
+    from craft.steps import validate_dataset
 
     try:
         read_meta(dataset_dir), read_manifest(dataset_dir)
