@@ -130,8 +130,9 @@ def checklist_instruction(dataset_name: str, modality: str, classes: list[str], 
     """Instruction asking an MLLM for a checklist in the appendix C format (text only, no image)."""
     attrs = ATTRIBUTE_SETS[modality]
     lines = "\n".join(f"- {c}: {phrases.get(c, c.replace('_', ' '))}" for c in classes)
+    kind = "a generic image dataset" if modality == "other" else f"a {modality} image dataset"
     return (
-        f"You write clinical visual checklists for a {modality} image dataset named {dataset_name!r}.\n"
+        f"You write {'' if modality == 'other' else 'clinical '}visual checklists for {kind} named {dataset_name!r}.\n"
         f"For EACH class below give exactly five attributes, named exactly: {', '.join(attrs)}.\n"
         "Each description is one short phrase (at most 20 words) naming what is VISIBLE in a typical image "
         "of that class (location, morphology, size, colour or density, texture); no treatment, no history.\n"
