@@ -27,13 +27,13 @@ def prepare_data_op(
 
 @cpu_component()
 def validate_op(
-    profile: str, overrides: list, dataset_version: str, dataset: Input[Dataset], report: Output[HTML],
-    validation: Output[Dataset], metrics: Output[Metrics],
+    profile: str, overrides: list, dataset_version: str, base_uri: str, dataset: Input[Dataset],
+    report: Output[HTML], validation: Output[Dataset], metrics: Output[Metrics],
 ):  # fmt: skip
-    """Validate the dataset and record the verdict for its version; the run stops here if it is not valid."""
-    from craft.steps import validate_dataset
+    """Check the plan (what the profile's stages need), validate the dataset, record its verdict; never retried."""
+    from craft.plan import validate_step
 
-    res = validate_dataset(dataset.path, report.path, profile, overrides, verdict_dir=validation.path, record=True)
+    res = validate_step(dataset.path, report.path, profile, overrides, base_uri, verdict_dir=validation.path)
     for key, value in res.items():
         metrics.log_metric(key, value)
 

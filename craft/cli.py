@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from craft.config import ConfigError, load_stage_config, to_dict
+from craft.config import EXIT_BAD_INPUT, ConfigError, load_stage_config, to_dict
 
 app = typer.Typer(
     name="craft",
@@ -53,7 +53,7 @@ class CliError(Exception):
     """An error reported to the user as one line, exit code 2."""
 
 
-def _fail(msg: str, code: int = 2) -> typer.Exit:
+def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     return typer.Exit(code)
 
@@ -98,13 +98,25 @@ def data_import(
     ],
     src: Annotated[Path, typer.Argument(help="Source folder (or CSV file for the csv format).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Dataset directory to write.")],
+    modality: Annotated[
+        str | None,
+        typer.Option(help="histo, cxr, derm, fundus or other (the generic schema); picks the annotation schema."),
+    ] = None,
+    resolution: Annotated[
+        int | None, typer.Option(help="Resize the short side to R (Lanczos) and centre-crop RxR; 0 = native sizes.")
+    ] = None,
+    captions: Annotated[
+        str | None, typer.Option(help="label: caption every image without one from its class (stage 1 needs them).")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Dataset name in dataset.yaml (default: the folder's).")] = None,
     config: ConfigOpt = None,
     overrides: Overrides = None,
 ) -> None:
     """Import a real collection into the manifest contract with a patient-level split."""
     from craft.data import importers
 
-    cfg = stage_config("import", config, overrides, format=fmt)
+    cfg = stage_config("import", config, overrides, format=fmt, modality=modality, resolution=resolution,
+                       captions=captions, name=name)  # fmt: skip
     path = importers.main(cfg, src, out)
     typer.echo(f"wrote {path}")
 
@@ -116,12 +128,27 @@ def validate(
         Path | None, typer.Option(help="Report folder (default DATASET_DIR/../<name>-validation).")
     ] = None,
     config: ConfigOpt = None,
+    base_uri: Annotated[
+        str, typer.Option(help="With --config: the run's foundation checkpoint ('' = stage 1 from scratch).")
+    ] = "",
     overrides: Overrides = None,
 ) -> None:
-    """Validate a dataset; exit 0 only if every check passes. Writes report.json and report.html."""
+    """Validate a dataset; exit 0 only if every check passes. Writes report.json and report.html.
+
+    With --config PROFILE the plan check runs first (craft.plan.check_plan): does the dataset hold what the
+    profile's stages need? It fails in seconds (exit 2) naming each missing piece and the flag that provides it.
+    """
     from craft.data import validate as v
 
-    cfg = stage_config("validate", config, overrides)
+    if config:
+        from craft.plan import check_plan
+
+        problems = check_plan(dataset_dir, config, list(overrides or []), base_uri=base_uri)
+        if problems:
+            lines = "\n".join(f"  - {p}" for p in problems)
+            raise _fail(f"{dataset_dir} cannot run profile {config} ({len(problems)} missing):\n{lines}")
+        typer.echo(f"{dataset_dir}: plan check of profile {config} passed")
+    cfg = stage_config("validate", config, overrides)  # other stages' qualified overrides are skipped
     report_dir = report or dataset_dir.parent / f"{dataset_dir.name}-validation"
     result = v.main(cfg, dataset_dir, report_dir)
     if not result.ok:
@@ -811,7 +838,7 @@ def main() -> None:
         sys.exit(e.exit_code)
     except (ConfigError, CliError, FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)  # bad input or config: a rerun cannot fix it (craft.config.BadInput)
     except Exception as e:  # click usage errors carry their own exit code
         import click
 

@@ -62,7 +62,21 @@ PROFILE_META_KEYS = ("description", "extends")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-class ConfigError(ValueError):
+# Exit status of a stage or command refused for bad input or config (ConfigError, BadInput): retrying cannot
+# help, the message names the fix. Unexpected errors exit 1 with a traceback (craft.cli.main).
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(ValueError):
+    """Input or configuration that no retry can fix (a missing caption, a modality without a schema, ...).
+
+    The message names what is missing and the override or import flag that provides it. The CLI exits
+    ``EXIT_BAD_INPUT`` on it; the pipeline runs these checks in its validate step, which is never retried
+    (craft.plan.check_plan, pipelines/resources.py).
+    """
+
+
+class ConfigError(BadInput):
     """A profile or override that cannot become a valid stage config; the message names the key."""
 
 

@@ -229,14 +229,22 @@ def run_params(
 ) -> dict[str, Any]:
     """The five pipeline parameters of a run (the Kubeflow UI's run form), protected overrides refused.
 
+    Every stage config of the profile with these overrides must build (craft.plan.config_errors): a run with a
+    mistyped key is refused here, once, naming it, instead of failing in the step that reads it, retried.
+
     >>> run_params("chexpert", ["data.n=800"], "s3://craft/datasets/chexpert")["model_name"]
     'chexpert'
     """
-    from craft.config import check_run_overrides
+    from craft.config import ConfigError, check_run_overrides
+    from craft.plan import config_errors
 
+    overrides = check_run_overrides(overrides or [], where="override")
+    errors = config_errors(profile, overrides)
+    if errors:
+        raise ConfigError(f"profile {profile} with these overrides: " + "; ".join(errors))
     return {
         "profile": str(profile),
-        "overrides": check_run_overrides(overrides or [], where="override"),
+        "overrides": overrides,
         "dataset_uri": dataset_uri or "",
         "base_uri": base_uri or "",
         "model_name": model_name or default_model_name(profile),

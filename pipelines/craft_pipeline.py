@@ -123,7 +123,9 @@ def build_pipeline(
         common_data = {**common, "dataset_version": version.output}  # tasks that read the data
         data = _step(prepare_data_op(dataset_uri=dataset_uri, **common_data), "data")
         dataset = data.outputs["dataset"]
-        validate = _step(validate_op(dataset=dataset, **common_data), "validate")
+        # the plan check runs here, before any GPU or MLLM step, in a step that is never retried: a dataset or
+        # profile that lacks something fails once, in seconds, naming the fix (craft.plan.check_plan)
+        validate = _step(validate_op(dataset=dataset, base_uri=base_uri, **common_data), "validate")
         validated = validate
         if plan.until == "validate":
             return

@@ -110,8 +110,9 @@ DEFAULT_RESOURCES: dict[str, dict[str, Any]] = {
     # never cached: it reads the dataset's latest pointer, and its output is every data step's cache key
     "dataset-version": dict(_CPU, caching=False, timeout_s=HOUR),
     "data": dict(_CPU, ephemeral_storage="100Gi", timeout_s=6 * HOUR),  # imports write the dataset twice
-    # records the verdict under validations/
-    "validate": dict(_CPU, ephemeral_storage="60Gi", object_store_secret=S3_WRITER),
+    # records the verdict under validations/. Never retried: its checks are deterministic (a retry reads the same
+    # data and profile), and the plan check of craft.plan runs here so that a bad config fails once, in seconds
+    "validate": dict(_CPU, ephemeral_storage="60Gi", object_store_secret=S3_WRITER, retries=0),
     "annotate": dict(
         _CPU,
         object_store_secret=None,
