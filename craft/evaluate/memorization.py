@@ -345,9 +345,12 @@ def nearest_cosine_distance(query, ref, chunk: int = 2048, precision: str = "aut
                           float(_row_norms(r - ra).max()) + u_n)  # fmt: skip
     best = np.empty(n_q)
     arg = np.empty(n_q, np.int64)
-    rows = int(max(1, min(chunk, _NN_BLOCK_BYTES // (n_r * 2))))
+    # rows per block: bf16 similarities stay in cache; a float32 product needs taller blocks to run at speed
+    rows_of = {"bf16": int(max(1, min(chunk, _NN_BLOCK_BYTES // (n_r * 2)))),
+               "fp32": int(max(1, min(chunk, 8 * _NN_BLOCK_BYTES // (n_r * 4))))}  # fmt: skip
+    rows = max(rows_of.values())
     sims: dict[str, torch.Tensor] = {}  # reused per precision: a fresh block per chunk would page-fault
-    key = np.empty((rows, n_r), np.int16) if prec == "bf16" else None
+    key = np.empty((rows_of["bf16"], n_r), np.int16) if prec == "bf16" else None
     mask = np.empty((rows, n_r), bool)
 
     def candidates(s: int, e: int, how: str) -> np.ndarray:
@@ -355,7 +358,7 @@ def nearest_cosine_distance(query, ref, chunk: int = 2048, precision: str = "aut
         a_n, ea_n, b_mx, eb_mx = bounds[how]
         qx, rx = tensors[how]
         if how not in sims:
-            sims[how] = torch.empty(rows, n_r, dtype=rx.dtype)
+            sims[how] = torch.empty(rows_of[how], n_r, dtype=rx.dtype)
         sim = sims[how][: e - s]
         with torch.no_grad():
             torch.mm(qx[s:e], rx.T, out=sim)  # the cheap similarities of this block
@@ -371,8 +374,9 @@ def nearest_cosine_distance(query, ref, chunk: int = 2048, precision: str = "aut
 
     g32 = np.empty((2, _RESCORE_PAIRS, dim), np.float32)  # reused gather buffers: no page faults per batch
     g64 = np.empty((2, _RESCORE_PAIRS, dim))
-    for s in range(0, n_q, rows):
-        e = min(n_q, s + rows)
+    e = 0
+    while e < n_q:
+        s, e = e, min(n_q, e + rows_of[prec])
         m = e - s
         pos = candidates(s, e, prec)
         if prec == "bf16" and np.median(np.bincount(pos // n_r, minlength=m)) > _MAX_CANDIDATES_PER_ROW:
