@@ -214,6 +214,9 @@ class ScriptedServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # TCP_NODELAY, as real servers (uvicorn under vLLM) set it: with Nagle on, the body written after
+            # the headers waits for the client's delayed ACK, ~40 ms per reply on a keep-alive connection
+            disable_nagle_algorithm = True
 
             def log_message(self, *a):  # keep test output quiet
                 pass
