@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import imagehash
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile
@@ -292,29 +293,17 @@ def _png_header_size(path: Path) -> tuple[int, int] | None:
     return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
-@functools.lru_cache(maxsize=4)
-def _dct_matrix(n: int) -> np.ndarray:
-    """DCT-II basis, row k = cos(pi * k * (2m + 1) / (2n)): ``D @ X @ D.T`` is the 2-D DCT of X (unscaled)."""
-    k = np.arange(n)
-    return np.cos(np.pi * k[:, None] * (2 * k[None, :] + 1) / (2 * n))
-
-
 def phash(im: Image.Image, hash_size: int = PHASH_SIZE, highfreq_factor: int = PHASH_HIGHFREQ) -> np.ndarray:
-    """Perceptual hash of one image: (hash_size**2 // 64,) uint64 words.
+    """Perceptual hash of one image: (hash_size**2 // 64,) uint64 words, bits row-major, packed big-endian.
 
-    Grey (PIL "L"), Lanczos resize to (hash_size * highfreq_factor)^2, 2-D DCT-II as two matrix products,
-    keep the top-left hash_size x hash_size low frequencies, bit = coefficient > their median; bits
-    row-major, packed big-endian. The same bits as ``imagehash.phash(im, hash_size)`` and as
-    ``craft.evaluate.memorization.phash_bits`` (whose scipy DCT differs only by a positive scale).
+    ``imagehash.phash`` (grey, Lanczos resize to (hash_size * highfreq_factor)^2, 2-D DCT-II, top-left
+    hash_size x hash_size low frequencies, bit = coefficient > their median), the same library the memorization
+    search uses (``craft.evaluate.memorization.phash_bits``); only the packing into words is ours.
     """
     if hash_size < 8 or hash_size % 8:
         raise ValueError(f"hash_size: {hash_size} must be a positive multiple of 8 (whole 64-bit words)")
-    n = hash_size * highfreq_factor
-    grey = np.asarray(im.convert("L").resize((n, n), Image.Resampling.LANCZOS), dtype=np.float64)
-    d = _dct_matrix(n)[:hash_size]  # only the low-frequency rows are needed
-    # Rounded so that float error (~1e-10 here) cannot break exact ties: a flat image's AC terms stay 0.
-    low = np.round(d @ grey @ d.T, 6).ravel()
-    return np.packbits(low > np.median(low)).view(">u8").astype(np.uint64)
+    bits = imagehash.phash(im, hash_size=hash_size, highfreq_factor=highfreq_factor).hash
+    return np.packbits(bits.ravel()).view(">u8").astype(np.uint64)
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
