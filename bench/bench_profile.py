@@ -11,6 +11,8 @@ step of each stage (batch 32, text encoder trained, L_corr; stage 2 adds L_cate)
 steps, the regions (``record_function`` labels in the code: share of the step, inclusive), and the top-N
 operators by self CPU time. Prints ``ratio: profile_draft_fast_vs_reference`` (reference step / fast step, both
 under the profiler). Profiler overhead inflates small-op counts; read shares, not absolute times.
+``--candidates``: no profiler; the reward-only DRaFT step timed per speed candidate (checkpointing, bf16 autocast,
+channels_last) in one process, alternating.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def draft_workload(reference: bool):
         model.enable_gradient_checkpointing()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=True)  # as the loop (loop.fused_optimizer)
     gen = torch.Generator().manual_seed(0)
     batch = {"prompt": PROMPTS, "label": ["x"] * 4, "latents": torch.randn(4, 4, 16, 16, generator=gen)}
     return lambda: train_step(model, batch, gen, opt, params)
@@ -74,7 +76,7 @@ def crafts_workload(stage: int):
     model = DenoiserObjective(comp.unet, comp.text_encoder, comp.tokenizer, comp.scheduler, cfg, mu, sigma)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=True)  # as the loop (loop.fused_optimizer)
     return lambda: train_step(model, batch, gen, opt, params)
 
 
@@ -129,6 +131,51 @@ def profile_workload(name: str, fn, steps: int, warmup: int, top: int) -> float:
     return wall
 
 
+def candidates(threads: int, steps: int) -> None:
+    """Time the reward-only DRaFT-1 step (bench_draft's setting) under each speed candidate, in this one process,
+    alternating: checkpointed (the pre-issue-18 default), not, bf16 autocast, channels_last."""
+    import statistics
+
+    from craft.train.reward import DraftObjective, LoraSettings, RewardConfig, add_lora
+
+    comp = components()
+    cfg = RewardConfig(k=1, n_repeats=2, sample_steps=10, guidance=7.5, diffusion_weight=0.0, lora=LoraSettings())
+    add_lora(comp.unet, cfg.lora)
+
+    def reward(images, meta):
+        return {"total": -((images - 0.5) ** 2).mean(dim=(1, 2, 3))}
+
+    model = DraftObjective(comp.unet, comp.vae, comp.text_encoder, comp.tokenizer, comp.scheduler, reward, cfg)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = {"prompt": PROMPTS, "label": ["x"] * 4}
+    runs = {"checkpointed": (True, False, False), "no checkpointing": (False, False, False),
+            "bf16 autocast": (False, True, False), "channels_last": (False, False, True)}  # fmt: skip
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(2):  # two alternating rounds
+        for name, (ckpt, bf16, cl) in runs.items():
+            model.checkpointing = ckpt
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            comp.unet.to(memory_format=fmt)
+            comp.vae.to(memory_format=fmt)
+            gen = torch.Generator().manual_seed(0)
+            for i in range(steps + 1):
+                t0 = time.perf_counter()
+                ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+                with ctx:
+                    loss = model(batch, gen)["loss"]
+                loss.backward()
+                for p in params:
+                    p.grad = None
+                if i:  # the first step of each warms up
+                    times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["checkpointed"])
+    for name, ts in times.items():
+        print(f"candidate: {name}: median {statistics.median(ts):.3f} s over {len(ts)} steps "
+              f"({base / statistics.median(ts):.2f}x the checkpointed step)")  # fmt: skip
+    print(f"ratio: draft_nockpt_vs_ckpt = {base / statistics.median(times['no checkpointing']):.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -136,11 +183,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--only", default="", help="comma list of draft,draft_reference,crafts1,crafts2,sampling")
+    ap.add_argument("--candidates", action="store_true", help="time the DRaFT step per speed candidate instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(f"config: threads={args.threads} torch={torch.__version__} load1={os.getloadavg()[0]:.2f} "
           f"cpus={os.cpu_count()}")  # fmt: skip
+    if args.candidates:
+        candidates(args.threads, args.steps)
+        return
     work = {
         "draft": ("DRaFT-1 step, fast (stage defaults)", lambda: draft_workload(False)),
         "draft_reference": ("DRaFT-1 step, reference (pre-issue-18 path)", lambda: draft_workload(True)),
