@@ -237,12 +237,13 @@ def main() -> None:
 
     sides: dict[str, list[dict]] = {"reward": [], "alignprop": [], "full": [], "reference": []}
     load = [os.getloadavg()[0]]
-    for _ in range(args.rounds):
-        sides["reward"].append(ours("--no-diffusion-loss"))
-        sides["alignprop"].append(theirs())
-        sides["full"].append(ours())
-        if args.reference:
-            sides["reference"].append(ours("--no-diffusion-loss", "--reference"))
+    runs = {"reward": lambda: ours("--no-diffusion-loss"), "alignprop": theirs, "full": ours}
+    if args.reference:
+        runs["reference"] = lambda: ours("--no-diffusion-loss", "--reference")
+    order = list(runs)
+    for r in range(args.rounds):  # each round starts with another side: a falling or rising load hits all alike
+        for key in order[r % len(order) :] + order[: r % len(order)]:
+            sides[key].append(runs[key]())
         load.append(os.getloadavg()[0])
     res = {k: _merge(v) for k, v in sides.items() if v}
     print(f"config: preset={args.preset} resolution={args.resolution} sample_steps={args.sample_steps} K=1 n=2 "
