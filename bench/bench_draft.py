@@ -10,14 +10,21 @@ same toy differentiable reward. AlignProp runs in its own venv (created under th
 missing: trl 0.23.1 is the last release with AlignProp).
 
 What each step does (why the numbers differ beyond implementation quality):
-- ours: 4 prompts x n=2 repeats = 8 trajectories in ONE UNet batch (x2 for guidance), DDPM sampler,
-  text encoder run once per distinct prompt (unconditional embedding cached), the last step and the
-  VAE decode in the graph and checkpointed, plus the eq. 1 diffusion loss on 4 paired real latents
-  (one more UNet call with grad; ``--no-diffusion-loss`` drops it);
+- ours: 4 prompts x n=2 repeats = 8 trajectories in ONE UNet batch (x2 for guidance), DDPM sampler, the
+  stage's defaults (RewardConfig): frozen text states cached across steps, the no-graph prefix under
+  inference_mode, no gradient checkpointing (no memory budget set), the last step and the VAE decode in the
+  graph; "full" adds the eq. 1 diffusion loss on 4 paired real latents as 4 more rows of the last graph step's
+  UNet batch;
 - AlignProp: train_batch_size = 8 trajectories (the same number of images per step; it has no
   repeats), DDIM (eta 1), the text encoder every step, every UNet call wrapped in checkpointing,
   only the last step's prediction with gradient, VAE decode in the graph, not checkpointed.
-Prints ``ratio: draft_step_time_vs_alignprop = <ours/theirs>`` and ``ratio: draft_peak_mem_vs_alignprop``.
+
+One run measures, each in its own process (clean peak memory) and alternating over ``--rounds`` rounds (a busy
+machine's drift hits every side alike): ours reward-only, AlignProp, ours full (and with ``--reference`` our
+step with every speed switch off, as it ran before issue 18). Prints
+``ratio: draft_speedup_vs_alignprop`` (AlignProp's step time / ours, same reward-only objective; > 1 = faster),
+``ratio: draft_full_speedup_vs_alignprop`` (AlignProp's reward-only step / our full step) and
+``ratio: draft_peak_mem_vs_alignprop`` (ours / theirs, same objective).
 """
 
 from __future__ import annotations
@@ -73,9 +80,13 @@ def ensure_alignprop_venv(work: Path) -> Path:
     return py
 
 
+REFERENCE = dict(text_cache=0, prefix_inference_mode=False, fuse_diffusion_loss=False)  # pre-issue-18 step
+
+
 def run_ours(args) -> dict:
     import torch
 
+    from craft.models.accel import autocast
     from craft.models.diffusion import load_pipeline
     from craft.train.reward import DraftObjective, LoraSettings, RewardConfig, add_lora
 
@@ -85,7 +96,7 @@ def run_ours(args) -> dict:
     unet, vae, te = pipe.unet.to(dev), pipe.vae.to(dev), pipe.text_encoder.to(dev)
     cfg = RewardConfig(k=1, n_repeats=2, sample_steps=args.sample_steps, guidance=args.guidance,
                        diffusion_weight=0.0 if args.no_diffusion_loss else 1.0,
-                       lora=LoraSettings(rank=4, alpha=4.0))  # fmt: skip
+                       lora=LoraSettings(rank=4, alpha=4.0), **(REFERENCE if args.reference else {}))  # fmt: skip
     cfg.validate()
     add_lora(unet, cfg.lora)
 
@@ -93,7 +104,8 @@ def run_ours(args) -> dict:
         return {"total": toy_reward(images)}
 
     model = DraftObjective(unet, vae, te, pipe.tokenizer, pipe.scheduler, reward, cfg)
-    model.enable_gradient_checkpointing()
+    if args.reference or args.checkpointing:
+        model.enable_gradient_checkpointing()  # the reward stage's loop default before issue 18
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
@@ -101,13 +113,12 @@ def run_ours(args) -> dict:
     lat = unet.config.sample_size
     batch = {"prompt": PROMPTS[: args.batch], "label": ["x"] * args.batch,
              "latents": torch.randn(args.batch, 4, lat, lat, generator=gen).to(dev)}  # fmt: skip
-    use_bf16 = dev == "cuda"
     times = []
     for i in range(args.warmup + args.iters):
         if dev == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=use_bf16):
+        with autocast(dev, "auto"):  # what the loop runs: bf16 on CUDA, fp32 on CPU
             loss = model(batch, gen)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -174,6 +185,14 @@ def _result(proc: subprocess.CompletedProcess, name: str) -> dict:
     raise RuntimeError(f"{name} side failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
+def _merge(runs: list[dict]) -> dict:
+    """Rounds of one side: the median over every timed step, the highest peak."""
+    times = [t for r in runs for t in r["times"]]
+    return dict(
+        runs[0], times=times, median_s=statistics.median(times), peak_mem_gb=max(r["peak_mem_gb"] for r in runs)
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="tiny", choices=["tiny", "sd15", "sd21"])
@@ -181,13 +200,16 @@ def main() -> None:
     ap.add_argument("--sample-steps", type=int, default=10)
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--batch", type=int, default=4, help="prompts per step (ours); AlignProp gets batch x 2")
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=5, help="timed steps per side per round")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--no-diffusion-loss", action="store_true", help="drop our eq. 1 diffusion term")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of every side")
+    ap.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads of every side")
+    ap.add_argument("--reference", action="store_true", help="also time our step with every speed switch off")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-draft"))
     ap.add_argument("--side", default="both", choices=["both", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--pipeline", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--no-diffusion-loss", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side == "ours":
         print("RESULT " + json.dumps(run_ours(args)))
@@ -196,29 +218,57 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     pipe_dir = ensure_pipeline(work, args.preset, args.resolution)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, __file__, "--side", "ours", "--pipeline", str(pipe_dir)]
-    for k in ("preset", "resolution", "sample_steps", "guidance", "batch", "iters", "warmup", "threads"):
-        cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-    if args.no_diffusion_loss:
-        cmd.append("--no-diffusion-loss")
-    ours = _result(subprocess.run(cmd, capture_output=True, text=True, env=env), "ours")
     py = ensure_alignprop_venv(work)
     script = work / "alignprop_side.py"
     script.write_text(ALIGNPROP_SCRIPT)
     payload = {"pipeline": str(pipe_dir), "sample_steps": args.sample_steps, "guidance": args.guidance,
                "batch": args.batch * 2, "iters": args.iters, "warmup": args.warmup, "threads": args.threads,
                "prompts": PROMPTS[: args.batch], "work": str(work / "alignprop-project")}  # fmt: skip
-    theirs = _result(subprocess.run([str(py), str(script), json.dumps(payload)], capture_output=True, text=True,
-                                    env=env, cwd=str(work)), "alignprop")  # fmt: skip
+
+    def ours(*flags: str) -> dict:
+        cmd = [sys.executable, __file__, "--side", "ours", "--pipeline", str(pipe_dir), *flags]
+        for k in ("preset", "resolution", "sample_steps", "guidance", "batch", "iters", "warmup", "threads"):
+            cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+        return _result(subprocess.run(cmd, capture_output=True, text=True, env=env), "ours")
+
+    def theirs() -> dict:
+        return _result(subprocess.run([str(py), str(script), json.dumps(payload)], capture_output=True, text=True,
+                                      env=env, cwd=str(work)), "alignprop")  # fmt: skip
+
+    sides: dict[str, list[dict]] = {"reward": [], "alignprop": [], "full": [], "reference": []}
+    load = [os.getloadavg()[0]]
+    runs = {"reward": lambda: ours("--no-diffusion-loss"), "alignprop": theirs, "full": ours}
+    if args.reference:
+        runs["reference"] = lambda: ours("--no-diffusion-loss", "--reference")
+    order = list(runs)
+    for r in range(args.rounds):  # each round starts with another side: a falling or rising load hits all alike
+        for key in order[r % len(order) :] + order[: r % len(order)]:
+            sides[key].append(runs[key]())
+        load.append(os.getloadavg()[0])
+    res = {k: _merge(v) for k, v in sides.items() if v}
     print(f"config: preset={args.preset} resolution={args.resolution} sample_steps={args.sample_steps} K=1 n=2 "
-          f"batch={args.batch} guidance={args.guidance} threads={args.threads} device={ours['device']} "
-          f"diffusion_loss={not args.no_diffusion_loss}")  # fmt: skip
-    for name, r in (("ours (DRaFT-K)", ours), ("AlignProp (TRL 0.23.1)", theirs)):
-        print(f"{name}: median step {r['median_s']:.3f} s over {len(r['times'])} steps "
+          f"batch={args.batch} guidance={args.guidance} threads={args.threads} device={res['reward']['device']} "
+          f"rounds={args.rounds} load1={min(load):.2f}-{max(load):.2f} cpus={os.cpu_count()}")  # fmt: skip
+    names = {
+        "reward": "ours, reward only (DRaFT-1)",
+        "full": "ours, full step (+ eq. 1 L_diff)",
+        "alignprop": "AlignProp (TRL 0.23.1), reward only",
+        "reference": "ours, reference path, reward only",
+    }
+    for key, r in res.items():
+        print(f"{names[key]}: median step {r['median_s']:.3f} s over {len(r['times'])} steps "
               f"({r['trajectories_per_step']} trajectories/step), peak memory {r['peak_mem_gb']:.3f} GB "
               f"({'max_memory_allocated' if r['device'] == 'cuda' else 'peak RSS'})")  # fmt: skip
-    print(f"ratio: draft_step_time_vs_alignprop = {ours['median_s'] / theirs['median_s']:.3f}")
-    print(f"ratio: draft_peak_mem_vs_alignprop = {ours['peak_mem_gb'] / theirs['peak_mem_gb']:.3f}")
+    ap_s = res["alignprop"]["median_s"]
+    print(f"ratio: draft_speedup_vs_alignprop = {ap_s / res['reward']['median_s']:.3f}")
+    print(f"ratio: draft_full_speedup_vs_alignprop = {ap_s / res['full']['median_s']:.3f}")
+    print(f"ratio: draft_peak_mem_vs_alignprop = {res['reward']['peak_mem_gb'] / res['alignprop']['peak_mem_gb']:.3f}")
+    print(f"ratio: draft_full_peak_mem_vs_alignprop = "
+          f"{res['full']['peak_mem_gb'] / res['alignprop']['peak_mem_gb']:.3f}")  # fmt: skip
+    if "reference" in res:
+        print(
+            f"ratio: draft_fast_speedup_vs_reference = {res['reference']['median_s'] / res['reward']['median_s']:.3f}"
+        )
 
 
 if __name__ == "__main__":

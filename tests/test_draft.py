@@ -84,10 +84,12 @@ def test_k_sets_number_of_unet_calls_in_graph():
         _, model = objective(c)
         grad, nograd = _count_grad_unet_calls(model, c)
         assert (grad, nograd) == (k, 4 - k), (k, grad, nograd)
-    # the diffusion loss on the paired real latent (eq. 1) is one more UNet call in the graph
-    c = cfg(k=1, sample_steps=4, diffusion_weight=1.0)
-    _, model = objective(c)
-    assert _count_grad_unet_calls(model, c, latents=True) == (2, 3)
+    # the diffusion loss on the paired real latent (eq. 1) is one more UNet call in the graph, or (fused, the
+    # default) more rows of the last graph step's call
+    for fuse, expect in ((False, (2, 3)), (True, (1, 3))):
+        c = cfg(k=1, sample_steps=4, diffusion_weight=1.0, fuse_diffusion_loss=fuse)
+        _, model = objective(c)
+        assert _count_grad_unet_calls(model, c, latents=True) == expect, fuse
 
 
 def test_timestep_spacing_sets_which_step_keeps_the_graph():

@@ -51,6 +51,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from craft.config import to_dict
 from craft.data.loader import LatentColumn, cached_latents, encode_dtype, image_column
@@ -228,19 +229,36 @@ class DenoiserObjective(torch.nn.Module):
             return_tensors="pt",
         ).input_ids.to(device)  # fmt: skip
 
+    def _encode(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token states, pooled) of ``prompts``, each distinct prompt through the text encoder once.
+
+        Rows of one prompt are the same function of the encoder weights, so gathering them from one pass gives
+        the same values and, through the gather's backward, the same summed gradient as one pass per row.
+        """
+        te = self.text_encoder
+        random = te.training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in te.modules())
+        uniq = prompts if random else list(dict.fromkeys(prompts))  # dropout: every row needs its own draw
+        out = te(self._ids(uniq, device))
+        if len(uniq) == len(prompts):
+            return out.last_hidden_state, out.pooler_output
+        pos = {p: i for i, p in enumerate(uniq)}
+        idx = torch.tensor([pos[p] for p in prompts], device=device)
+        return out.last_hidden_state[idx], out.pooler_output[idx]
+
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
         z0 = batch["latents"]
         b, dev = z0.shape[0], z0.device
         captions = list(batch["caption"])
         keep = torch.rand(b, generator=generator) >= self.cfg.cond_dropout  # CFG: drop the condition
         prompts = [c if k else "" for c, k in zip(captions, keep.tolist())]
-        out = self.text_encoder(self._ids(prompts, dev))
-        states, pooled = out.last_hidden_state, out.pooler_output
+        with record_function("crafts/text"):
+            states, pooled = self._encode(prompts, dev)
         noise = torch.randn(z0.shape, generator=generator).to(dev, z0.dtype)
         t = torch.randint(0, self.num_t, (b,), generator=generator).to(dev)
         abar = self.abar.to(dev)[t].view(b, 1, 1, 1)
         zt = add_noise(z0, noise, abar)  # eq. 3-4 (the paper's eq. 4 drops the sqrt; eq. 3 has it)
-        pred = self.unet(zt, t, encoder_hidden_states=states).sample
+        with record_function("crafts/unet"):
+            pred = self.unet(zt, t, encoder_hidden_states=states).sample
         # eq. 5; its target is the noise for an epsilon base, v for a v-prediction one (Salimans & Ho 2022)
         l_diff = F.mse_loss(pred.float(), training_target(self.kind, z0.float(), noise.float(), abar))
         res = {"l_diff": l_diff.detach()}
@@ -258,9 +276,9 @@ class DenoiserObjective(torch.nn.Module):
                 loss = loss + self.cfg.corr_weight * l_corr
                 res["l_corr"] = l_corr.detach()
             if self.cfg.cate_weight > 0:
-                with torch.no_grad():
+                with torch.no_grad(), record_function("crafts/class_text"):
                     phrases = [p for p, k in zip(batch["class_prompt"], keep.tolist()) if k]
-                    cfeat = self.text_encoder(self._ids(phrases, dev)).pooler_output.float()
+                    cfeat = self._encode(phrases, dev)[1].float()  # a handful of distinct class phrases
                 s_k = batch["typicality"].to(dev)[keep] if "typicality" in batch else None
                 l_cate = category_guidance_loss(z, tfeat, cfeat, self.mu, self.sigma, s=s_k)
                 loss = loss + self.cfg.cate_weight * l_cate

@@ -74,6 +74,9 @@ class LoopConfig:
     data_workers: int = 0  # DataLoader worker processes decoding batches ahead (0 = in the training process)
     encode_batch: int = 64  # images per VAE forward when a stage encodes (and caches) its latents
     encode_dtype: Literal["auto", "fp32", "bf16"] = "auto"  # VAE encode precision; auto: bf16 on CUDA, fp32 on CPU
+    # AdamW as one fused kernel over all parameters instead of a Python loop per tensor: the same update (allclose;
+    # tests/test_fast_path.py), 4.4x faster on the tiny UNet + text encoder (362 tensors) on CPU (issue 18)
+    fused_optimizer: bool = True
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -258,7 +261,8 @@ def train(
     params = _trainable(model)
     if not params:
         raise ValueError("model has no trainable parameters (nothing has requires_grad=True)")
-    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                            fused=cfg.fused_optimizer or None)  # fmt: skip
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     ema = _make_ema(params, cfg)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 7919 + rank)

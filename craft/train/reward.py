@@ -70,8 +70,9 @@ class LoraSettings:
 
 
 def _reward_loop() -> LoopConfig:
-    return LoopConfig(steps=200, batch_size=4, lr=1e-4, max_grad_norm=1.0, checkpoint_every=50,
-                      gradient_checkpointing=True, log_every=1)  # fmt: skip
+    # no gradient checkpointing by default: it recomputed the graph step and the VAE decode and made the tiny demo
+    # step 2.4x slower (BENCHMARKS.md, "Where the time goes"); RewardConfig.memory_budget_gb turns it on when needed
+    return LoopConfig(steps=200, batch_size=4, lr=1e-4, max_grad_norm=1.0, checkpoint_every=50, log_every=1)
 
 
 @dataclass
@@ -105,6 +106,15 @@ class RewardConfig:
     # once; kept for bench/bench_sd21.py), "off" = in the graph; "auto" = blocks when loop.gradient_checkpointing
     vae_checkpointing: Literal["auto", "blocks", "whole", "off"] = "auto"
     device: str = "auto"  # auto: cuda when available
+    # ---- speed that keeps the math (issue 18; measured in BENCHMARKS.md "Where the time goes")
+    # GiB the graph part of a step (last K UNet calls, decode, reward) may hold; 0 = no budget. Over it, gradient
+    # checkpointing is switched on (measured once on the first step with a one-trajectory probe). loop.
+    # gradient_checkpointing = true checkpoints always, whatever the budget.
+    memory_budget_gb: float = 0.0
+    text_cache: int = 4096  # distinct prompts whose frozen text-encoder states are kept across steps (0 = re-encode)
+    prefix_inference_mode: bool = True  # the T-K steps without graph under torch.inference_mode (else no_grad)
+    fuse_diffusion_loss: bool = True  # eq. 1's L_diff UNet call batched into the last graph step's UNet call
+    channels_last: Literal["auto", "on", "off"] = "auto"  # UNet/VAE memory format; auto = on CUDA only
 
     def validate(self) -> None:
         if self.k < 1 or self.k > self.sample_steps:
@@ -118,6 +128,11 @@ class RewardConfig:
         bad = sorted(set(self.reward_weights) - {"vdc", "ccs", "dd", "sfs"})
         if bad:
             raise ValueError(f"reward_weights: unknown reward {bad[0]!r} (vdc, ccs, dd, sfs)")
+        if self.memory_budget_gb < 0 or self.text_cache < 0:
+            raise ValueError(f"memory_budget_gb and text_cache must be >= 0 (got {self.memory_budget_gb}, "
+                             f"{self.text_cache})")  # fmt: skip
+        if self.channels_last not in ("auto", "on", "off"):
+            raise ValueError(f"channels_last must be auto, on or off, got {self.channels_last!r}")
         if self.vae_checkpointing not in ("auto", "blocks", "whole", "off"):
             raise ValueError(f"vae_checkpointing must be auto, blocks, whole or off, got {self.vae_checkpointing!r}")
         self.lora.validate()
@@ -393,6 +408,13 @@ class DraftObjective(TrainableOnly):
     ``reward_fn(images, meta)`` gets the n*B decoded images (repeat r of prompt i at row r*B + i) and
     the metadata repeated accordingly plus ``repeat`` (the repeat index per row); it returns per-sample
     tensors with ``"total"`` the reward to maximise.
+
+    Speed (``RewardConfig`` fields; each keeps the math, ``tests/test_fast_path.py`` checks the LoRA gradient):
+    frozen text states cached across steps, the no-graph prefix under ``inference_mode``, the guidance states
+    concatenated once per step instead of once per sampler step, eq. 1's UNet call batched into the last graph
+    step's UNet call (per-row timesteps; the UNet treats rows independently), checkpointing only when asked or
+    when the graph would exceed ``memory_budget_gb``. The noise and t of L_diff are drawn right after the
+    initial latents, in every mode, so fused and separate L_diff see the same random numbers.
     """
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, reward_fn: RewardFn, cfg: RewardConfig):
@@ -408,12 +430,20 @@ class DraftObjective(TrainableOnly):
         use_sdpa(unet, vae, text_encoder)  # flash / memory-efficient attention kernels on CUDA
         self.sched = make_scheduler(scheduler, cfg.scheduler, cfg.sample_steps, cfg.timestep_spacing)
         self.train_sched = scheduler  # the training noise schedule for L_diff
-        prediction_type(scheduler)  # refuse a parameterisation L_diff cannot target before the first step
+        self.kind = prediction_type(scheduler)  # refuse a parameterisation L_diff cannot target before the first step
         self.checkpointing = False
+        self._budget_checked = cfg.memory_budget_gb <= 0
+        self.graph_gb_estimate: float | None = None  # what the budget probe measured (GiB for a full step)
         self._uncond: torch.Tensor | None = None
+        self._text: dict[str, torch.Tensor] = {}
+        dev = next(unet.parameters()).device
+        if cfg.channels_last == "on" or (cfg.channels_last == "auto" and dev.type == "cuda"):
+            unet.to(memory_format=torch.channels_last)
+            vae.to(memory_format=torch.channels_last)
 
     def enable_gradient_checkpointing(self) -> None:
         self.checkpointing = True
+        self._budget_checked = True  # asked for explicitly: no probe needed
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -422,12 +452,23 @@ class DraftObjective(TrainableOnly):
         return self
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Token states [B, L, D]: each distinct prompt through the frozen text encoder once."""
-        return encode_unique(self.tokenizer, self.text_encoder, prompts)
+        """Token states [B, L, D]: each distinct prompt through the frozen text encoder once (cached across steps
+        up to ``cfg.text_cache`` prompts; the encoder is frozen and in eval mode, so a cached state is the state)."""
+        if self.cfg.text_cache <= 0:
+            return encode_unique(self.tokenizer, self.text_encoder, prompts)
+        new = [p for p in dict.fromkeys(prompts) if p not in self._text]
+        if new:
+            states = encode_unique(self.tokenizer, self.text_encoder, new)
+            if len(self._text) + len(new) > self.cfg.text_cache:
+                self._text.clear()  # a bounded cache: start over rather than grow past the limit
+            self._text.update(zip(new, states))
+            if len(new) > self.cfg.text_cache:  # more distinct prompts in one batch than the cache holds
+                return states[torch.tensor([new.index(p) for p in prompts], device=states.device)]
+        return torch.stack([self._text[p] for p in prompts])
 
     def uncond(self, device) -> torch.Tensor:
         if self._uncond is None or self._uncond.device != torch.device(device):
-            self._uncond = self.encode_prompts([""]).to(device)
+            self._uncond = encode_unique(self.tokenizer, self.text_encoder, [""]).to(device)
         return self._uncond
 
     def _maybe_ckpt(self, fn, *args):
@@ -448,33 +489,73 @@ class DraftObjective(TrainableOnly):
             return checkpoint(decode, self.vae, z, use_reentrant=False)
         return decode(self.vae, z, checkpoint_blocks=mode == "blocks")
 
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.unet.parameters()).dtype
+        return self.unet(x.to(dtype), t, encoder_hidden_states=states.to(dtype)).sample.float()
+
+    def _guided(self, out: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance on the doubled batch (uncond rows first), as ``Denoiser``."""
+        if self.cfg.guidance > 1.0:
+            eu, ec = out.chunk(2)
+            return eu + self.cfg.guidance * (ec - eu)
+        return out
+
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        from torch.profiler import record_function
+
+        from craft.models.diffusion import add_noise, alpha_bar, training_target
+
         cfg = self.cfg
         prompts = list(batch.get("gen_prompt", batch["prompt"]))  # the generator's conditioning
         b, n = len(prompts), cfg.n_repeats
         dev = next(self.unet.parameters()).device
-        cond_b = self.encode_prompts(prompts)
-        uncond = self.uncond(dev)
-        cond = cond_b.repeat(n, 1, 1)  # row r*B + i = repeat r of prompt i: n repeats in one UNet batch
-        den = Denoiser(self.unet, cfg.guidance)
+        guided = cfg.guidance > 1.0
+        with record_function("draft/text"):
+            cond_b = self.encode_prompts(prompts).to(dev)
+            cond = cond_b.repeat(n, 1, 1)  # row r*B + i = repeat r of prompt i: n repeats in one UNet batch
+            # the guidance batch's text states, built once per step (uncond rows first, as Denoiser)
+            states = torch.cat([self.uncond(dev).expand(n * b, -1, -1), cond]) if guided else cond
         c = self.unet.config
         z = torch.randn((n * b, c.in_channels, c.sample_size, c.sample_size), generator=generator).to(dev)
         z = z * self.sched.init_noise_sigma
+        diff = None  # eq. 1's L_diff inputs: (z_t, t, target), drawn here so every mode uses the same numbers
+        if cfg.diffusion_weight > 0 and "latents" in batch:
+            z0 = batch["latents"].float()
+            noise = torch.randn(z0.shape, generator=generator).to(dev, torch.float32)
+            t_d = torch.randint(0, self.train_sched.config.num_train_timesteps, (b,), generator=generator).to(dev)
+            abar = alpha_bar(self.train_sched, t_d, z0.ndim)
+            diff = (add_noise(z0, noise, abar), t_d, training_target(self.kind, z0, noise, abar))  # CRAFTS eq. 3
+        if not self._budget_checked:
+            self._check_budget(batch, prompts, generator.initial_seed(), dev)
         ts = self.sched.timesteps
         split = len(ts) - cfg.k
-        with torch.no_grad():  # DRaFT-K: steps T .. K+1 without graph
+        prefix = torch.inference_mode if cfg.prefix_inference_mode else torch.no_grad
+        with record_function("draft/prefix"), prefix():  # DRaFT-K: steps T .. K+1 without graph
             for t in ts[:split]:
-                pred = den(self.sched.scale_model_input(z, t), t, cond, uncond)
-                z = _sched_step(self.sched, pred, t, z, generator, cfg.eta)
-        z = z.detach()
-        for t in ts[split:]:  # the last K steps keep the graph into the LoRA weights
-            zin = self.sched.scale_model_input(z, t)
-            pred = self._maybe_ckpt(lambda a, tt=t: den(a, tt, cond, uncond), zin)
-            z = _sched_step(self.sched, pred, t, z, generator, cfg.eta)
-        images = self.decode(z)
-        meta = {k: _repeat(v, n) for k, v in batch.items() if k not in ("latents", "gen_prompt")}
-        meta["repeat"] = torch.arange(n, device=dev).repeat_interleave(b)
-        rewards = self.reward_fn(images, meta)
+                zin = self.sched.scale_model_input(z, t)
+                out = self._unet(torch.cat([zin, zin]) if guided else zin, t, states)
+                z = _sched_step(self.sched, self._guided(out), t, z, generator, cfg.eta)
+        z = z.clone() if cfg.prefix_inference_mode else z.detach()  # clone: a normal tensor autograd may save
+        fuse = diff is not None and cfg.fuse_diffusion_loss
+        pred_d = None
+        with record_function("draft/graph_steps"):
+            for i, t in enumerate(ts[split:]):  # the last K steps keep the graph into the LoRA weights
+                zin = self.sched.scale_model_input(z, t)
+                x = torch.cat([zin, zin]) if guided else zin
+                tt, st = t, states
+                if fuse and i == cfg.k - 1:  # the L_diff rows ride along in the last graph step's UNet batch
+                    tt = torch.cat([t.to(dev).expand(x.shape[0]), diff[1]])
+                    x, st = torch.cat([x, diff[0]]), torch.cat([states, cond_b])
+                out = self._maybe_ckpt(lambda a, tt=tt, st=st: self._unet(a, tt, st), x)
+                if fuse and i == cfg.k - 1:
+                    out, pred_d = out[:-b], out[-b:]
+                z = _sched_step(self.sched, self._guided(out), t, z, generator, cfg.eta)
+        with record_function("draft/decode"):
+            images = self.decode(z)
+        with record_function("draft/reward"):
+            meta = {k: _repeat(v, n) for k, v in batch.items() if k not in ("latents", "gen_prompt")}
+            meta["repeat"] = torch.arange(n, device=dev).repeat_interleave(b)
+            rewards = self.reward_fn(images, meta)
         if "total" not in rewards or rewards["total"].shape != (n * b,):
             raise ValueError(f"reward callable must return 'total' of shape [{n * b}], got "
                              f"{ {k: tuple(v.shape) for k, v in rewards.items()} }")  # fmt: skip
@@ -483,12 +564,64 @@ class DraftObjective(TrainableOnly):
         out = {f"reward_{k}": v.detach().float() for k, v in rewards.items() if k != "total"}
         out["reward"] = reward.detach()
         loss = -cfg.reward_scale * reward
-        if cfg.diffusion_weight > 0 and "latents" in batch:
-            l_diff = self.diffusion_loss(batch["latents"], cond_b, generator)
+        if diff is not None:
+            with record_function("draft/l_diff"):
+                if pred_d is None:  # separate UNet call (fuse_diffusion_loss=False)
+                    pred_d = self._maybe_ckpt(lambda a: self._unet(a, diff[1], cond_b), diff[0])
+                l_diff = F.mse_loss(pred_d, diff[2])  # the standard diffusion loss (eq. 1; CRAFTS eq. 5)
             loss = loss + cfg.diffusion_weight * l_diff
             out["l_diff"] = l_diff.detach()
         out["loss"] = loss
         return out
+
+    def _check_budget(self, batch: dict[str, Any], prompts: list[str], seed: int, dev) -> None:
+        """Switch checkpointing on when the graph of a full step would hold more than ``cfg.memory_budget_gb``.
+
+        Measured, not guessed: one trajectory of the first prompt runs the graph part (the last K UNet calls,
+        the decode, the reward) while a saved-tensor hook adds up the bytes autograd keeps for backward; that
+        times the step's n*B trajectories (plus the L_diff rows) is the estimate. The probe's graph is
+        dropped without a backward, and it uses its own generator (the training noise stays untouched).
+        """
+        from torch.autograd.graph import saved_tensors_hooks
+
+        cfg, total = self.cfg, {"bytes": 0}
+        # weights saved for backward exist once, whatever the batch: only activations scale with the rows
+        seen = {p.untyped_storage().data_ptr() for m in (self.unet, self.vae) for p in m.parameters()}
+
+        def pack(x: torch.Tensor):
+            key = x.untyped_storage().data_ptr()
+            if key not in seen and not isinstance(x, torch.nn.Parameter):  # a tensor saved twice is held once
+                seen.add(key)
+                total["bytes"] += x.untyped_storage().nbytes()
+            return x
+
+        guided = cfg.guidance > 1.0
+        gen = torch.Generator().manual_seed(seed + 1)
+        c = self.unet.config
+        cond = self.encode_prompts(prompts[:1]).to(dev)
+        states = torch.cat([self.uncond(dev), cond]) if guided else cond
+        z = torch.randn((1, c.in_channels, c.sample_size, c.sample_size), generator=gen).to(dev)
+        sub = {k: (v[:1] if isinstance(v, torch.Tensor | list) else v) for k, v in batch.items()}
+        with saved_tensors_hooks(pack, lambda x: x):
+            for t in self.sched.timesteps[-cfg.k :]:
+                zin = self.sched.scale_model_input(z, t)
+                out = self._unet(torch.cat([zin, zin]) if guided else zin, t, states)
+                z = _sched_step(self.sched, self._guided(out), t, z, gen, cfg.eta)
+            images = decode(self.vae, z)
+            meta = {k: v for k, v in sub.items() if k not in ("latents", "gen_prompt")}
+            meta["repeat"] = torch.zeros(1, dtype=torch.long, device=dev)
+            self.reward_fn(images, meta)["total"].sum()
+        b = len(prompts)  # L_diff adds b UNet rows: b / 2 trajectories' worth of UNet rows with guidance
+        rows = cfg.n_repeats * b + (b / (2 if guided else 1) if cfg.diffusion_weight > 0 and "latents" in batch else 0)
+        self.graph_gb_estimate = total["bytes"] * rows / 2**30
+        self.checkpointing = self.graph_gb_estimate > cfg.memory_budget_gb
+        self._budget_checked = True
+        log.info(
+            "DRaFT graph estimate %.3f GiB against a budget of %.3f GiB: gradient checkpointing %s",
+            self.graph_gb_estimate,
+            cfg.memory_budget_gb,
+            "on" if self.checkpointing else "off",
+        )
 
     def diffusion_loss(self, z0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """L_diff of eq. 1 on the paired real latent, conditioned on its enriched prompt (target: ``denoising_loss``)."""
