@@ -68,7 +68,9 @@ def cfg(tmp: Path, **kw) -> ev.EvaluateConfig:
     c = ev.EvaluateConfig(candidate="craft", max_prompts=4, samples_per_prompt=2, steps=2, guidance=2.0,
                           batch_size=8, grid_per_class=2)  # fmt: skip
     c.downstream = ev.DownstreamSettings(prompts=4, scales=[1.0], epochs=1)
-    c.oracle = ev.OracleSettings(n=64, epochs=1, n_check=16, min_accuracy=None, cache_dir=str(tmp / "oracle"))
+    # wiring: thresholds no tiny oracle can fail, so it scores (tests/test_oracle_calibration.py checks refusals)
+    c.oracle = ev.OracleSettings(n=64, epochs=1, n_check=16, min_accuracy=None, cache_dir=str(tmp / "oracle"),
+                                 calibration=ev.CalibrationThresholds(0.0, 0.0, 1.0))  # fmt: skip
     c.preferences = ev.PreferenceSettings(bootstrap=20)
     for k, v in kw.items():
         setattr(c, k, v)
