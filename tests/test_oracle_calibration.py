@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
+from craft.config import load_stage_config
 from craft.evaluate import oracle as orc
 from craft.evaluate import report as R
 from craft.evaluate.run import OracleSettings
@@ -166,8 +167,8 @@ def _probe(o: orc.Oracle, modality: str) -> dict[str, float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("modality", ["histo", "cxr"])
 def test_issue_probe_on_fresh_renders(tmp_path, modality):
-    """The oracle the evaluate step trains (its default settings) passes its calibration and the issue's probe."""
-    s = OracleSettings()
+    """The oracle the demo profile's evaluate step trains passes its calibration and the issue's probe."""
+    s = load_stage_config("evaluate", f"demo-{modality}", []).oracle
     o = orc.train_oracle(modality, s.n, s.seed, tmp_path, epochs=s.epochs, n_check=s.n_check, thresholds=s.calibration)
     assert not o.failures(), o.failures()
     p = _probe(o, modality)

@@ -322,9 +322,13 @@ class Oracle:
         finds = torch.cat([o[1] for o in outs]).numpy().astype(np.float64)
         return logits, finds * np.asarray(self.meta["finding_sd"]) + np.asarray(self.meta["finding_mean"])
 
+    def logits(self, images) -> np.ndarray:
+        """Raw class logits (N, C), no calibration check."""
+        return self._forward(images)[0]
+
     def predict(self, images) -> np.ndarray:
         """Raw class indices (no calibration check: the calibration itself uses it)."""
-        return self._forward(images)[0].argmax(1)
+        return self.logits(images).argmax(1)
 
     def failures(self) -> list[dict]:
         """Calibration rows that fail ``thresholds`` (re-judged now, so a stricter config applies to a cached oracle)."""
