@@ -121,8 +121,13 @@ def test_every_output_file_and_the_gate_schema(result):
 def test_per_image_rows_and_primitives(result, world):
     out, metrics = result
     pi = pd.read_parquet(out / "per_image.parquet")
-    for col in ("variant", "image_id", "label", "vdc", "ccs", "dd", "sfs", "cas", "oracle_correct"):
+    for col in ("variant", "image_id", "label", "vdc", "ccs", "dd", "sfs", "cas", "oracle_correct",
+                "oracle_nuclear_density", "oracle_gland_regularity", "oracle_mucin_fraction"):  # fmt: skip
         assert col in pi.columns, col
+    o = metrics["oracle"]  # issue 20: the calibration table travels with the scores
+    assert o["status"] == "scored" and o["calibration"]["rows"][0]["row"] == "clean"
+    assert set(metrics["variants"]["craft"]["oracle_findings"]["mean_abs_z"]) == {
+        "nuclear_density", "gland_regularity", "mucin_fraction"}  # fmt: skip
     counts = pi["variant"].value_counts().to_dict()
     assert counts == {"real": 4, "zero_shot": 8, "craft": 8}  # 4 prompts x 2 samples per generator
     np.testing.assert_allclose(pi[["vdc", "ccs", "dd", "sfs"]].mean(1), pi["cas"], atol=1e-9)
@@ -161,7 +166,7 @@ def test_report_holds_tables_and_inline_images(result):
     out, _ = result
     html = (out / "report.html").read_text()
     assert "<table" in html and "data:image/png;base64," in html
-    for word in ("CAS", "craft", "zero_shot", "real"):
+    for word in ("CAS", "craft", "zero_shot", "real", "Oracle calibration on fresh renders", "Which finding"):
         assert word in html
 
 
