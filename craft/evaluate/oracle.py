@@ -31,9 +31,9 @@ attributes, read against the original class), plus rows shown for information (b
 on radiographs still leaves the heart size; 16x16 shuffles of H&E tiles, whose 16 px patches still
 hold whole crypts and nuclear rows, so the class is legitimately legible in them). The table is stored in oracle.json; an oracle whose table fails the
 thresholds REFUSES to score (``OracleCalibrationError`` naming the failed rows) instead of printing
-numbers. The shuffles at 8 and 16 px on the standard grid are also among the training negatives'
-patch sizes (4..16 px, random grid offsets); the class-swapped and mean-colour rows and every nuisance
-row are rendered from seeds training never saw.
+numbers. Shuffles (4..16 px patches, random grid offsets) and the mean colour are also the training
+negatives' kinds, on other images; the class-swapped row is a kind training never saw, and every row
+uses renders (seed + 1) training never saw.
 
 - ``train_oracle(modality, n, seed, out_dir)`` renders, trains, calibrates and caches in
   ``out_dir/<modality>-v2-n<n>-s<seed>-r<res>-e<epochs>-w<width>/`` (weights + oracle.json), atomically;
