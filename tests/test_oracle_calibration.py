@@ -84,6 +84,13 @@ def test_failed_calibration_refuses_to_score_naming_the_row(tiny, tmp_path):
         orc.load_oracle(bad, orc.CalibrationThresholds(min_clean=0.99)).correct(x, y)
 
 
+def test_min_accuracy_applies_to_a_cached_oracle_too(tiny):
+    o, path = tiny
+    with pytest.raises(RuntimeError, match="held-out accuracy"):
+        orc.train_oracle("cxr", n=96, seed=20_011, out_dir=path.parent, resolution=32, epochs=2, width=4, n_check=32,
+                         min_accuracy=1.01)  # fmt: skip
+
+
 def test_uncalibrated_old_format_is_refused(tmp_path):
     (tmp_path / "oracle.json").write_text(json.dumps({"modality": "histo", "classes": ["a"], "in_channels": 3}))
     with pytest.raises(ValueError, match="uncalibrated oracle"):
