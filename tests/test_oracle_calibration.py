@@ -172,6 +172,7 @@ def _probe(o: orc.Oracle, modality: str) -> dict[str, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # trains the profile's oracle: a minute or so when the machine is quiet, many under load
 @pytest.mark.parametrize("modality", ["histo", "cxr"])
 def test_issue_probe_on_fresh_renders(tmp_path, modality):
     """The oracle the demo profile's evaluate step trains passes its calibration and the issue's probe."""
