@@ -99,13 +99,10 @@ def main() -> None:
         if oracle.meta["in_channels"] == 1:
             x = x[..., 0]
         y = np.array(labels)
-        with torch.no_grad():
-            from craft.evaluate.downstream import predict
-
-            pred = predict(oracle.model, x)
+        pred = oracle.predict(x)  # the raw reader: this bench predates the calibration (issue 20)
         acc = float((pred == y).mean())
         per_class = [float((pred[y == k] == k).mean()) for k in range(len(meta.classes))]
-        logits = _logits(oracle.model, x)
+        logits = oracle.logits(x)
         sil = float(silhouette_score(logits, y)) if len(set(y)) > 1 else float("nan")
         results[name] = {"oracle_accuracy": acc, "per_class": per_class, "silhouette_oracle_logits": sil,
                          "finetune_seconds": train_s}  # fmt: skip
@@ -124,16 +121,6 @@ def main() -> None:
     (out / f"results{tag}.json").write_text(
         json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **results}, indent=2)
     )
-
-
-def _logits(model, x: np.ndarray) -> np.ndarray:
-    """The oracle's class logits of uint8 images (same input conversion as ``downstream.predict``)."""
-    from craft.evaluate.downstream import as_image_tensor
-
-    model.eval()
-    t = as_image_tensor(x)
-    with torch.no_grad():
-        return torch.cat([model(t[s : s + 256]) for s in range(0, len(t), 256)]).numpy()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,18 @@ from scipy import ndimage
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from craft.data.demo import CLASSES, CXR_CLASSES, HISTO_CLASSES, DemoConfig, class_grid, generate, main, render_one
+from craft.data.demo import (
+    CLASSES,
+    CXR_CLASSES,
+    FINDING_ATTRIBUTES,
+    HISTO_CLASSES,
+    DemoConfig,
+    class_grid,
+    finding_values,
+    generate,
+    main,
+    render_one,
+)
 from craft.data.manifest import COLUMNS, attributes_of, read_manifest, read_meta
 
 
@@ -227,3 +238,22 @@ def test_main_and_class_grid(tmp_path: Path) -> None:
     png = class_grid(out, tmp_path / "grid.png", per_class=3)
     with Image.open(png) as im:
         assert im.mode == "L" and im.height == 4 * (128 + 2) and im.width > 3 * 128
+
+
+def test_finding_values_follow_class() -> None:
+    """The findings the oracle's readers learn: one value per FINDING_ATTRIBUTES name, ordered by class as drawn."""
+    rng = np.random.default_rng(5)
+    h = {
+        c: np.array([finding_values("histo", render_one("histo", c, rng, 64)[3]) for _ in range(4)])
+        for c in HISTO_CLASSES
+    }
+    assert all(v.shape == (4, len(FINDING_ATTRIBUTES["histo"])) for v in h.values())
+    assert h["mucinous_carcinoma"][:, 2].min() > 0.3 and h["normal"][:, 2].max() == 0.0  # mucin fraction
+    assert h["adenocarcinoma"][:, 1].max() < h["normal"][:, 1].min()  # irregular glands: lower regularity
+    assert h["adenocarcinoma"][:, 0].mean() > h["mucinous_carcinoma"][:, 0].mean()  # nuclear density
+    c = {k: np.array([finding_values("cxr", render_one("cxr", k, rng, 64)[3]) for _ in range(4)]) for k in CXR_CLASSES}
+    assert c["cardiomegaly"][:, 0].min() > c["no_finding"][:, 0].max()  # cardiothoracic ratio
+    assert c["pleural_effusion"][:, 1].min() >= 1 and c["pneumonia"][:, 1].max() == 0  # blunted angles
+    assert c["pneumonia"][:, 2].tolist() == [1.0] * 4 and c["no_finding"][:, 2].max() == 0  # opacity presence
+    with pytest.raises(ValueError, match="modality"):
+        finding_values("mri", {})

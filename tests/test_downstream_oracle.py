@@ -139,17 +139,24 @@ def test_rank_correlation_hand_case():
     assert np.isnan(orc.cas_oracle_rank_correlation(cas, [1, 1, 1, 1])["spearman"])
 
 
+LOOSE = orc.CalibrationThresholds(min_clean=0.0, min_nuisance=0.0, max_structure=1.0)  # wiring tests: never refuse
+
+
 def test_small_oracle_trains_caches_and_reads_fresh_histo(tmp_path):
-    o = orc.train_oracle("histo", n=160, seed=10_101, out_dir=tmp_path, resolution=32, epochs=6, n_check=80)
-    assert o.meta["check_accuracy"] > 0.8
-    x, y = orc.render_sample("histo", 40, 55_555, 32)
+    kw = dict(n=160, seed=10_101, out_dir=tmp_path, resolution=32, epochs=6, n_check=80, width=8, thresholds=LOOSE)
+    o = orc.train_oracle("histo", **kw)
+    # a tiny oracle (160 renders, augmented, half its batches negatives) reads well above chance (0.25); the
+    # real one is checked by its calibration (tests/test_oracle_calibration.py)
+    assert o.meta["check_accuracy"] > 0.45
+    x, y, f = orc.render_sample("histo", 40, 55_555, 32)
+    assert f.shape == (40, 3)
     names = [o.classes[i] for i in y]
     acc = orc.oracle_accuracy(o, x, names)
-    assert acc > 0.8
+    assert acc > 0.45
     # cached: a second call loads the same weights from the folder instead of training
-    again = orc.train_oracle("histo", n=160, seed=10_101, out_dir=tmp_path, resolution=32, epochs=6, n_check=80)
+    again = orc.train_oracle("histo", **kw)
     assert np.array_equal(again.predict(x), o.predict(x))
-    assert (tmp_path / "histo-n160-s10101-r32" / "oracle.pt").exists()
+    assert (tmp_path / "histo-v2-n160-s10101-r32-e6-w8" / "oracle.pt").exists()
     with pytest.raises(ValueError, match="not one of the oracle's classes"):
         o.correct(x[:1], ["tumour"])
 
@@ -157,6 +164,6 @@ def test_small_oracle_trains_caches_and_reads_fresh_histo(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("modality", ["histo", "cxr"])
 def test_full_oracle_is_near_perfect_on_fresh_images(tmp_path, modality):
-    o = orc.train_oracle(modality, n=2000, out_dir=tmp_path)
-    x, y = orc.render_sample(modality, 400, 77_777)
+    o = orc.train_oracle(modality, n=1200, epochs=6, out_dir=tmp_path)
+    x, y, _ = orc.render_sample(modality, 400, 77_777)
     assert orc.oracle_accuracy(o, x, y) >= 0.97

@@ -68,7 +68,9 @@ def cfg(tmp: Path, **kw) -> ev.EvaluateConfig:
     c = ev.EvaluateConfig(candidate="craft", max_prompts=4, samples_per_prompt=2, steps=2, guidance=2.0,
                           batch_size=8, grid_per_class=2)  # fmt: skip
     c.downstream = ev.DownstreamSettings(prompts=4, scales=[1.0], epochs=1)
-    c.oracle = ev.OracleSettings(n=64, epochs=1, n_check=16, min_accuracy=None, cache_dir=str(tmp / "oracle"))
+    # wiring: thresholds no tiny oracle can fail, so it scores (tests/test_oracle_calibration.py checks refusals)
+    c.oracle = ev.OracleSettings(n=64, epochs=1, n_check=16, min_accuracy=None, cache_dir=str(tmp / "oracle"),
+                                 calibration=ev.CalibrationThresholds(0.0, 0.0, 1.0))  # fmt: skip
     c.preferences = ev.PreferenceSettings(bootstrap=20)
     for k, v in kw.items():
         setattr(c, k, v)
@@ -123,8 +125,13 @@ def test_every_output_file_and_the_gate_schema(result):
 def test_per_image_rows_and_primitives(result, world):
     out, metrics = result
     pi = pd.read_parquet(out / "per_image.parquet")
-    for col in ("variant", "image_id", "label", "vdc", "ccs", "dd", "sfs", "cas", "oracle_correct"):
+    for col in ("variant", "image_id", "label", "vdc", "ccs", "dd", "sfs", "cas", "oracle_correct",
+                "oracle_nuclear_density", "oracle_gland_regularity", "oracle_mucin_fraction"):  # fmt: skip
         assert col in pi.columns, col
+    o = metrics["oracle"]  # issue 20: the calibration table travels with the scores
+    assert o["status"] == "scored" and o["calibration"]["rows"][0]["row"] == "clean"
+    assert set(metrics["variants"]["craft"]["oracle_findings"]["mean_abs_z"]) == {
+        "nuclear_density", "gland_regularity", "mucin_fraction"}  # fmt: skip
     counts = pi["variant"].value_counts().to_dict()
     assert counts == {"real": 4, "zero_shot": 8, "craft": 8}  # 4 prompts x 2 samples per generator
     np.testing.assert_allclose(pi[["vdc", "ccs", "dd", "sfs"]].mean(1), pi["cas"], atol=1e-9)
@@ -163,7 +170,7 @@ def test_report_holds_tables_and_inline_images(result):
     out, _ = result
     html = (out / "report.html").read_text()
     assert "<table" in html and "data:image/png;base64," in html
-    for word in ("CAS", "craft", "zero_shot", "real"):
+    for word in ("CAS", "craft", "zero_shot", "real", "Oracle calibration on fresh renders", "Which finding"):
         assert word in html
 
 

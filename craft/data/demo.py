@@ -645,6 +645,37 @@ def _render_cxr(
 # public API
 
 
+# The findings an independent reader can measure on an image, per modality (issue 20): the oracle
+# (craft.evaluate.oracle) learns a regression head per name, so a report can say WHICH finding a
+# generator gets wrong, not only whether the class reads. Values come from ``render_one``'s attributes.
+FINDING_ATTRIBUTES = {
+    "histo": ("nuclear_density", "gland_regularity", "mucin_fraction"),
+    "cxr": ("cardiothoracic_ratio", "costophrenic_blunting", "opacity_presence"),
+}
+
+
+def finding_values(modality: str, attrs: dict[str, Any]) -> list[float]:
+    """The ``FINDING_ATTRIBUTES`` of one rendered image, from its attribute dict (``render_one``'s 4th output).
+
+    histo: nuclear density = nuclear area fraction; gland regularity = 1 / (1 + 5 * outline harmonic
+    amplitude) (1 where the tile has no gland); mucin fraction = share of the tile in mucin pools.
+    cxr: cardiothoracic ratio; costophrenic blunting = number of blunted angles (0, 1, 2); opacity
+    presence = 1 where a focal consolidation was drawn, else 0.
+
+    >>> finding_values("cxr", {"ctr": 0.6, "cp_angle_blunted": ["left"], "opacity_size": 0.0})
+    [0.6, 1.0, 0.0]
+    """
+    if modality == "histo":
+        return [
+            float(attrs["nuclear_area_fraction"]),
+            float(attrs["gland_regularity"]),
+            float(attrs["mucin_fraction"]),
+        ]
+    if modality == "cxr":
+        return [float(attrs["ctr"]), float(len(attrs["cp_angle_blunted"])), float(attrs["opacity_size"] > 0)]
+    raise ValueError(f"modality: {modality!r} is not one of {sorted(CLASSES)}")
+
+
 def render_one(
     modality: str,
     label: str,

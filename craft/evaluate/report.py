@@ -344,3 +344,37 @@ def build_report(
     if per_image is not None:
         write_per_image(out, per_image)
     return atomic_write_text(out / "report.html", "".join(parts))
+
+
+# ----------------------------------------------------------------------------------------------
+# ground-truth oracle: its calibration and what its finding readers say (issue 20)
+
+
+def oracle_calibration_tables(oracle_block: Mapping, variants: Mapping[str, Mapping]) -> dict[str, pd.DataFrame]:
+    """Report tables of the demo oracle: its calibration table (always, so a refusal shows why), its
+    finding readers' R^2 on fresh renders and, when it scored, each variant's finding deviations.
+
+    ``oracle_block``: metrics.json's "oracle" ({"status", "calibration": {"rows", "readers", "passed"},
+    "error"?}); ``variants``: metrics.json's "variants" (their "oracle_findings" where scored).
+    """
+    cal = oracle_block["calibration"]
+    status = "PASSED" if cal["passed"] else f"FAILED, the oracle refuses to score: {oracle_block.get('error', '')}"
+    rows = [{"input": r["row"], "kind": r["kind"], "accuracy": r["accuracy"], "rule": r["rule"],
+             "result": {True: "pass", False: "FAIL", None: "shown"}[r["passed"]]} for r in cal["rows"]]  # fmt: skip
+    out = {f"Oracle calibration on fresh renders (chance {cal['chance']:.2f}): {status}": pd.DataFrame(rows)}
+    out["Oracle finding readers on fresh renders (R^2 against the renderer's values)"] = pd.DataFrame(
+        [{"finding": r["finding"], "R^2 clean": r["r2_clean"], "R^2 blur radius 2": r["r2_blur_r2"],
+          "MAE clean": r["mae_clean"]} for r in cal["readers"]]
+    )  # fmt: skip
+    found = {v: d["oracle_findings"] for v, d in variants.items() if d.get("oracle_findings")}
+    if found:
+        names = list(next(iter(found.values()))["mean_abs_z"])
+        out["Which finding does each generator get wrong? Oracle readings vs real renders (mean |z| over classes)"] = (
+            pd.DataFrame(
+                [{"method": v, **{f"|z| {nm}": f["mean_abs_z"][nm] for nm in names},
+                  "worst finding": f"{f['worst']['finding']} in {f['worst']['class']}",
+                  "read": f["worst"]["generated"], "real": f["worst"]["reference"], "z": f["worst"]["z"]}
+                 for v, f in found.items()]
+            )
+        )  # fmt: skip
+    return out
