@@ -114,7 +114,7 @@ class OracleSettings:
     epochs: int = 6  # oracle training passes
     n_check: int = 400  # fresh images (seed + 1) for its held-out accuracy
     min_accuracy: float | None = 0.8  # refuse an oracle that reads fresh real images worse than this
-    cache_dir: str = ""  # "" = $CRAFT_MODEL_CACHE/oracle or ~/.cache/craft/oracle
+    cache_dir: str = ""  # "" = <model cache>/oracle (craft.data.loader.model_cache_dir) or ~/.cache/craft/oracle
 
 
 @dataclass
@@ -457,12 +457,13 @@ def is_demo(meta) -> bool:
 
 
 def _oracle_cache(cfg: OracleSettings) -> Path:
-    import os
+    """``oracle.cache_dir``, else ``<model cache>/oracle`` (a pod's volume or a local run's folder), else ~/.cache."""
+    from craft.data.loader import model_cache_dir
 
     if cfg.cache_dir:
         return Path(cfg.cache_dir)
-    root = os.environ.get("CRAFT_MODEL_CACHE")
-    return Path(root) / "oracle" if root else Path.home() / ".cache" / "craft" / "oracle"
+    root = model_cache_dir()
+    return root / "oracle" if root is not None else Path.home() / ".cache" / "craft" / "oracle"
 
 
 def _work_dir(out_dir: Path) -> Path:
