@@ -136,7 +136,7 @@ class EvaluateConfig:
     samples_per_prompt: int = 1  # generated images per prompt and variant (>= 2 for the diversity metric)
     steps: int = 20  # sampler steps
     guidance: float = 4.0  # classifier-free guidance scale (<= 1: conditional model alone)
-    scheduler: Literal["ddim", "ddpm"] = "ddim"  # sampler (DDIM eta 0: noise fixed by the seed alone)
+    scheduler: Literal["ddim", "ddpm", "dpmpp"] = "ddim"  # sampler (DDIM eta 0 / DPM-Solver++: seed alone fixes it)
     seed: int = 0  # base seed of the per-(image, sample) noise
     batch_size: int = 16  # prompts per pipeline call
     quantile: float = 0.25  # low-alignment threshold: this quantile of the real images' CAS (app. H)
