@@ -7,6 +7,7 @@ which a non-root user cannot create. As root the test drops to uid/gid 65534 in 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -145,15 +146,20 @@ def test_local_evaluate_step_writes_only_under_its_root():
     code = (
         f"from pathlib import Path; from tests.test_demo_local_root import child_main; child_main(Path({str(work)!r}))"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900, preexec_fn=_demote if root_user else None)  # fmt: skip
-    tail = (proc.stdout + proc.stderr)[-4000:]
-    assert proc.returncode == 0, f"the evaluate step failed as uid {NOBODY if root_user else os.geteuid()}:\n{tail}"
-    found = list((work / "runs").rglob("metrics.json"))
-    assert found, f"no metrics.json under the run root:\n{tail}"
-    assert json.loads(found[0].read_text())["variants"]["craft"]["oracle_accuracy"] is not None
-    # the oracle the step trained is cached under the run root, not in the pod's mount path or the home folder
-    cache = work / "runs" / ".model-cache" / "oracle"
-    assert cache.is_dir() and any(cache.iterdir()), f"no oracle cache at {cache}"
-    if not pod_cache_existed:
-        assert not Path(POD_CACHE).exists(), f"the local run created {POD_CACHE}"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=900, preexec_fn=_demote if root_user else None)  # fmt: skip
+        tail = (proc.stdout + proc.stderr)[-4000:]
+        assert proc.returncode == 0, (
+            f"the evaluate step failed as uid {NOBODY if root_user else os.geteuid()}:\n{tail}"
+        )
+        found = list((work / "runs").rglob("metrics.json"))
+        assert found, f"no metrics.json under the run root:\n{tail}"
+        assert json.loads(found[0].read_text())["variants"]["craft"]["oracle_accuracy"] is not None
+        # the oracle the step trained is cached under the run root, not in the pod's mount path or the home folder
+        cache = work / "runs" / ".model-cache" / "oracle"
+        assert cache.is_dir() and any(cache.iterdir()), f"no oracle cache at {cache}"
+        if not pod_cache_existed:
+            assert not Path(POD_CACHE).exists(), f"the local run created {POD_CACHE}"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
