@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--json", default="", help="also write the summary here")
     ap.add_argument("--eval-sampling", action="store_true", help="time only the evaluate step's sampling")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for --eval-sampling")
+    ap.add_argument("--n", type=int, default=128, help="images per sampler for --eval-sampling (128: one variant)")
     ap.add_argument("--sampler-accuracy", default="", help="MODEL_DIR[:ADAPTER_DIR]: oracle accuracy per sampler")
     ap.add_argument("--dataset", default="", help="dataset folder for --sampler-accuracy")
     ap.add_argument("--annotations", default="", help="annotate output for --sampler-accuracy")
@@ -53,7 +54,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="pipeline-wide overrides stage.key=value")
     args = ap.parse_args()
     if args.eval_sampling:
-        eval_sampling(args.threads)
+        eval_sampling(args.threads, args.n)
         return
     if args.sampler_accuracy:
         sampler_accuracy(args)

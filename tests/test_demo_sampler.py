@@ -12,7 +12,7 @@ from craft.sample import generate_seeded, set_scheduler
 def pipe():
     from craft.models.diffusion import ModelConfig, build_components
 
-    torch.manual_seed(0)
+    torch.set_num_threads(1)
     mc = ModelConfig(preset="tiny", resolution=32, unet_channels=[8, 16], vae_channels=[8, 8], text_hidden=16,
                      text_layers=1)  # fmt: skip
     p = build_components(mc, ["adenoma", "normal"], seed=0).pipeline()
@@ -26,10 +26,10 @@ def _arr(images) -> np.ndarray:
 
 def test_dpmpp_follows_the_ddim_ode_and_the_seed(pipe):
     prompts, seeds = ["adenoma", "normal"], [11, 12]
-    ref = _arr(generate_seeded(pipe, prompts, seeds, steps=50, guidance=2.0, scheduler="ddim"))
-    fast = _arr(generate_seeded(pipe, prompts, seeds, steps=10, guidance=2.0, scheduler="dpmpp"))
-    again = _arr(generate_seeded(pipe, prompts, seeds, steps=10, guidance=2.0, scheduler="dpmpp"))
-    other = _arr(generate_seeded(pipe, prompts, [21, 22], steps=50, guidance=2.0, scheduler="ddim"))
+    ref = _arr(generate_seeded(pipe, prompts, seeds, steps=30, guidance=2.0, scheduler="ddim"))
+    fast = _arr(generate_seeded(pipe, prompts, seeds, steps=8, guidance=2.0, scheduler="dpmpp"))
+    again = _arr(generate_seeded(pipe, prompts, seeds, steps=8, guidance=2.0, scheduler="dpmpp"))
+    other = _arr(generate_seeded(pipe, prompts, [21, 22], steps=30, guidance=2.0, scheduler="ddim"))
     assert np.array_equal(fast, again)  # deterministic: the seed alone fixes the sample
     # the same ODE solution: far closer to DDIM's from the same noise than DDIM's own from other noise
     assert np.abs(fast - ref).mean() < 0.25 * np.abs(other - ref).mean()
