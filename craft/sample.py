@@ -1,4 +1,4 @@
-"""Generation: a base pipeline with its adapters and ControlNets, and its seeded samplers (DDIM or DDPM).
+"""Generation: a base pipeline with its adapters and ControlNets, and its seeded samplers (DDIM, DDPM, DPM-Solver++).
 
 The one home of sampling that training (validation grids, DPO pairs) and measuring (``craft.evaluate``,
 ``craft.promote``, ``craft sample``) share, as diffusers keeps ``pipelines/`` apart from its training
@@ -48,22 +48,35 @@ def load_generator(model: str | os.PathLike, adapter: str | os.PathLike | None =
     return pipe, meta
 
 
-def set_scheduler(pipe, kind: Literal["ddim", "ddpm"]) -> None:
+Sampler = Literal["ddim", "ddpm", "dpmpp"]
+SAMPLERS = ("ddim", "ddpm", "dpmpp")
+
+
+def set_scheduler(pipe, kind: Sampler) -> None:
     """Swap ``pipe``'s sampler, keeping the trained noise schedule; never clip latents (ENVIRONMENT.md).
 
     ``from_config`` keeps ``prediction_type`` too, so a v-prediction model (SD 2.1 768 px) samples as one.
+    ``dpmpp``: DPM-Solver++(2M), the multistep second-order solver of the probability-flow ODE (Lu et al. 2022,
+    "DPM-Solver++", sec. 4, Algorithm 2), deterministic like DDIM at eta 0 and as accurate in about half the
+    steps; first order at the last step (``lower_order_final``), which keeps it stable below 15 steps.
     """
-    from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
+    if kind == "dpmpp":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+            pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True,
+            thresholding=False,
+        )  # fmt: skip
+        return
     cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}.get(kind)
     if cls is None:
-        raise ValueError(f"scheduler must be ddim or ddpm, got {kind!r}")
+        raise ValueError(f"scheduler must be one of {SAMPLERS}, got {kind!r}")
     pipe.scheduler = cls.from_config(pipe.scheduler.config, clip_sample=False)
 
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], steps: int = 20, guidance: float = 4.0, seed: int = 0,
-             scheduler: Literal["ddim", "ddpm"] = "ddim", batch: int = 32, eta: float = 0.0,
+             scheduler: Sampler = "ddim", batch: int = 32, eta: float = 0.0,
              precision: Literal["auto", "no", "bf16", "fp16"] = "auto"):  # fmt: skip
     """PIL images for ``prompts`` (one each); the same seed gives the same images.
 
@@ -102,7 +115,7 @@ def generate(pipe, prompts: list[str], steps: int = 20, guidance: float = 4.0, s
 
 @torch.no_grad()
 def generate_seeded(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 4.0,
-                    scheduler: Literal["ddim", "ddpm"] = "ddim", batch: int = 16) -> list:  # fmt: skip
+                    scheduler: Sampler = "ddim", batch: int = 16) -> list:  # fmt: skip
     """PIL images, image j from the initial latent seeded by ``seeds[j]``: independent of batching and of
     which other prompts share its batch (what evaluation needs to score every variant on the same noise)."""
     if len(seeds) != len(prompts):
@@ -157,7 +170,7 @@ def slug(text: str) -> str:
 
 
 def sample(model_dir: str, prompts: list[str], n: int, out_dir: str | os.PathLike, steps: int = 20,
-           guidance: float = 4.0, scheduler: Literal["ddim", "ddpm"] = "ddim", seed: int = 0,
+           guidance: float = 4.0, scheduler: Sampler = "ddim", seed: int = 0,
            adapter: str | None = None) -> Path:  # fmt: skip
     """Load ``model_dir`` (local dir or s3:// prefix) and write ``n`` PNGs per prompt plus ``grid.png``."""
     if n < 1:

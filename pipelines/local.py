@@ -24,12 +24,37 @@ def object_store(root: Path) -> Iterator[str]:
     from craft.storage.seaweed import start_s3_server
 
     server = start_s3_server(root / ".store-server", data_dir=root / "store")
-    saved = {k: os.environ.get(k) for k in server.env}
-    os.environ.update(server.env)
     try:
-        yield server.endpoint
+        with _environ(server.env):
+            yield server.endpoint
     finally:
         server.stop()
+
+
+MODEL_CACHE_DIR = ".model-cache"  # under the run root: the model, oracle and latent caches of a local run
+
+
+def local_env(root: Path) -> dict[str, str]:
+    """What a local run adds to its tasks' environment (they inherit this process's, under the compiled task env).
+
+    ``CRAFT_LOCAL_MODEL_CACHE``: the model cache under the run root. kfp.local passes a task the env the
+    compiled pipeline sets, and the GPU steps' ``CRAFT_MODEL_CACHE`` is their pod's emptyDir mount path
+    (pipelines/resources.py), which a user's machine does not have and a non-root user cannot create;
+    ``craft.data.loader.model_cache_dir`` prefers this one. Kept across runs of one root, like ``store``,
+    so a second demo reuses the oracle and the latents.
+    """
+    from craft.data.loader import LOCAL_CACHE_ENV
+
+    return {LOCAL_CACHE_ENV: str(Path(root).resolve() / MODEL_CACHE_DIR)}
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -52,23 +77,35 @@ def run_local(
     get the configured one or a loopback SeaweedFS (see ``object_store``).
     """
     root = Path(root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    with object_store(root) as endpoint:
+    with local_session(root), object_store(root) as endpoint:
         summary = _run(profile, overrides, root, dataset_uri, model_name, base_uri)
     summary["object_store"] = endpoint
     return summary
 
 
+@contextlib.contextmanager
+def local_session(root: str | Path) -> Iterator[Path]:
+    """kfp.local's SubprocessRunner on pipeline root ``root`` with :func:`local_env`: a pipeline called inside
+    runs its tasks here, and everything they write (artifacts, caches) goes under ``root``."""
+    from kfp import local
+
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    env = local_env(root)
+    for path in env.values():
+        Path(path).mkdir(parents=True, exist_ok=True)
+    with _environ(env):
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+        yield root
+
+
 def _run(
     profile: str, overrides: list[str], root: Path, dataset_uri: str, model_name: str, base_uri: str
 ) -> dict[str, Any]:
-    from kfp import local
-
     from pipelines.craft_pipeline import pipeline_for_profile
 
     before = {p.name for p in root.iterdir()}
-    skip = {"store", ".store-server"}
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    skip = {"store", ".store-server", MODEL_CACHE_DIR}
     start = time.time()
     error: Exception | None = None
     try:

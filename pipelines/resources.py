@@ -47,7 +47,9 @@ with that ``sizeLimit`` over the artifacts' local root: the disk a step may fill
 (the kubelet evicts the pod with that reason) rather than unaccounted on the node. Multi-node jobs get a
 real ``ephemeral-storage`` request per node. The profile's ``resources`` section (craft.launch.ResourcesConfig)
 is merged over the defaults by :func:`profile_settings`. kfp.local ignores resources, placement and volumes but
-passes task env: a local run's training steps see ``CRAFT_NPROC_PER_NODE`` and ``CRAFT_CHECKPOINT_ROOT`` too.
+passes task env: a local run's training steps see ``CRAFT_NPROC_PER_NODE`` and ``CRAFT_CHECKPOINT_ROOT`` too, and
+the GPU steps see ``CRAFT_MODEL_CACHE=/cache/models``, which a local run overrides with a folder under its root
+(``pipelines.local.local_env``, read by ``craft.data.loader.model_cache_dir``): a laptop has no such mount.
 """
 
 from typing import Any

@@ -24,8 +24,8 @@ resolution, the encode dtype and the resize policy. ``meta.json`` carries the ke
 sha256 of ``latents.npy``; an entry whose file is missing, truncated or altered is reported, deleted and
 recomputed, never read. A file lock serialises builders of one key (DDP ranks, concurrent stages).
 
-Cache root: ``$CRAFT_CACHE_DIR``, else ``$CRAFT_MODEL_CACHE/data-cache`` (the pipeline's model-cache
-volume on a cluster, ``pipelines/resources.py``), else ``~/.cache/craft/data``.
+Cache root: ``$CRAFT_CACHE_DIR``, else ``<model cache>/data-cache`` (:func:`model_cache_dir`: the pipeline's
+model-cache volume on a cluster, ``pipelines/resources.py``, or a local run's folder), else ``~/.cache/craft/data``.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ from craft.io import atomic_dir, atomic_write_json, sha256_file
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "CRAFT_CACHE_DIR"
+MODEL_CACHE_ENV = "CRAFT_MODEL_CACHE"  # a pod's model-cache emptyDir (pipelines/resources.py sets it per GPU task)
+LOCAL_CACHE_ENV = "CRAFT_LOCAL_MODEL_CACHE"  # a local run's model cache, under its root (pipelines.local.run_local)
 CACHE_FORMAT = 1  # bump when the entry layout or the encode recipe changes: old entries then miss
 # How a stored image becomes an R x R training image: converted to RGB, resized to R x R with bicubic
 # filtering when its size differs (no crop, aspect ratio not kept), as the eager loaders always did.
@@ -55,12 +57,26 @@ RESIZE_POLICY = "rgb-bicubic-squash"
 ValueRange = Literal["signed", "unit"]  # signed: [-1, 1] (VAE input); unit: [0, 1] (encoders, ControlNet)
 
 
+def model_cache_dir() -> Path | None:
+    """The folder of this process's model cache, or None (callers then use ``~/.cache/craft/<kind>``).
+
+    A local run's (``$CRAFT_LOCAL_MODEL_CACHE``, under the run's root) wins over ``$CRAFT_MODEL_CACHE``:
+    kfp.local passes a task the env the compiled pipeline sets, whose ``CRAFT_MODEL_CACHE`` is the pod's
+    emptyDir mount path (``/cache/models``), which on the user's machine does not exist and which a non-root
+    user cannot create. A cluster pod has no ``CRAFT_LOCAL_MODEL_CACHE`` and uses its mount.
+    """
+    for env in (LOCAL_CACHE_ENV, MODEL_CACHE_ENV):
+        if os.environ.get(env):
+            return Path(os.environ[env])
+    return None
+
+
 def cache_root() -> Path:
     """Where cached latents and text states live (module docstring)."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
-    if os.environ.get("CRAFT_MODEL_CACHE"):
-        return Path(os.environ["CRAFT_MODEL_CACHE"]) / "data-cache"
+    if model_cache_dir() is not None:
+        return model_cache_dir() / "data-cache"
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "craft" / "data"
 
 

@@ -115,7 +115,7 @@ class OracleSettings:
     epochs: int = 8  # oracle training passes (8x8-shuffle rejection is learnt late: 6 left histo at 0.41)
     n_check: int = 400  # fresh images (seed + 1) for its calibration table
     min_accuracy: float | None = 0.8  # refuse an oracle that reads fresh real images worse than this
-    cache_dir: str = ""  # "" = $CRAFT_MODEL_CACHE/oracle or ~/.cache/craft/oracle
+    cache_dir: str = ""  # "" = <model cache>/oracle (craft.data.loader.model_cache_dir) or ~/.cache/craft/oracle
     # what the calibration table must show before the oracle scores (clean / nuisance floors, structure ceiling)
     calibration: CalibrationThresholds = field(default_factory=CalibrationThresholds)
 
@@ -139,7 +139,7 @@ class EvaluateConfig:
     samples_per_prompt: int = 1  # generated images per prompt and variant (>= 2 for the diversity metric)
     steps: int = 20  # sampler steps
     guidance: float = 4.0  # classifier-free guidance scale (<= 1: conditional model alone)
-    scheduler: Literal["ddim", "ddpm"] = "ddim"  # sampler (DDIM eta 0: noise fixed by the seed alone)
+    scheduler: Literal["ddim", "ddpm", "dpmpp"] = "ddim"  # sampler (DDIM eta 0 / DPM-Solver++: seed alone fixes it)
     seed: int = 0  # base seed of the per-(image, sample) noise
     batch_size: int = 16  # prompts per pipeline call
     quantile: float = 0.25  # low-alignment threshold: this quantile of the real images' CAS (app. H)
@@ -461,12 +461,13 @@ def is_demo(meta) -> bool:
 
 
 def _oracle_cache(cfg: OracleSettings) -> Path:
-    import os
+    """``oracle.cache_dir``, else ``<model cache>/oracle`` (a pod's volume or a local run's folder), else ~/.cache."""
+    from craft.data.loader import model_cache_dir
 
     if cfg.cache_dir:
         return Path(cfg.cache_dir)
-    root = os.environ.get("CRAFT_MODEL_CACHE")
-    return Path(root) / "oracle" if root else Path.home() / ".cache" / "craft" / "oracle"
+    root = model_cache_dir()
+    return root / "oracle" if root is not None else Path.home() / ".cache" / "craft" / "oracle"
 
 
 def _work_dir(out_dir: Path) -> Path:

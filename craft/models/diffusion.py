@@ -444,8 +444,11 @@ def _remove_stale_temps(home: Path, digest: str) -> None:
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where ``s3://`` models are cached: ``cache_dir``, else ``$CRAFT_MODEL_CACHE``, else ~/.cache/craft/models."""
-    return Path(cache_dir or os.environ.get("CRAFT_MODEL_CACHE") or Path.home() / ".cache" / "craft" / "models")
+    """Where ``s3://`` models are cached: ``cache_dir``, else the model cache (a pod's ``$CRAFT_MODEL_CACHE``, a
+    local run's folder: ``craft.data.loader.model_cache_dir``), else ~/.cache/craft/models."""
+    from craft.data.loader import model_cache_dir
+
+    return Path(cache_dir or model_cache_dir() or Path.home() / ".cache" / "craft" / "models")
 
 
 def _fetch(uri: str, cache_dir: str | os.PathLike | None) -> Path:
