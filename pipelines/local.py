@@ -37,15 +37,17 @@ MODEL_CACHE_DIR = ".model-cache"  # under the run root: the model, oracle and la
 def local_env(root: Path) -> dict[str, str]:
     """What a local run adds to its tasks' environment (they inherit this process's, under the compiled task env).
 
-    ``CRAFT_LOCAL_MODEL_CACHE``: the model cache under the run root. kfp.local passes a task the env the
+    ``CRAFT_LOCAL_MODEL_CACHE``: the user's own ``$CRAFT_MODEL_CACHE`` when they set one before the run, else the
+    model cache under the run root. kfp.local passes a task the env the
     compiled pipeline sets, and the GPU steps' ``CRAFT_MODEL_CACHE`` is their pod's emptyDir mount path
     (pipelines/resources.py), which a user's machine does not have and a non-root user cannot create;
     ``craft.data.loader.model_cache_dir`` prefers this one. Kept across runs of one root, like ``store``,
     so a second demo reuses the oracle and the latents.
     """
-    from craft.data.loader import LOCAL_CACHE_ENV
+    from craft.data.loader import LOCAL_CACHE_ENV, MODEL_CACHE_ENV
 
-    return {LOCAL_CACHE_ENV: str(Path(root).resolve() / MODEL_CACHE_DIR)}
+    mine = os.environ.get(LOCAL_CACHE_ENV) or os.environ.get(MODEL_CACHE_ENV)  # the user's choice, set before the run
+    return {LOCAL_CACHE_ENV: str(Path(mine).resolve() if mine else Path(root).resolve() / MODEL_CACHE_DIR)}
 
 
 @contextlib.contextmanager

@@ -149,7 +149,9 @@ def test_bad_config_run_fails_once_at_validate_naming_the_fix(folder, tmp_path, 
     first = main(cfg, registry, start)
     assert first.action == "invalid", first
     assert not [r for r in caplog.records if "Retrying" in r.getMessage()], "the validate task was retried"
-    (run_dir,) = (p for p in (tmp_path / "runs").iterdir() if p.is_dir() and p.name not in ("store", ".store-server"))
+    (run_dir,) = (
+        p for p in (tmp_path / "runs").iterdir() if p.is_dir() and p.name != "store" and not p.name.startswith(".")
+    )
     tasks = {p.name for p in run_dir.iterdir() if p.is_dir()}
     assert not {t for t in tasks if t.startswith(("annotate", "pretrain", "finetune"))}, tasks
     reports = [json.loads(p.read_text()) for p in run_dir.rglob("report.json")]

@@ -63,7 +63,9 @@ def tiny_profile(tmp: Path) -> Path:
     p.write_text(yaml.safe_dump({"evaluate": {
         "candidate": "craft", "max_prompts": 4, "samples_per_prompt": 2, "steps": 2, "guidance": 2.0, "batch_size": 8,
         "grid_per_class": 2, "threads": 1, "downstream": {"prompts": 4, "scales": [1.0], "epochs": 1},
-        "oracle": {"n": 64, "epochs": 1, "n_check": 16, "min_accuracy": None, "cache_dir": ""},
+        # thresholds no tiny oracle can fail, so it scores (tests/test_oracle_calibration.py checks refusals)
+        "oracle": {"n": 64, "epochs": 1, "n_check": 16, "min_accuracy": None, "cache_dir": "",
+                   "calibration": {"min_clean": 0.0, "min_nuisance": 0.0, "max_structure": 1.0}},
         "preferences": {"bootstrap": 20}}}))  # fmt: skip
     return p
 

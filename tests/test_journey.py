@@ -58,7 +58,7 @@ def upload(env, folder: Path, uri: str) -> str:
 
 def run_dirs(root: Path) -> set[Path]:
     return (
-        {p for p in root.iterdir() if p.is_dir() and p.name not in ("store", ".store-server")}
+        {p for p in root.iterdir() if p.is_dir() and p.name != "store" and not p.name.startswith(".")}
         if root.exists()
         else set()
     )

@@ -696,7 +696,7 @@ def main(
 
     # -- memorization (app. M) ----------------------------------------------------------------
     if cfg.memorization.enabled and gen_names:
-        from craft.evaluate.memorization import memorization_per_image, memorization_report
+        from craft.evaluate.memorization import memorization_per_image, memorization_summary
 
         how = cfg.memorization.embedding
         if how == "auto":
@@ -712,10 +712,11 @@ def main(
         for name in gen_names:
             g = images[name]
             ge = emb_fn(g)
-            rep = memorization_report(g, train_imgs, test_imgs_all, ge, tr_e, te_e, **mkw)
+            # one search per variant: the summary is read off the per-image frame (the report used to search twice)
+            pim = memorization_per_image(g, train_imgs, test_imgs_all, ge, tr_e, te_e, **mkw)
+            rep = memorization_summary(pim)
             rep["embedding"] = how
             out_variants[name]["memorization"] = rep
-            pim = memorization_per_image(g, train_imgs, test_imgs_all, ge, tr_e, te_e, **mkw)
             pim.index = per_image.index[per_image["variant"] == name]
             mem_cols.append(pim[["max_ssim_train", "min_phash_train", "ssim_duplicate", "phash_duplicate",
                                  "d_train", "d_test", "nn_gap"]])  # fmt: skip
