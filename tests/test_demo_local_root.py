@@ -27,19 +27,12 @@ def build_world(tmp: Path) -> dict[str, Path]:
     from craft.annotate.run import AnnotateConfig
     from craft.annotate.run import main as annotate
     from craft.data.demo import DemoConfig, generate
-    from craft.models.diffusion import ModelConfig, build_components, build_tokenizer, save_pipeline
-    from craft.models.encoders import save_encoder
-    from craft.train.encoder import EncoderSpec, build_model
+    from craft.models.diffusion import ModelConfig, build_components, save_pipeline
     from craft.train.probe import ProbeConfig, train_probe
     from craft.train.reward import LoraSettings, add_lora, save_adapters
+    from tests.test_evaluate_run import _encoder as encoder  # the same tiny critic / evaluator as the wiring test
 
     torch.set_num_threads(1)
-
-    def encoder(arch: str, seed: int, out: Path) -> Path:
-        tok = build_tokenizer(["adenocarcinoma", "adenoma", "mucinous", "carcinoma", "normal"], 16)
-        spec = EncoderSpec(arch=arch, seed=seed, embed_dim=16, width=16, layers=1, heads=2, patch_size=8)
-        model, pre = build_model(spec, 32, tok, 16)
-        return save_encoder(model, tok, out, pre, {"test": True})
 
     ds = generate(DemoConfig(modality="histo", n=32, seed=0, resolution=32), tmp / "demo-histo")
     annotate(AnnotateConfig(backend="offline", checklist="demo-histo", progress=False), ds, tmp / "ann")
