@@ -32,7 +32,8 @@ enc.load_encoder = audited
 from craft.config import load_stage_config
 from craft.train import reward
 t = Path(sys.argv[1])
-small = ["loop.steps=1", "loop.batch_size=2", "loop.threads=1", "loop.progress=false", "sample_steps=2"]
+small = ["loop.steps=1", "loop.batch_size=2", "loop.threads=1", "loop.progress=false", "sample_steps=2",
+         "augment.views=2"]  # the augmented-view reward (issue 21) on the real stage path too
 reward.main(load_stage_config("reward", None, small), t / "data", t / "ann", t / "critic", t / "probe", t / "base",
             t / "craft")
 print(json.dumps({"loaded": loaded, "evaluate_modules": sorted(m for m in sys.modules if m.startswith("craft.evaluate"))}))

@@ -76,6 +76,46 @@ def _reward_loop() -> LoopConfig:
 
 
 @dataclass
+class RewardAugment:
+    """Differentiable views of each decoded image before the critic (issue 21: a reward that must hold across views
+    is harder to game than one read off a single rendering). Off by default: the paper's critic reads the image."""
+
+    views: int = 0  # 0 = the critic reads each image as decoded; V > 0 = every reward component averaged over V views
+    crop_scale: float = 0.85  # random resized crop: each side keeps a fraction in [crop_scale, 1], resampled back
+    flip: bool = True  # random horizontal flip per view
+    noise_std: float = 0.02  # Gaussian pixel noise per view, on the [0, 1] scale
+    seed: int = 0  # the views' own random stream (independent of the trajectories')
+
+    def validate(self) -> None:
+        if self.views < 0:
+            raise ValueError(f"augment.views must be >= 0, got {self.views}")
+        if not 0.0 < self.crop_scale <= 1.0:
+            raise ValueError(f"augment.crop_scale must be in (0, 1], got {self.crop_scale}")
+        if self.noise_std < 0:
+            raise ValueError(f"augment.noise_std must be >= 0, got {self.noise_std}")
+
+
+def augmented_view(images: torch.Tensor, cfg: RewardAugment, gen: torch.Generator) -> torch.Tensor:
+    """One random view of each image (N, C, H, W) in [0, 1]: resized crop (+ flip) by ``grid_sample``, then noise.
+
+    Differentiable in ``images``; the crop box, flip and noise are drawn from ``gen`` (on the CPU).
+    """
+    n = images.shape[0]
+    scale = cfg.crop_scale + (1.0 - cfg.crop_scale) * torch.rand(n, 2, generator=gen)  # kept fraction (x, y)
+    shift = (1.0 - scale) * (2.0 * torch.rand(n, 2, generator=gen) - 1.0)  # box centre stays inside the image
+    sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0) if cfg.flip else torch.ones(n)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = scale[:, 0] * sign, scale[:, 1]
+    theta[:, :, 2] = shift
+    theta = theta.to(images.device, images.dtype)
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if cfg.noise_std > 0:
+        out = out + cfg.noise_std * torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+    return out.clamp(0.0, 1.0)
+
+
+@dataclass
 class RewardConfig:
     """Stage ``reward`` (``craft train reward``): LoRA + DRaFT-K against the frozen critic (CRAFT sec. 3.3)."""
 
@@ -115,6 +155,8 @@ class RewardConfig:
     prefix_inference_mode: bool = True  # the T-K steps without graph under torch.inference_mode (else no_grad)
     fuse_diffusion_loss: bool = True  # eq. 1's L_diff UNet call batched into the last graph step's UNet call
     channels_last: Literal["auto", "on", "off"] = "auto"  # UNet/VAE memory format; auto = on CUDA only
+    # ---- harder-to-game rewards (issue 21): the critic reads augmented views of each image and the reward is their mean
+    augment: RewardAugment = field(default_factory=RewardAugment)
 
     def validate(self) -> None:
         if self.k < 1 or self.k > self.sample_steps:
@@ -133,6 +175,7 @@ class RewardConfig:
                              f"{self.text_cache})")  # fmt: skip
         if self.channels_last not in ("auto", "on", "off"):
             raise ValueError(f"channels_last must be auto, on or off, got {self.channels_last!r}")
+        self.augment.validate()
         if self.vae_checkpointing not in ("auto", "blocks", "whole", "off"):
             raise ValueError(f"vae_checkpointing must be auto, blocks, whole or off, got {self.vae_checkpointing!r}")
         self.lora.validate()
@@ -638,13 +681,26 @@ def _repeat(v: Any, n: int) -> Any:
 # ---------------------------------------------------------------- the stage
 
 
-def critic_reward(cam, weights: dict[str, float]) -> RewardFn:
-    """The CRAFT reward callable: CAM components (VDC, CCS, DD, SFS; eqs. 2-5) and their weighted sum (eq. 6)."""
+def critic_reward(cam, weights: dict[str, float], augment: RewardAugment | None = None) -> RewardFn:
+    """The CRAFT reward callable: CAM components (VDC, CCS, DD, SFS; eqs. 2-5) and their weighted sum (eq. 6).
+
+    With ``augment.views`` = V > 0 every component is the mean over V random views of the image (``augmented_view``),
+    so a LoRA is rewarded only for what the critic sees across crops, flips and noise (issue 21).
+    """
     from craft.losses import clinical_reward
 
-    def fn(images: torch.Tensor, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(augment.seed) if augment is not None and augment.views > 0 else None
+
+    def read(images: torch.Tensor, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
         comps = cam(images, meta["label"], meta["prompt"], references=meta.get("reference"))
-        comps = {k: v for k, v in comps.items() if k in weights}
+        return {k: v for k, v in comps.items() if k in weights}
+
+    def fn(images: torch.Tensor, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if gen is None:
+            comps = read(images, meta)
+        else:
+            views = [read(augmented_view(images, augment, gen), meta) for _ in range(augment.views)]
+            comps = {k: torch.stack([v[k] for v in views]).mean(0) for k in views[0]}
         comps["total"] = clinical_reward(comps, weights)
         return comps
 
@@ -715,7 +771,9 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
     if cfg.use_sfs:
         data["reference"] = image_column(dataset_dir, df, res, "unit")  # paired real image x_i in [0, 1] (eq. 5),
         # read from disk per batch
-    model = DraftObjective(unet, vae, te, pipe.tokenizer, pipe.scheduler, critic_reward(cam, weights), cfg)
+    model = DraftObjective(
+        unet, vae, te, pipe.tokenizer, pipe.scheduler, critic_reward(cam, weights, cfg.augment), cfg
+    )
     result = train(model, data, cfg.loop, work / "draft")
     metrics = {k: v for k, v in result.logs.items() if k != "lr"}
     metrics.update(steps=float(result.step), train_seconds=time.time() - t0, dropped_rows=float(dropped))
