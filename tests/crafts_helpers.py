@@ -39,3 +39,35 @@ def make_dataset(root: Path, n: int = 16, res: int = 32, seed: int = 0) -> Path:
     write_manifest(root, pd.DataFrame(rows))
     write_meta(root, DatasetMeta(name="tiny", modality="histo", classes=CLASSES, resolution=res))
     return root
+
+
+def reward_world(tmp: Path, evaluator: bool = False) -> dict[str, Path]:
+    """What the reward-side stage mains read, at test size: demo histo data (n=16, 32 px) with enriched prompts and
+    the demo checklists, a critic encoder + linear probe (and, if asked, an evaluator beside them), a tiny base."""
+    import shutil
+
+    from craft.config import load_stage_config
+    from craft.data.demo import DemoConfig, generate
+    from craft.data.manifest import read_manifest
+    from craft.models.diffusion import build_components, save_pipeline
+    from craft.train import encoder, probe
+
+    data = tmp / "data"
+    generate(DemoConfig(modality="histo", n=16, seed=0, resolution=32, images_per_patient=2), data)
+    df = read_manifest(data)
+    ann = tmp / "ann"
+    ann.mkdir()
+    pd.DataFrame({"image_id": df["image_id"], "enriched_prompt": [f"{lab} tissue with glands" for lab in df["label"]],
+                  "status": "ok"}).to_parquet(ann / "annotations.parquet")  # fmt: skip
+    shutil.copy(Path(__file__).resolve().parents[1] / "craft" / "annotate" / "checklists" / "demo-histo.json",
+                ann / "checklists.json")  # fmt: skip
+    ecfg = load_stage_config("encoder", None, ["epochs=1", "batch_size=8"])
+    encoder.main(ecfg, "critic", data, tmp / "critic", ann)
+    if evaluator:
+        encoder.main(ecfg, "evaluator", data, tmp / "evaluator", ann)
+    probe.main(load_stage_config("probe", None, ["epochs=2"]), tmp / "critic", data, tmp / "probe")
+    mc = ModelConfig(preset="tiny", resolution=32, unet_channels=[8, 16], vae_channels=[8, 8], text_hidden=16,
+                     text_layers=1)  # fmt: skip
+    comp = build_components(mc, ["adenocarcinoma", "adenoma", "normal", "mucinous carcinoma"])
+    save_pipeline(comp.pipeline(), tmp / "base", {"stage": "test"})
+    return dict(data=data, ann=ann, critic=tmp / "critic", probe=tmp / "probe", base=tmp / "base")

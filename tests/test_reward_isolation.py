@@ -9,12 +9,10 @@ lying next to the critic, and checks what the process loaded: one encoder (the c
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,31 +39,10 @@ print(json.dumps({"loaded": loaded, "evaluate_modules": sorted(m for m in sys.mo
 
 
 def test_reward_stage_loads_the_critic_and_nothing_of_evaluation(tmp_path):
-    from craft.config import load_stage_config
-    from craft.data.demo import DemoConfig, generate
-    from craft.data.manifest import read_manifest
-    from craft.models.diffusion import ModelConfig, build_components, save_pipeline
-    from craft.train import encoder, probe, reward
+    from tests.crafts_helpers import reward_world
 
     torch.set_num_threads(1)
-    data = tmp_path / "data"
-    generate(DemoConfig(modality="histo", n=16, seed=0, resolution=32, images_per_patient=2), data)
-    df = read_manifest(data)
-    ann = tmp_path / "ann"
-    ann.mkdir()
-    pd.DataFrame({"image_id": df["image_id"], "enriched_prompt": [f"{lab} tissue with glands" for lab in df["label"]],
-                  "status": "ok"}).to_parquet(ann / "annotations.parquet")  # fmt: skip
-    shutil.copy(
-        Path(reward.__file__).parents[1] / "annotate" / "checklists" / "demo-histo.json", ann / "checklists.json"
-    )
-    ecfg = load_stage_config("encoder", None, ["epochs=1", "batch_size=8"])
-    encoder.main(ecfg, "critic", data, tmp_path / "critic", ann)
-    encoder.main(ecfg, "evaluator", data, tmp_path / "evaluator", ann)  # lies beside the critic, must stay unread
-    probe.main(load_stage_config("probe", None, ["epochs=2"]), tmp_path / "critic", data, tmp_path / "probe")
-    mc = ModelConfig(preset="tiny", resolution=32, unet_channels=[8, 16], vae_channels=[8, 8], text_hidden=16,
-                     text_layers=1)  # fmt: skip
-    comp = build_components(mc, ["adenocarcinoma", "adenoma", "normal", "mucinous carcinoma"])
-    save_pipeline(comp.pipeline(), tmp_path / "base", {"stage": "test"})
+    reward_world(tmp_path, evaluator=True)  # the evaluator lies beside the critic and must stay unread
 
     env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
            "CRAFT_LOCAL_MODEL_CACHE": str(tmp_path / "model-cache")}  # fmt: skip

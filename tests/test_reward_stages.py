@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
@@ -15,29 +12,13 @@ pytestmark = pytest.mark.slow
 
 def test_stage_mains_end_to_end(tmp_path):
     from craft.config import load_stage_config
-    from craft.data.demo import DemoConfig, generate
-    from craft.data.manifest import read_manifest
-    from craft.models.diffusion import ModelConfig, build_components, load_pipeline, save_pipeline
-    from craft.train import baselines, encoder, probe, reward
+    from craft.models.diffusion import load_pipeline
+    from craft.train import baselines, reward
+    from tests.crafts_helpers import reward_world
 
     torch.set_num_threads(2)
-    data = tmp_path / "data"
-    generate(DemoConfig(modality="histo", n=16, seed=0, resolution=32, images_per_patient=2), data)
-    df = read_manifest(data)
-    ann = tmp_path / "ann"
-    ann.mkdir()
-    pd.DataFrame({"image_id": df["image_id"], "enriched_prompt": [f"{lab} tissue with glands" for lab in df["label"]],
-                  "status": "ok"}).to_parquet(ann / "annotations.parquet")  # fmt: skip
-    shutil.copy(
-        Path(reward.__file__).parents[1] / "annotate" / "checklists" / "demo-histo.json", ann / "checklists.json"
-    )
-    ecfg = load_stage_config("encoder", None, ["epochs=1", "batch_size=8"])
-    encoder.main(ecfg, "critic", data, tmp_path / "critic", ann)
-    probe.main(load_stage_config("probe", None, ["epochs=2"]), tmp_path / "critic", data, tmp_path / "probe")
-    mc = ModelConfig(preset="tiny", resolution=32, unet_channels=[8, 16], vae_channels=[8, 8], text_hidden=16,
-                     text_layers=1)  # fmt: skip
-    comp = build_components(mc, ["adenocarcinoma", "adenoma", "normal", "mucinous carcinoma"])
-    save_pipeline(comp.pipeline(), tmp_path / "base", {"stage": "test"})
+    w = reward_world(tmp_path)
+    data, ann = w["data"], w["ann"]
     small = ["loop.steps=1", "loop.batch_size=2", "loop.threads=2", "loop.progress=false"]
     m = reward.main(load_stage_config("reward", None, small + ["sample_steps=2"]), data, ann, tmp_path / "critic",
                     tmp_path / "probe", tmp_path / "base", tmp_path / "craft")  # fmt: skip
