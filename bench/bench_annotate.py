@@ -8,7 +8,7 @@ committed part files, final merge) gets to it.
 The server (tests/annotate_server.py: it checks every response_format with jsonschema, ~2.5 ms of
 Python per request) runs in its OWN process, as a real server would run on its own machine: in the
 client's process its work would hold the client's GIL and be charged to the client. It still shares
-this machine's cores. The modules a run imports once per process (httpx, pyarrow) are imported before
+this machine's cores. The modules a run imports once per process (httpx, httpcore, pyarrow) are imported before
 the clock starts; their import is start-up, not throughput.
 
     .venv/bin/python bench/bench_annotate.py [--n 512] [--concurrency 16] [--latency 0.2]
@@ -52,7 +52,8 @@ def _serve(conn, latency: float) -> None:
 
 
 def run(n: int, concurrency: int, latency: float, batch_size: int) -> dict:
-    import httpx  # noqa: F401  (start-up imports, outside the clock)
+    import httpcore  # noqa: F401  (start-up imports, outside the clock; httpx imports httpcore on its first client)
+    import httpx  # noqa: F401
     import pyarrow.parquet  # noqa: F401
 
     with tempfile.TemporaryDirectory() as tmp:

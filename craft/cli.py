@@ -537,7 +537,9 @@ def compare_controlnets_cmd(
 def train_encoder_cmd(
     dataset_dir: Annotated[Path, typer.Argument(help="Dataset directory; only its train split is used.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Encoder directory to write (HF layout).")],
-    role: Annotated[str, typer.Option(help="critic, evaluator or evaluator2 (each has its own arch and seed).")],
+    role: Annotated[
+        str, typer.Option(help="critic, evaluator, evaluator2 or referee (each has its own arch and seed).")
+    ],
     annotations: Annotated[
         Path | None, typer.Option(help="annotations.parquet (or its folder): enriched prompts as texts.")
     ] = None,

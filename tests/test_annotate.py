@@ -490,11 +490,11 @@ def test_fault_mid_run_keeps_committed_batches(cxr_small, tmp_path, monkeypatch)
 
     real, calls = run_mod.commit_part, {"n": 0}
 
-    def failing_commit(out_dir, rows):
+    def failing_commit(out_dir, rows, known=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("disk full (simulated)")
-        return real(out_dir, rows)
+        return real(out_dir, rows, known)
 
     out = tmp_path / "o"
     monkeypatch.setattr(run_mod, "commit_part", failing_commit)
@@ -848,12 +848,20 @@ def test_cost_cap_stops_new_requests_and_a_rerun_finishes(cxr_small, tmp_path):
 def test_parts_are_compacted_during_a_long_run(cxr_small, tmp_path, monkeypatch):
     import craft.annotate.run as run_mod
 
-    calls = []
-    real = run_mod.compact
-    monkeypatch.setattr(run_mod, "compact", lambda out_dir, order: calls.append(1) or real(out_dir, order))
+    calls, reads = [], []
+    real, real_read = run_mod.compact, run_mod.pd.read_parquet
+    monkeypatch.setattr(
+        run_mod, "compact", lambda out_dir, order, known=None: calls.append(1) or real(out_dir, order, known)
+    )
+    monkeypatch.setattr(
+        run_mod.pd, "read_parquet", lambda p, *a, **k: reads.append(Path(p).name) or real_read(p, *a, **k)
+    )
     with ScriptedServer() as srv:
         main(cfg_for(srv, batch_size=1, compact_every_parts=10), cxr_small, tmp_path / "o")
     assert len(calls) == 3 + 1  # after 10, 20, 30 parts, and the final merge
+    # the merges use the frames this run wrote; only the merged file is read back (once per merge after the first)
+    assert not [r for r in reads if r.startswith("part-")] and reads.count("annotations.parquet") <= 4
+    monkeypatch.setattr(run_mod.pd, "read_parquet", real_read)
     assert len(read(tmp_path / "o")) == 32 and not list((tmp_path / "o" / "parts").glob("*"))
 
 

@@ -198,14 +198,17 @@ def _parts_dir(out_dir: Path) -> Path:
     return out_dir / PARTS
 
 
-def load_state(out_dir: str | os.PathLike) -> pd.DataFrame:
-    """The latest row per image from annotations.parquet and any committed parts (later parts win)."""
-    out_dir = Path(out_dir)
+def load_state(out_dir: str | os.PathLike, known: dict[Path, pd.DataFrame] | None = None) -> pd.DataFrame:
+    """The latest row per image from annotations.parquet and any committed parts (later parts win).
+
+    ``known`` maps part files this process committed to the frames it wrote: those are not read back
+    (the end-of-run merge re-read every part, ~2 ms each, after the last reply)."""
+    out_dir, known = Path(out_dir), known or {}
     frames = []
     if (out_dir / ANNOTATIONS).is_file():
         frames.append(pd.read_parquet(out_dir / ANNOTATIONS))
     parts = sorted(_parts_dir(out_dir).glob("part-*.parquet")) if _parts_dir(out_dir).is_dir() else []
-    frames += [pd.read_parquet(p) for p in parts]
+    frames += [known[p] if p in known else pd.read_parquet(p) for p in parts]
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype="object") for c in COLUMNS})
     df = pd.concat(frames, ignore_index=True)
@@ -232,21 +235,31 @@ def _parquet_bytes(df: pd.DataFrame) -> bytes:
     return buf.getvalue()
 
 
-def commit_part(out_dir: Path, rows: list[dict[str, Any]]) -> Path:
-    """Write one batch of results as a new part file, atomically; names sort in commit order."""
+def commit_part(out_dir: Path, rows: list[dict[str, Any]], known: dict[Path, pd.DataFrame] | None = None) -> Path:
+    """Write one batch of results as a new part file, atomically; names sort in commit order.
+
+    With ``known``, the frame is also kept there under its path, for ``compact`` to use unread."""
     name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.parquet"
-    return atomic_write_bytes(_parts_dir(out_dir) / name, _parquet_bytes(_to_frame(rows)))
+    frame = _to_frame(rows)
+    path = atomic_write_bytes(_parts_dir(out_dir) / name, _parquet_bytes(frame))
+    if known is not None:
+        known[Path(path)] = frame
+    return path
 
 
-def compact(out_dir: Path, order: list[str]) -> pd.DataFrame:
-    """Merge parts into annotations.parquet (manifest order first) atomically, then drop the parts."""
-    state = load_state(out_dir)
+def compact(out_dir: Path, order: list[str], known: dict[Path, pd.DataFrame] | None = None) -> pd.DataFrame:
+    """Merge parts into annotations.parquet (manifest order first) atomically, then drop the parts.
+
+    ``known``: the frames of parts this process committed (see ``load_state``); emptied with the parts."""
+    state = load_state(out_dir, known)
     rank = {k: i for i, k in enumerate(order)}
     state["_r"] = state["image_id"].map(lambda k: rank.get(k, len(rank)))
     state = state.sort_values(["_r", "image_id"], kind="stable").drop(columns="_r").reset_index(drop=True)
     atomic_write_bytes(out_dir / ANNOTATIONS, _parquet_bytes(state))
     for p in sorted(_parts_dir(out_dir).glob("part-*.parquet")) if _parts_dir(out_dir).is_dir() else []:
         p.unlink()
+    if known is not None:
+        known.clear()
     return state
 
 
@@ -397,6 +410,7 @@ def main(cfg: AnnotateConfig, dataset_dir: str | os.PathLike, out_dir: str | os.
         buffer: list[dict[str, Any]] = []
         order = [str(r["image_id"]) for r in rows]
         last_commit, parts_since_compact = time.monotonic(), 0
+        mine: dict[Path, pd.DataFrame] = {}  # parts this run committed, kept for the merge
 
         def spent() -> float:
             return prices.cost(usage.prompt_tokens, usage.completion_tokens)
@@ -419,17 +433,17 @@ def main(cfg: AnnotateConfig, dataset_dir: str | os.PathLike, out_dir: str | os.
                 bar.update(1)
                 bar.set_postfix(ok=n_ok, failed=n_failed)
                 if len(buffer) >= cfg.batch_size or time.monotonic() - last_commit >= cfg.commit_every_s:
-                    commit_part(out_dir, buffer)
+                    commit_part(out_dir, buffer, mine)
                     buffer, last_commit, parts_since_compact = [], time.monotonic(), parts_since_compact + 1
                     if parts_since_compact >= cfg.compact_every_parts:
-                        compact(out_dir, order)
+                        compact(out_dir, order, mine)
                         parts_since_compact = 0
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             if buffer:  # commit whatever finished, even when the run is being torn down
-                commit_part(out_dir, buffer)
+                commit_part(out_dir, buffer, mine)
             bar.close()
-        final = compact(out_dir, order)
+        final = compact(out_dir, order, mine)
     finally:
         backend.close()
 

@@ -35,7 +35,7 @@ from craft.data.manifest import DatasetMeta, read_manifest, read_meta
 
 log = logging.getLogger(__name__)
 
-ROLES = ("critic", "evaluator", "evaluator2")
+ROLES = ("critic", "evaluator", "evaluator2", "referee")
 SIGLIP_MEAN, SIGLIP_STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
@@ -68,6 +68,9 @@ class EncoderTrainConfig:
     critic: EncoderSpec = field(default_factory=lambda: EncoderSpec(arch="siglip", seed=0))  # training critic
     evaluator: EncoderSpec = field(default_factory=lambda: EncoderSpec(arch="clip", seed=1))  # metrics evaluator
     evaluator2: EncoderSpec = field(default_factory=lambda: EncoderSpec(arch="siglip", seed=2, layers=1))  # optional
+    # the reward monitor's referee (issue 21): trained like the critic, another architecture and seed; never the
+    # evaluator (the evaluate stage refuses to score with it) and never read by the gate
+    referee: EncoderSpec = field(default_factory=lambda: EncoderSpec(arch="clip", seed=3, layers=1))
     image_size: int = 32  # side of the square input the vision tower sees (images are resized to it)
     max_length: int = 32  # text token window (tokenizer model_max_length = position embeddings)
     epochs: int = 20  # passes over the training split
@@ -86,7 +89,9 @@ class EncoderTrainConfig:
             getattr(self, role).validate()
         seeds = [getattr(self, r).seed for r in ROLES]
         if len(set(seeds)) != len(seeds):
-            raise ValueError(f"critic, evaluator and evaluator2 seeds must differ (independent training), got {seeds}")
+            raise ValueError(
+                f"critic, evaluator, evaluator2 and referee seeds must differ (independent training), got {seeds}"
+            )
         if self.image_size < 8 or any(self.image_size % getattr(self, r).patch_size for r in ROLES):
             raise ValueError(f"image_size {self.image_size} must be >= 8 and divisible by every role's patch_size")
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.max_length < 4:

@@ -3,7 +3,8 @@
 The stage supplies a ``torch.nn.Module`` whose ``forward(batch, generator)`` returns a dict with a
 scalar ``"loss"`` (plus any scalars to log), a dataset (a dict of equal-length columns: tensors, lists,
 or the lazy pixel / latent / text-state columns of ``craft.data.loader``, which produce only the rows of
-the current batch), and optionally a ``validate(model, step, out_dir, writer)`` callback. The loop gives:
+the current batch), and optionally a ``validate(model, step, out_dir, writer)`` callback (returning True ends
+training at that step: early stopping). The loop gives:
 
 - one code path for 1 process (CPU or GPU) and ``torchrun --nproc_per_node N`` (DDP: gloo on CPU,
   NCCL on GPU; ``accelerate launch --cpu`` would start only one process, ENVIRONMENT.md);
@@ -112,6 +113,7 @@ class TrainResult:
     resumed_from: int = 0  # step the run started from (0 = fresh)
     history: list[dict[str, float]] = field(default_factory=list)
     ema_applied: bool = False  # the model's trainable weights are the EMA weights (ema_decay > 0)
+    stopped_early: bool = False  # the validate callback ended training before cfg.steps (early stopping)
 
 
 # ---------------------------------------------------------------- batches
@@ -291,7 +293,7 @@ def train(
     )  # fmt: skip
     logs: dict[str, float] = {}
     history: list[dict[str, float]] = []
-    step = start
+    step, stopped_early = start, False
     batches = iter(loader.batch_loader(data, StepBatches(n, cfg.batch_size, cfg.seed, rank, world, start, end),
                                        cfg.data_workers, pin_memory=use_cuda))  # fmt: skip
     try:
@@ -336,7 +338,11 @@ def train(
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 last_good = _save_checkpoint(acc, out, step, model, opt, sched, ema, gen, logs, cfg)
             if validate is not None and cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.steps:
-                _run_validation(acc, validate, model, step, out, writer)
+                if _run_validation(acc, validate, model, step, out, writer):  # the callback stops training early
+                    stopped_early = True
+                    if not (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                        last_good = _save_checkpoint(acc, out, step, model, opt, sched, ema, gen, logs, cfg)
+                    break
         if step >= cfg.steps and start < cfg.steps:
             last_good = _save_checkpoint(acc, out, step, model, opt, sched, ema, gen, logs, cfg)
             _swap_in_ema(params, ema)  # the final validation samples what the stage will save
@@ -351,7 +357,9 @@ def train(
     _swap_in_ema(params, ema)
     # the trained weights live in the caller's module object: prepare() wraps it (DDP), it does not copy it
     ema_named = ema.named() if ema is not None else None
-    return TrainResult(step, logs, last_good, ema_named, start, history, ema_applied=ema is not None)
+    return TrainResult(
+        step, logs, last_good, ema_named, start, history, ema_applied=ema is not None, stopped_early=stopped_early
+    )
 
 
 @dataclass
@@ -393,15 +401,19 @@ def _swap_in_ema(params: dict[str, torch.nn.Parameter], ema: _Ema | None) -> Non
     ema.model.copy_to(params.values())
 
 
-def _run_validation(acc, validate, model, step: int, out: Path, writer) -> None:
+def _run_validation(acc, validate, model, step: int, out: Path, writer) -> bool:
+    """Run ``validate`` on the main process; True on every rank when it returned True (stop training here)."""
+    stop = False
     if acc.is_main_process:
         m = acc.unwrap_model(model)
         was = m.training
         m.eval()
         with torch.no_grad():
-            validate(m, step, out, writer)
+            stop = validate(m, step, out, writer) is True
         m.train(was)
     acc.wait_for_everyone()
+    flag = torch.tensor([1.0 if stop else 0.0], device=acc.device)
+    return bool(acc.reduce(flag, reduction="sum").item() > 0)
 
 
 def _save_checkpoint(acc, out: Path, step: int, model, opt, sched, ema, gen, logs, cfg: LoopConfig) -> Path:

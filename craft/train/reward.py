@@ -45,7 +45,8 @@ from craft.models.adapters import (  # noqa: F401  (re-exported: the adapter fil
     class_token_prompt,
     load_adapters,
 )
-from craft.train.loop import LoopConfig, train
+from craft.train.loop import LoopConfig, list_checkpoints, train
+from craft.train.monitor import MonitorConfig
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,9 @@ class RewardConfig:
     channels_last: Literal["auto", "on", "off"] = "auto"  # UNet/VAE memory format; auto = on CUDA only
     # ---- harder-to-game rewards (issue 21): the critic reads augmented views of each image and the reward is their mean
     augment: RewardAugment = field(default_factory=RewardAugment)
+    # ---- over-optimisation monitor (issue 21): held-out readings by the critic, its views and a referee; snapshots;
+    # checkpoint selection and early stopping on those training-side signals only (craft.train.monitor)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def validate(self) -> None:
         if self.k < 1 or self.k > self.sample_steps:
@@ -176,6 +180,7 @@ class RewardConfig:
         if self.channels_last not in ("auto", "on", "off"):
             raise ValueError(f"channels_last must be auto, on or off, got {self.channels_last!r}")
         self.augment.validate()
+        self.monitor.validate()
         if self.vae_checkpointing not in ("auto", "blocks", "whole", "off"):
             raise ValueError(f"vae_checkpointing must be auto, blocks, whole or off, got {self.vae_checkpointing!r}")
         self.lora.validate()
@@ -217,8 +222,13 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
 def save_adapters(
     out_dir: str | os.PathLike, unet=None, lora: LoraSettings | None = None,
     embeddings: dict[str, torch.Tensor] | None = None, info: dict[str, Any] | None = None,
+    extra: dict[str, Path] | None = None,
 ) -> Path:  # fmt: skip
-    """Write LoRA and/or textual-inversion weights (safetensors) + adapter.json + lineage.json atomically."""
+    """Write LoRA and/or textual-inversion weights (safetensors) + adapter.json + lineage.json atomically.
+
+    ``extra``: folders copied in under the given names in the same commit (the reward monitor's readings)."""
+    import shutil
+
     from safetensors.torch import save_file
 
     from craft.models.diffusion import LINEAGE, code_version
@@ -241,6 +251,8 @@ def save_adapters(
                 {k: v.detach().float().cpu().contiguous() for k, v in embeddings.items()}, str(tmp / EMBEDS_FILE)
             )
             meta["tokens"] = sorted(embeddings)
+        for name, src in (extra or {}).items():
+            shutil.copytree(src, tmp / name)
         atomic_write_json(tmp / ADAPTER_JSON, meta)
         atomic_write_json(tmp / LINEAGE, meta)
     return Path(out_dir)
@@ -509,6 +521,21 @@ class DraftObjective(TrainableOnly):
                 return states[torch.tensor([new.index(p) for p in prompts], device=states.device)]
         return torch.stack([self._text[p] for p in prompts])
 
+    @torch.no_grad()
+    def sample_images(self, prompts: list[str], seed: int, per_prompt: int = 1, batch: int = 32) -> torch.Tensor:
+        """Full no-graph trajectories with the training sampler and guidance -> images [N * per_prompt, 3, H, W] in
+        [0, 1] (sample j of prompt i at i * per_prompt + j); the noise comes from ``seed`` alone (the monitor's
+        readings start every reading from the same noise)."""
+        dev = next(self.unet.parameters()).device
+        g = torch.Generator().manual_seed(seed)
+        rows = [p for p in prompts for _ in range(per_prompt)]
+        out = []
+        for i in range(0, len(rows), batch):
+            cond = self.encode_prompts(rows[i : i + batch]).to(dev)
+            z = sample_latents(self.unet, self.sched, cond, self.uncond(dev), g, self.cfg.guidance, self.cfg.eta)
+            out.append(decode(self.vae, z).float())
+        return torch.cat(out)
+
     def uncond(self, device) -> torch.Tensor:
         if self._uncond is None or self._uncond.device != torch.device(device):
             self._uncond = encode_unique(self.tokenizer, self.text_encoder, [""]).to(device)
@@ -726,12 +753,13 @@ def _device(name: str) -> torch.device:
 
 
 def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir, base, out_dir, start_dir=None,
-         work_dir=None) -> dict[str, float]:  # fmt: skip
+         work_dir=None, referee_dir=None, referee_probe_dir=None) -> dict[str, float]:  # fmt: skip
     """Train the CRAFT LoRA on ``base`` against the critic and write the adapter to ``out_dir``; returns metrics.
 
     ``start_dir``: an adapter (the TI+LoRA baseline) whose LoRA the reward finetuning continues instead
     of a fresh one; its class tokens stay in the generator's prompts ("<token>, <enriched prompt>") and in
     the output, while the critic scores against the plain enriched prompt (as the evaluator does).
+    ``referee_dir`` / ``referee_probe_dir``: the monitor's referee (``cfg.monitor``; never the evaluator).
     """
     from craft.data.loader import image_column
     from craft.models.diffusion import load_pipeline, model_resolution, read_lineage
@@ -746,6 +774,13 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
     out_dir = Path(out_dir)
     work = Path(work_dir) if work_dir else out_dir.with_name(out_dir.name + ".work")
     meta, df, dropped = paired_table(dataset_dir, annotations_dir, cfg.split, cfg.missing_prompt)
+    held = None
+    if cfg.monitor.enabled:  # the monitor's held-out rows leave the reward training set
+        from craft.train.monitor import holdout_rows
+
+        idx = holdout_rows(df["label"].astype(str).tolist(), cfg.monitor.prompts, cfg.monitor.seed)
+        held = df.iloc[idx].reset_index(drop=True)
+        df = df.drop(index=df.index[idx]).reset_index(drop=True)
     pipe = load_pipeline(base)
     embeds, tokens, lora = None, {}, cfg.lora
     if start_dir:
@@ -774,22 +809,79 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
     model = DraftObjective(
         unet, vae, te, pipe.tokenizer, pipe.scheduler, critic_reward(cam, weights, cfg.augment), cfg
     )
-    result = train(model, data, cfg.loop, work / "draft")
+    mon, loop, selected = None, cfg.loop, None
+    if held is not None:
+        mon = _monitor(cfg, model, held, tokens, dataset_dir, res, cam, weights, checklists, critic, work, dev,
+                       referee_dir, referee_probe_dir, lora, embeds)  # fmt: skip
+        done = list_checkpoints(work / "draft")
+        mon.forget_after(int(done[-1].name.split("-")[1]) if done else 0)  # readings past the resume point repeat
+        loop = LoopConfig(**{**vars(cfg.loop), "validate_every": cfg.monitor.every})
+        if mon.stopped_at is not None:  # stopped early before: the run is finished at that step
+            loop.steps = mon.stopped_at
+        if not mon.rows:
+            model.eval()
+            mon(model, 0)  # the starting point of every curve
+    result = train(model, data, loop, work / "draft", validate=mon)
     metrics = {k: v for k, v in result.logs.items() if k != "lr"}
     metrics.update(steps=float(result.step), train_seconds=time.time() - t0, dropped_rows=float(dropped))
+    if mon is not None:
+        selected = mon.restore_selected(model)  # the weights the selection signal picked (None: the last step's)
+        metrics.update(monitor_readings=float(len(mon.rows)), stopped_early=float(mon.stopped_at is not None),
+                       selected_step=float(selected["step"] if selected else result.step))  # fmt: skip
     lineage = {"stage": "reward", "kind": "lora", "base": str(base), "base_lineage": read_lineage(base),
                "config": to_dict(cfg), "critic": str(critic_dir), "critic_identity": critic.identity,
                "probe": str(probe_dir), "dataset": str(dataset_dir), "annotations": str(annotations_dir),
                "start": str(start_dir) if start_dir else None, "class_tokens": tokens, "metrics": metrics}  # fmt: skip
+    if mon is not None:
+        lineage["monitor"] = {"held_out_image_ids": held["image_id"].astype(str).tolist(), "referee": str(referee_dir)
+                              if referee_dir else None, "select": cfg.monitor.select,
+                              "selected_step": int(selected["step"]) if selected else result.step}  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
-        save_adapters(out_dir, unet=unet, lora=lora, embeddings=embeds, info=lineage)
+        from craft.train.monitor import MONITOR_DIR
+
+        extra = {MONITOR_DIR: mon.dir} if mon is not None else None
+        save_adapters(out_dir, unet=unet, lora=lora, embeddings=embeds, info=lineage, extra=extra)
     return metrics
 
 
+def _monitor(cfg: RewardConfig, model, held, tokens, dataset_dir, res, cam, weights, checklists, critic, work, dev,
+             referee_dir, referee_probe_dir, lora, embeds):  # fmt: skip
+    """The reward stage's ``RewardMonitor``: held-out rows, the critic's and the referee's judges, snapshots."""
+    from craft.data.loader import image_column
+    from craft.models.encoders import ClinicalAlignmentModule, load_encoder, load_probe
+    from craft.train.monitor import Judge, RewardMonitor
+
+    labels = held["label"].astype(str).tolist()
+    prompts = held["enriched_prompt"].astype(str).tolist()
+    meta: dict[str, Any] = {"prompt": prompts, "label": labels}
+    if tokens:
+        meta["gen_prompt"] = token_prompts(prompts, labels, tokens)
+    if "sfs" in weights:
+        col = image_column(dataset_dir, held, res, "unit")
+        meta["reference"] = col[list(range(len(held)))].to(dev)
+    referee = None
+    if referee_dir:
+        renc = load_encoder(referee_dir, device=str(dev)).eval().requires_grad_(False)
+        if renc.identity == critic.identity:
+            raise ValueError(f"referee {referee_dir} has the critic's weights ({critic.source}): the referee must be "
+                             "trained independently (the encoder stage's referee role)")  # fmt: skip
+        rcam = ClinicalAlignmentModule(renc, load_probe(referee_probe_dir, renc), checklists, cfg.checklist_mode,
+                                       dd="loglik")  # fmt: skip
+        referee = Judge(rcam, weights)
+    elif referee_probe_dir:
+        raise ValueError("referee_probe_dir given without referee_dir")
+
+    def snapshot(d: Path) -> None:
+        save_adapters(d, unet=model.unet, lora=lora, embeddings=embeds, info={"stage": "reward-monitor"})
+
+    return RewardMonitor(cfg.monitor, meta, Judge(cam, weights), referee, cfg.augment, work, snapshot)
+
+
 def step(dataset_dir, annotations_dir, critic_dir, probe_dir, base, model_dir, profile: str,
-         overrides: list[str], start_dir=None) -> dict[str, float]:  # fmt: skip
+         overrides: list[str], start_dir=None, referee_dir=None, referee_probe_dir=None) -> dict[str, float]:  # fmt: skip
     """Pipeline step: config from profile + overrides, then ``main`` (the KFP component calls this)."""
     from craft.config import load_stage_config
 
     cfg = load_stage_config("reward", profile, overrides)
-    return main(cfg, dataset_dir, annotations_dir, critic_dir, probe_dir, base, model_dir, start_dir)
+    return main(cfg, dataset_dir, annotations_dir, critic_dir, probe_dir, base, model_dir, start_dir,
+                referee_dir=referee_dir, referee_probe_dir=referee_probe_dir)  # fmt: skip
