@@ -157,6 +157,14 @@ def train_shared(plan: Plan, timings: dict[str, float]) -> dict[str, Path]:
                  f"encoder-{role}")  # fmt: skip
         pd_ = d[f"{role}_probe"]
         run_step(pd_, lambda r=role, q=pd_: probe_step(d[r], d["data"], q, p, o), timings, f"probe-{role}")
+    from craft.config import load_stage_config
+
+    if load_stage_config("reward", p, o).monitor.enabled:  # the monitor's referee: a third encoder (issue 21)
+        d["referee"], d["referee_probe"] = s / "referee", s / "referee_probe"
+        run_step(d["referee"], lambda: encoder_step(d["data"], d["annotations"], "referee", d["referee"], p, o),
+                 timings, "encoder-referee")  # fmt: skip
+        run_step(d["referee_probe"], lambda: probe_step(d["referee"], d["data"], d["referee_probe"], p, o), timings,
+                 "probe-referee")  # fmt: skip
     run_step(d["pretrain"], lambda: crafts.step("pretrain", d["data"], d["pretrain"], p, o), timings, "pretrain")
     return d
 
@@ -195,7 +203,8 @@ def train_seed(plan: Plan, seed: int, shared: dict[str, Path], timings: dict[str
     for name, w in reward_variants(plan.table4_for(seed)).items():
         v[name] = sd / name
         run_step(v[name], lambda n=name, w=w: reward.step(data, ann, critic, cprobe, base, v[n], p,
-                 [*o, *_weights_overrides(w)], start_dir=start), timings, name)  # fmt: skip
+                 [*o, *_weights_overrides(w)], start_dir=start, referee_dir=shared.get("referee"),
+                 referee_probe_dir=shared.get("referee_probe")), timings, name)  # fmt: skip
     return v
 
 

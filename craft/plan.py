@@ -34,6 +34,10 @@ class PipelinePlan:
     # ti_lora = continue the TI+LoRA baseline's LoRA with its class tokens in the prompts; base = a fresh
     # LoRA on the foundation model
     craft_start: Literal["base", "ti_lora"] = "ti_lora"
+    # the reward monitor's referee (issue 21, reward.monitor): none; train = a third small encoder (the encoder
+    # stage's referee role, another architecture and seed than the critic) + its probe; import = referee_uri
+    referee: Literal["none", "train", "import"] = "none"
+    referee_uri: str = ""  # with referee=import: folder or s3:// prefix of the referee encoder (never the evaluator)
     # last stage in the DAG: "validate" or "annotate" build a data-preparation pipeline only
     # (check and annotate a new collection without training); "all" is the whole system
     until: Literal["validate", "annotate", "all"] = "all"
@@ -52,6 +56,12 @@ class PipelinePlan:
             raise ValueError("encoders: import needs critic_uri and evaluator_uri")
         if self.encoders == "import" and self.critic_uri == self.evaluator_uri:
             raise ValueError("critic_uri and evaluator_uri name the same model: the evaluator must be separate")
+        if self.referee not in ("none", "train", "import"):
+            raise ValueError(f"referee must be none, train or import, got {self.referee!r}")
+        if self.referee == "import" and not self.referee_uri:
+            raise ValueError("referee: import needs referee_uri")
+        if self.referee == "import" and self.referee_uri in (self.critic_uri, self.evaluator_uri):
+            raise ValueError("referee_uri names the critic or the evaluator: the referee must be a third model")
 
 
 # ---------------------------------------------------------------- the plan check (issue 19)
@@ -201,6 +211,14 @@ def check_plan(dataset_dir, profile, overrides=(), base_uri: str = "") -> list[M
                                    "override annotate.checklist=generate or annotate.checklist=PATH.json"))  # fmt: skip
 
     if plan.until == "all":
+        mon = load_stage_config("reward", profile, overrides).monitor
+        if mon.select == "referee" and plan.referee == "none":
+            out.append(Missing("a referee encoder for reward.monitor.select=referee", "craft (reward finetuning)",
+                               "override pipeline.referee=train (or import with pipeline.referee_uri=...), or "
+                               "select by critic / views"))  # fmt: skip
+        if plan.referee != "none" and not mon.enabled:
+            out.append(Missing("reward.monitor.every > 0 (a referee is only read by the monitor)", "referee",
+                               "override reward.monitor.every=N, or pipeline.referee=none"))  # fmt: skip
         if plan.encoders == "train":
             enc = load_stage_config("encoder", profile, overrides)
             reason = _checklist_problem(enc.checklist, meta) if enc.checklist else None

@@ -177,6 +177,14 @@ def build_pipeline(
             )  # fmt: skip
             variants["dpo"] = dpo.outputs["model"]
         start = {"start": variants["ti_lora"]} if plan.craft_start == "ti_lora" else {}
+        if plan.referee != "none":  # the reward monitor's referee: a third encoder, never the evaluator (issue 21)
+            if plan.referee == "train":
+                referee = _step(encoder_op(dataset=dataset, role="referee", annotations=annotations, **common_data),
+                                "referee", "encoders").outputs["encoder"]  # fmt: skip
+            else:
+                referee = _step(import_model_op(uri=plan.referee_uri), "import-referee", "data").outputs["model"]
+            referee_probe = _step(probe_op(encoder=referee, dataset=dataset, **common_data), "referee-probe", "probe")
+            start.update(referee=referee, referee_probe=referee_probe.outputs["probe"])
         craft = _step(
             reward_op(base=base, dataset=dataset, annotations=annotations, critic=critic,
                       probe=critic_probe.outputs["probe"], **start, **common_data),

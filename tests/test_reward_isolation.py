@@ -1,6 +1,8 @@
-"""The reward stage reads only its critic: never the evaluator, never the demo oracle (CRAFT sec. 4.1.4; issue 21).
+"""The reward stage reads only its critic (and the monitor's referee): never the evaluator, never the demo oracle
+(CRAFT sec. 4.1.4; issue 21).
 
-Selection or early stopping inside reward finetuning may use training-side signals only. This runs the real
+Selection or early stopping inside reward finetuning may use training-side signals only; the run below selects its
+weights by the referee with early stopping on. This runs the real
 stage main (`craft.train.reward.main`) in a fresh interpreter, with an evaluator encoder and a demo oracle cache
 lying next to the critic, and checks what the process loaded: one encoder (the critic) and no module of
 ``craft.evaluate`` (where the evaluator's scoring and the oracle live).
@@ -30,10 +32,13 @@ enc.load_encoder = audited
 from craft.config import load_stage_config
 from craft.train import reward
 t = Path(sys.argv[1])
-small = ["loop.steps=1", "loop.batch_size=2", "loop.threads=1", "loop.progress=false", "sample_steps=2",
-         "augment.views=2"]  # the augmented-view reward (issue 21) on the real stage path too
+small = ["loop.steps=2", "loop.batch_size=2", "loop.threads=1", "loop.progress=false", "sample_steps=2",
+         "augment.views=2",  # the augmented-view reward (issue 21) on the real stage path too
+         # and the over-optimisation monitor choosing the saved weights by its referee (training-side signals only)
+         "monitor.every=1", "monitor.prompts=4", "monitor.samples_per_prompt=1", "monitor.views=1",
+         "monitor.select=referee", "monitor.patience=1"]
 reward.main(load_stage_config("reward", None, small), t / "data", t / "ann", t / "critic", t / "probe", t / "base",
-            t / "craft")
+            t / "craft", referee_dir=t / "referee", referee_probe_dir=t / "referee_probe")
 print(json.dumps({"loaded": loaded, "evaluate_modules": sorted(m for m in sys.modules if m.startswith("craft.evaluate"))}))
 """
 
@@ -42,7 +47,7 @@ def test_reward_stage_loads_the_critic_and_nothing_of_evaluation(tmp_path):
     from tests.crafts_helpers import reward_world
 
     torch.set_num_threads(1)
-    reward_world(tmp_path, evaluator=True)  # the evaluator lies beside the critic and must stay unread
+    reward_world(tmp_path, evaluator=True, referee=True)  # the evaluator lies beside the critic, unread
 
     env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
            "CRAFT_LOCAL_MODEL_CACHE": str(tmp_path / "model-cache")}  # fmt: skip
@@ -50,7 +55,7 @@ def test_reward_stage_loads_the_critic_and_nothing_of_evaluation(tmp_path):
                           text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert seen["loaded"] == [str((tmp_path / "critic").resolve())], seen
+    assert seen["loaded"] == [str((tmp_path / r).resolve()) for r in ("critic", "referee")], seen
     assert seen["evaluate_modules"] == [], f"the reward stage imported evaluation code: {seen['evaluate_modules']}"
     assert not (tmp_path / "model-cache" / "oracle").exists(), "the reward stage trained or read a demo oracle"
     assert (tmp_path / "craft" / "adapter.json").is_file()
