@@ -162,6 +162,35 @@ def test_plan_drops_optional_tasks(tmp_path):
     assert "start" not in tasks["craft"]["inputs"]["artifacts"]  # a fresh LoRA on the foundation model
 
 
+def test_referee_plan_feeds_the_craft_step_a_third_encoder(tmp_path):
+    """pipeline.referee=train: the reward monitor's referee (issue 21) is trained beside the critic and the evaluator,
+    probed, and connected to the craft step only (the evaluate step never sees it)."""
+    from kfp import compiler
+
+    for plan, source in ((PipelinePlan(referee="train"), "referee"),
+                         (PipelinePlan(referee="import", referee_uri="s3://m/referee"), "import-referee")):  # fmt: skip
+        out = tmp_path / f"{source}.yaml"
+        compiler.Compiler().compile(build_pipeline(plan), str(out))
+        spec = _load(out)[0]
+        tasks = _tasks(spec)
+        shown = {key: t["taskInfo"]["name"] for key, t in spec["root"]["dag"]["tasks"].items()}  # id -> display name
+
+        def producer(artifact, shown=shown):  # the display name of the task an input artifact comes from
+            return shown[artifact["taskOutputArtifact"]["producerTask"]]
+
+        craft_in = tasks["craft"]["inputs"]["artifacts"]
+        assert producer(craft_in["referee"]) == source
+        assert producer(craft_in["referee_probe"]) == "referee-probe"
+        assert producer(tasks["referee-probe"]["inputs"]["artifacts"]["encoder"]) == source
+        evaluate_from = {producer(a) for a in tasks["evaluate"]["inputs"]["artifacts"].values()
+                         if "taskOutputArtifact" in a}  # fmt: skip
+        assert not evaluate_from & {"referee", "import-referee", "referee-probe"}
+    out = tmp_path / "none.yaml"
+    compiler.Compiler().compile(build_pipeline(PipelinePlan()), str(out))
+    tasks = _tasks(_load(out)[0])
+    assert "referee" not in tasks and "referee" not in tasks["craft"]["inputs"]["artifacts"]
+
+
 def test_plan_refuses_inconsistent_choices():
     with pytest.raises(ValueError, match="dpo starts from the ti_lora"):
         build_pipeline(PipelinePlan(baselines=["ti", "dpo"]))
@@ -169,6 +198,11 @@ def test_plan_refuses_inconsistent_choices():
         build_pipeline(PipelinePlan(baselines=["ti"]))
     with pytest.raises(ValueError, match="same model"):
         build_pipeline(PipelinePlan(encoders="import", critic_uri="s3://m/x", evaluator_uri="s3://m/x"))
+    with pytest.raises(ValueError, match="referee: import needs referee_uri"):
+        build_pipeline(PipelinePlan(referee="import"))
+    with pytest.raises(ValueError, match="a third model"):
+        build_pipeline(PipelinePlan(encoders="import", critic_uri="s3://m/c", evaluator_uri="s3://m/e",
+                                    referee="import", referee_uri="s3://m/e"))  # fmt: skip
 
 
 def test_cli_compile(tmp_path):
