@@ -1,0 +1,106 @@
+"""The over-optimisation curve, evaluation side (issue 21): a reward adapter trained with ``reward.monitor`` is traced
+step by step by the evaluate stage (evaluator CAS, oracle accuracy at every snapshot) and the report plots it.
+
+Runs the real reward stage (2 steps, a reading at every step: snapshots at steps 0, 1, 2) and the real evaluate
+stage on the tiny reward-side world. Two anchors tie the curve to the stage's own numbers: the step-0 snapshot
+is the untuned base (LoRA B starts at zero) sampled on the stage's noise, so its CAS and oracle accuracy equal
+the zero-shot variant's; the adapter the reward stage saved is the selected snapshot, so the curve at the
+selected step equals the CRAFT variant's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from craft.evaluate import run as ev
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    from craft.config import load_stage_config
+    from craft.train import probe, reward
+    from tests.crafts_helpers import reward_world
+
+    torch.set_num_threads(2)
+    tmp = tmp_path_factory.mktemp("curve")
+    w = reward_world(tmp, evaluator=True)
+    probe.main(load_stage_config("probe", None, ["epochs=2"]), tmp / "evaluator", w["data"], tmp / "eval_probe")
+    small = ["loop.steps=2", "loop.batch_size=2", "loop.threads=2", "loop.progress=false", "sample_steps=2",
+             "monitor.every=1", "monitor.prompts=2", "monitor.samples_per_prompt=1", "monitor.views=1",
+             "monitor.select=critic"]  # fmt: skip
+    reward.main(load_stage_config("reward", None, small), w["data"], w["ann"], w["critic"], w["probe"], w["base"],
+                tmp / "craft")  # fmt: skip
+    cfg = ev.EvaluateConfig(candidate="craft", max_prompts=4, samples_per_prompt=1, steps=2, guidance=2.0, batch_size=8,
+                            grid_per_class=1)  # fmt: skip
+    cfg.memorization.enabled = cfg.downstream.enabled = cfg.preferences.enabled = False
+    # wiring: thresholds no tiny oracle can fail, so it scores (tests/test_oracle_calibration.py checks refusals)
+    cfg.oracle = ev.OracleSettings(n=64, epochs=1, n_check=16, min_accuracy=None, cache_dir=str(tmp / "oracle"),
+                                   calibration=ev.CalibrationThresholds(0.0, 0.0, 1.0))  # fmt: skip
+    cfg.curves = ev.CurveSettings(prompts=1000, samples_per_prompt=1)  # every held-out prompt: comparable to variants
+    cfg.validate()
+    variants = {"zero_shot": str(w["base"]), "craft": ev.VariantSpec(str(w["base"]), str(tmp / "craft"))}
+    out = tmp / "eval"
+    ev.main(cfg, w["data"], w["ann"], variants, tmp / "evaluator", tmp / "eval_probe", out)
+    return tmp, out
+
+
+def test_every_reading_becomes_a_curve_row_scored_by_the_evaluator_and_the_oracle(traced):
+    from craft.train.monitor import read_log
+
+    tmp, out = traced
+    log = read_log(tmp / "craft")
+    assert [r["step"] for r in log] == [0, 1, 2]  # the start and one reading per step
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["curves"]) == {"craft"}  # the base is no adapter: no curve
+    curve = m["curves"]["craft"]
+    assert [r["step"] for r in curve] == [r["step"] for r in log]  # one row per reading, none dropped
+    for reading, row in zip(log, curve):
+        assert {k: row[k] for k in reading} == reading  # every monitor field carried over as recorded
+        assert math.isfinite(row["evaluator_cas"]) and 0.0 <= row["oracle_accuracy"] <= 1.0, row
+        assert 0.0 <= row["evaluator_low_alignment_rate"] <= 1.0
+    info = m["curves_meta"]["craft"]
+    lineage = json.loads((tmp / "craft" / "lineage.json").read_text())["monitor"]
+    assert info["select"] == "critic" and info["selected_step"] == lineage["selected_step"]
+    assert info["oracle"] == "scored" and info["prompts"] == m["protocol"]["n_prompts"]
+
+    # step 0 is the untuned base on the stage's own noise: the zero-shot variant's numbers, exactly
+    base = m["variants"]["zero_shot"]
+    assert curve[0]["evaluator_cas"] == pytest.approx(base["cas"], abs=1e-6)
+    assert curve[0]["oracle_accuracy"] == pytest.approx(base["oracle_accuracy"], abs=1e-9)
+    # the saved adapter is the selected snapshot: the curve there is the CRAFT variant's evaluation
+    at = next(r for r in curve if r["step"] == info["selected_step"])
+    assert at["evaluator_cas"] == pytest.approx(m["variants"]["craft"]["cas"], abs=1e-6)
+    assert at["oracle_accuracy"] == pytest.approx(m["variants"]["craft"]["oracle_accuracy"], abs=1e-9)
+
+
+def test_the_report_plots_and_tabulates_the_curve(traced):
+    _, out = traced
+    html = (out / "report.html").read_text()
+    fig = html.index("<h2>Over-optimisation curve: craft")
+    assert 'alt="Over-optimisation curve: craft' in html[fig:] and "data:image/png;base64," in html[fig:]
+    assert "top: training side, bottom: evaluator and oracle" in html
+    tab = html.index("<h2>Over-optimisation curve, craft:")
+    table = html[tab : html.index("</table>", tab)]
+    assert "[training] critic reward" in table and "[evaluate] evaluator CAS" in table
+    assert "[evaluate] oracle accuracy" in table and "selected" in table
+    assert table.count("</tr>") == 1 + 3  # the header and one row per reading
+
+
+def test_a_snapshot_named_by_the_log_but_missing_is_an_error_naming_it(traced, tmp_path):
+    from craft.evaluate import curves as C
+    from craft.train.monitor import read_log
+
+    tmp, _ = traced
+    copy = tmp_path / "craft"
+    shutil.copytree(tmp / "craft", copy)
+    shutil.rmtree(copy / "monitor" / "step-0000001")
+    readings = read_log(copy)
+    with pytest.raises(FileNotFoundError, match="step-0000001"):
+        C.trace("craft", ev.VariantSpec("unused-base", str(copy)), readings[1:2], cases=None, real_emb=None,
+                scorer=None, oracle=None, settings=ev.CurveSettings(), cfg=ev.EvaluateConfig(), meta=None, dev=None,
+                work=tmp_path / "work", tau=None)  # fmt: skip
