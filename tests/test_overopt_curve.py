@@ -1,11 +1,11 @@
 """The over-optimisation curve, evaluation side (issue 21): a reward adapter trained with ``reward.monitor`` is traced
 step by step by the evaluate stage (evaluator CAS, oracle accuracy at every snapshot) and the report plots it.
 
-Runs the real reward stage (2 steps, a reading at every step: snapshots at steps 0, 1, 2) and the real evaluate
-stage on the tiny reward-side world. Two anchors tie the curve to the stage's own numbers: the step-0 snapshot
-is the untuned base (LoRA B starts at zero) sampled on the stage's noise, so its CAS and oracle accuracy equal
-the zero-shot variant's; the adapter the reward stage saved is the selected snapshot, so the curve at the
-selected step equals the CRAFT variant's.
+Runs the real reward stage (continuing a TI+LoRA adapter as the demo does; 2 steps, a reading at every step:
+snapshots at steps 0, 1, 2) and the real evaluate stage on the tiny reward-side world. Two anchors tie the curve
+to the stage's own numbers: the step-0 snapshot is the TI+LoRA start sampled on the stage's noise with its class
+tokens, so its CAS and oracle accuracy equal the ti_lora variant's; the adapter the reward stage saved is the
+selected snapshot, so the curve at the selected step equals the CRAFT variant's.
 """
 
 from __future__ import annotations
@@ -18,6 +18,24 @@ import pytest
 import torch
 
 from craft.evaluate import run as ev
+
+
+def ti_lora_start(base, data, out):
+    """A TI+LoRA adapter to continue (the demo's ``pipeline.craft_start``): one token per class at its phrase's
+    embedding, a fresh LoRA (B = 0). Its snapshots carry the tokens but not adapter.json's class -> token map."""
+    from craft.data.manifest import read_meta
+    from craft.models.diffusion import load_pipeline
+    from craft.train.baselines import add_class_tokens
+    from craft.train.reward import LoraSettings, add_lora, save_adapters
+
+    pipe = load_pipeline(base)
+    tokens = {c: f"<tok-{i}>" for i, c in enumerate(read_meta(data).classes)}
+    ids = add_class_tokens(pipe.tokenizer, pipe.text_encoder, {t: c for c, t in tokens.items()})
+    table = pipe.text_encoder.get_input_embeddings().weight
+    embeds = {t: table[i].detach().clone() for t, i in zip(sorted(tokens.values()), ids)}
+    lora = LoraSettings(rank=2, alpha=2.0)
+    add_lora(pipe.unet, lora)
+    return save_adapters(out, unet=pipe.unet, lora=lora, embeddings=embeds, info={"class_tokens": tokens})
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +51,9 @@ def traced(tmp_path_factory):
     small = ["loop.steps=2", "loop.batch_size=2", "loop.threads=2", "loop.progress=false", "sample_steps=2",
              "monitor.every=1", "monitor.prompts=2", "monitor.samples_per_prompt=1", "monitor.views=1",
              "monitor.select=critic"]  # fmt: skip
+    start = ti_lora_start(w["base"], w["data"], tmp / "ti_lora")
     reward.main(load_stage_config("reward", None, small), w["data"], w["ann"], w["critic"], w["probe"], w["base"],
-                tmp / "craft")  # fmt: skip
+                tmp / "craft", start_dir=start)  # fmt: skip
     cfg = ev.EvaluateConfig(candidate="craft", max_prompts=4, samples_per_prompt=1, steps=2, guidance=2.0, batch_size=8,
                             grid_per_class=1)  # fmt: skip
     cfg.memorization.enabled = cfg.downstream.enabled = cfg.preferences.enabled = False
@@ -43,7 +62,8 @@ def traced(tmp_path_factory):
                                    calibration=ev.CalibrationThresholds(0.0, 0.0, 1.0))  # fmt: skip
     cfg.curves = ev.CurveSettings(prompts=1000, samples_per_prompt=1)  # every held-out prompt: comparable to variants
     cfg.validate()
-    variants = {"zero_shot": str(w["base"]), "craft": ev.VariantSpec(str(w["base"]), str(tmp / "craft"))}
+    variants = {"ti_lora": ev.VariantSpec(str(w["base"]), str(start)),
+                "craft": ev.VariantSpec(str(w["base"]), str(tmp / "craft"))}  # fmt: skip
     out = tmp / "eval"
     ev.main(cfg, w["data"], w["ann"], variants, tmp / "evaluator", tmp / "eval_probe", out)
     return tmp, out
@@ -56,7 +76,7 @@ def test_every_reading_becomes_a_curve_row_scored_by_the_evaluator_and_the_oracl
     log = read_log(tmp / "craft")
     assert [r["step"] for r in log] == [0, 1, 2]  # the start and one reading per step
     m = json.loads((out / "metrics.json").read_text())
-    assert set(m["curves"]) == {"craft"}  # the base is no adapter: no curve
+    assert set(m["curves"]) == {"craft"}  # the TI+LoRA adapter has no monitor log: no curve
     curve = m["curves"]["craft"]
     assert [r["step"] for r in curve] == [r["step"] for r in log]  # one row per reading, none dropped
     for reading, row in zip(log, curve):
@@ -68,8 +88,8 @@ def test_every_reading_becomes_a_curve_row_scored_by_the_evaluator_and_the_oracl
     assert info["select"] == "critic" and info["selected_step"] == lineage["selected_step"]
     assert info["oracle"] == "scored" and info["prompts"] == m["protocol"]["n_prompts"]
 
-    # step 0 is the untuned base on the stage's own noise: the zero-shot variant's numbers, exactly
-    base = m["variants"]["zero_shot"]
+    # step 0 is the TI+LoRA start on the stage's own noise and class tokens: the ti_lora variant's numbers
+    base = m["variants"]["ti_lora"]
     assert curve[0]["evaluator_cas"] == pytest.approx(base["cas"], abs=1e-6)
     assert curve[0]["oracle_accuracy"] == pytest.approx(base["oracle_accuracy"], abs=1e-9)
     # the saved adapter is the selected snapshot: the curve there is the CRAFT variant's evaluation
