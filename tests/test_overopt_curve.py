@@ -49,8 +49,8 @@ def traced(tmp_path_factory):
     w = reward_world(tmp, evaluator=True)
     probe.main(load_stage_config("probe", None, ["epochs=2"]), tmp / "evaluator", w["data"], tmp / "eval_probe")
     small = ["loop.steps=2", "loop.batch_size=2", "loop.threads=2", "loop.progress=false", "sample_steps=2",
-             "monitor.every=1", "monitor.prompts=2", "monitor.samples_per_prompt=1", "monitor.views=1",
-             "monitor.select=critic"]  # fmt: skip
+             "loop.lr=0.05", "monitor.every=1", "monitor.prompts=2", "monitor.samples_per_prompt=1",
+             "monitor.views=1"]  # fmt: skip  # a large lr: the snapshots' images differ visibly
     start = ti_lora_start(w["base"], w["data"], tmp / "ti_lora")
     reward.main(load_stage_config("reward", None, small), w["data"], w["ann"], w["critic"], w["probe"], w["base"],
                 tmp / "craft", start_dir=start)  # fmt: skip
@@ -66,13 +66,13 @@ def traced(tmp_path_factory):
                 "craft": ev.VariantSpec(str(w["base"]), str(tmp / "craft"))}  # fmt: skip
     out = tmp / "eval"
     ev.main(cfg, w["data"], w["ann"], variants, tmp / "evaluator", tmp / "eval_probe", out)
-    return tmp, out
+    return tmp, out, w, cfg
 
 
 def test_every_reading_becomes_a_curve_row_scored_by_the_evaluator_and_the_oracle(traced):
     from craft.train.monitor import read_log
 
-    tmp, out = traced
+    tmp, out, _, _ = traced
     log = read_log(tmp / "craft")
     assert [r["step"] for r in log] == [0, 1, 2]  # the start and one reading per step
     m = json.loads((out / "metrics.json").read_text())
@@ -85,21 +85,23 @@ def test_every_reading_becomes_a_curve_row_scored_by_the_evaluator_and_the_oracl
         assert 0.0 <= row["evaluator_low_alignment_rate"] <= 1.0
     info = m["curves_meta"]["craft"]
     lineage = json.loads((tmp / "craft" / "lineage.json").read_text())["monitor"]
-    assert info["select"] == "critic" and info["selected_step"] == lineage["selected_step"]
+    assert info["select"] == "last" and info["selected_step"] == lineage["selected_step"] == 2
     assert info["oracle"] == "scored" and info["prompts"] == m["protocol"]["n_prompts"]
 
     # step 0 is the TI+LoRA start on the stage's own noise and class tokens: the ti_lora variant's numbers
     base = m["variants"]["ti_lora"]
-    assert curve[0]["evaluator_cas"] == pytest.approx(base["cas"], abs=1e-6)
+    assert curve[0]["evaluator_cas"] == pytest.approx(base["cas"], abs=1e-9)
     assert curve[0]["oracle_accuracy"] == pytest.approx(base["oracle_accuracy"], abs=1e-9)
     # the saved adapter is the selected snapshot: the curve there is the CRAFT variant's evaluation
     at = next(r for r in curve if r["step"] == info["selected_step"])
-    assert at["evaluator_cas"] == pytest.approx(m["variants"]["craft"]["cas"], abs=1e-6)
+    assert at["evaluator_cas"] == pytest.approx(m["variants"]["craft"]["cas"], abs=1e-9)
     assert at["oracle_accuracy"] == pytest.approx(m["variants"]["craft"]["oracle_accuracy"], abs=1e-9)
+    # and the two ends are different weights: one adapter sampled for every row would make them equal
+    assert abs(curve[-1]["evaluator_cas"] - curve[0]["evaluator_cas"]) > 1e-4, curve
 
 
 def test_the_report_plots_and_tabulates_the_curve(traced):
-    _, out = traced
+    _, out, _, _ = traced
     html = (out / "report.html").read_text()
     fig = html.index("<h2>Over-optimisation curve: craft")
     assert 'alt="Over-optimisation curve: craft' in html[fig:] and "data:image/png;base64," in html[fig:]
@@ -115,7 +117,7 @@ def test_a_snapshot_named_by_the_log_but_missing_is_an_error_naming_it(traced, t
     from craft.evaluate import curves as C
     from craft.train.monitor import read_log
 
-    tmp, _ = traced
+    tmp, _, _, _ = traced
     copy = tmp_path / "craft"
     shutil.copytree(tmp / "craft", copy)
     shutil.rmtree(copy / "monitor" / "step-0000001")
@@ -124,3 +126,30 @@ def test_a_snapshot_named_by_the_log_but_missing_is_an_error_naming_it(traced, t
         C.trace("craft", ev.VariantSpec("unused-base", str(copy)), readings[1:2], cases=None, real_emb=None,
                 scorer=None, oracle=None, settings=ev.CurveSettings(), cfg=ev.EvaluateConfig(), meta=None, dev=None,
                 work=tmp_path / "work", tau=None)  # fmt: skip
+
+
+def test_without_a_scoring_oracle_the_evaluator_stays_and_the_oracle_is_null(traced, monkeypatch):
+    """A refused (or absent) oracle nulls ``oracle_accuracy`` at every step; the evaluator's readings are unchanged.
+    The snapshots' images come from the stage's sample cache (same key): nothing is sampled again."""
+    from craft.evaluate import curves as C
+    from craft.models.encoders import load_encoder, load_probe
+    from craft.train.monitor import read_log
+
+    tmp, out, w, cfg = traced
+    m = json.loads((out / "metrics.json").read_text())
+
+    def no_sampling(*a, **k):
+        raise AssertionError("a snapshot was sampled again instead of read from the stage's cache")
+
+    monkeypatch.setattr(C, "load_variant_pipeline", no_sampling)
+    meta, test_all, checklists = ev.held_out_table(w["data"], w["ann"], cfg.split)
+    sub = C.curve_cases(ev.stratified_cap(test_all, cfg.max_prompts, cfg.seed), cfg.curves.prompts, cfg.seed)
+    enc = load_encoder(tmp / "evaluator")
+    scorer = ev.Scorer(enc, load_probe(tmp / "eval_probe", enc), checklists, cfg.checklist_mode, cfg.embed_batch)
+    real_emb = scorer.embed(ev.read_images(w["data"], sub, meta))
+    rows, notes = C.trace("craft", ev.VariantSpec(str(w["base"]), str(tmp / "craft")), read_log(tmp / "craft"),
+                          cases=sub, real_emb=real_emb, scorer=scorer, oracle=None, settings=cfg.curves, cfg=cfg,
+                          meta=meta, dev=torch.device("cpu"), work=ev._work_dir(out), tau=m["real_p25"])  # fmt: skip
+    assert [r["oracle_accuracy"] for r in rows] == [None, None, None] and notes == []
+    stage = m["curves"]["craft"]
+    assert [r["evaluator_cas"] for r in rows] == pytest.approx([r["evaluator_cas"] for r in stage], abs=1e-9)
