@@ -63,7 +63,7 @@ def _check_png(data: bytes, name: str) -> bytes:
 # plots
 
 
-def _axes(draw, box, xr, yr, xlabel, ylabel, font, ticks=5, xfmt="{:.2f}"):
+def _axes(draw, box, xr, yr, xlabel, ylabel, font, ticks=5, xfmt="{:.2f}", yfmt="{:.2f}", xticks=None):
     """Frame, ticks and labels; returns a function mapping data (x, y) to pixels."""
     x0, y0, x1, y1 = box
     draw.rectangle(box, outline=(0, 0, 0))
@@ -73,15 +73,16 @@ def _axes(draw, box, xr, yr, xlabel, ylabel, font, ticks=5, xfmt="{:.2f}"):
         py = y1 - (y - yr[0]) / (yr[1] - yr[0]) * (y1 - y0)
         return px, py
 
-    for k in range(ticks + 1):
-        xv = xr[0] + k * (xr[1] - xr[0]) / ticks
-        yv = yr[0] + k * (yr[1] - yr[0]) / ticks
+    xs = [xr[0] + k * (xr[1] - xr[0]) / ticks for k in range(ticks + 1)] if xticks is None else list(xticks)
+    for xv in xs:
         px, _ = to_px(xv, yr[0])
-        _, py = to_px(xr[0], yv)
         draw.line([(px, y1), (px, y1 + 4)], fill=(0, 0, 0))
         draw.text((px - 12, y1 + 6), xfmt.format(xv), fill=(0, 0, 0), font=font)
+    for k in range(ticks + 1):
+        yv = yr[0] + k * (yr[1] - yr[0]) / ticks
+        _, py = to_px(xr[0], yv)
         draw.line([(x0 - 4, py), (x0, py)], fill=(0, 0, 0))
-        draw.text((x0 - 34, py - 5), f"{yv:.2f}", fill=(0, 0, 0), font=font)
+        draw.text((x0 - 44, py - 5), yfmt.format(yv), fill=(0, 0, 0), font=font)
     draw.text(((x0 + x1) / 2 - 3 * len(xlabel), y1 + 22), xlabel, fill=(0, 0, 0), font=font)
     draw.text((4, y0 - 16), ylabel, fill=(0, 0, 0), font=font)
     return to_px
@@ -162,6 +163,8 @@ def overoptimisation_png(rows: Sequence[Mapping], selected_step: int | None = No
     if selected_step is not None:
         lo, hi = min(lo, selected_step), max(hi, selected_step)
     xr = (lo - 0.5, hi + 0.5) if hi == lo else (lo, hi)
+    every = max(1.0, float(np.ceil((hi - lo) / 6)))  # whole-step ticks, at most ~7
+    xticks = np.arange(lo, hi + 0.5 * every, every) if hi > lo else [lo]
     panels = (("TRAINING SIDE (reward stage: critic / referee, held-out training prompts)", TRAINING_SIDE),
               ("EVALUATOR and ORACLE (evaluate stage, held-out test prompts)", JUDGES))  # fmt: skip
     ph = (h - 40) // 2
@@ -179,9 +182,9 @@ def overoptimisation_png(rows: Sequence[Mapping], selected_step: int | None = No
         vals = np.concatenate([[0.0], *[s[np.isfinite(s)] for s in series.values()]])
         span = float(vals.max() - vals.min()) or 1.0
         yr = (float(vals.min()) - 0.08 * span, float(vals.max()) + 0.08 * span)
-        box = (60, top + 14, w - 230, top + ph - 40)
-        d.text((60, top), f"{title}: change since step 0", fill=(0, 0, 0), font=font)
-        to_px = _axes(d, box, xr, yr, "training step", "", font, xfmt="{:.0f}")
+        box = (70, top + 14, w - 230, top + ph - 40)
+        d.text((70, top), f"{title}: change since step 0", fill=(0, 0, 0), font=font)
+        to_px = _axes(d, box, xr, yr, "training step", "", font, xfmt="{:.0f}", yfmt="{:+.3g}", xticks=xticks)
         zx0, zy = to_px(xr[0], 0.0)
         zx1, _ = to_px(xr[1], 0.0)
         d.line([(zx0, zy), (zx1, zy)], fill=(200, 200, 200))
@@ -198,8 +201,9 @@ def overoptimisation_png(rows: Sequence[Mapping], selected_step: int | None = No
             sx, _ = to_px(float(selected_step), 0.0)
             for yy in range(int(box[1]), int(box[3]), 8):
                 d.line([(sx, yy), (sx, min(yy + 4, box[3]))], fill=(90, 90, 90), width=1)
-            d.text((sx + 3, box[1] + 2), f"selected: step {selected_step} {selected_label}".strip(), fill=(60, 60, 60),
-                   font=font)  # fmt: skip
+            text = f"selected: step {selected_step} {selected_label}".strip()
+            tx = sx + 4 if sx < (box[0] + box[2]) / 2 else sx - 4 - d.textlength(text, font=font)  # inside the frame
+            d.text((tx, box[3] - 14), text, fill=(60, 60, 60), font=font)
         _legend(d, list(series) or ["(no readings)"], w - 220, top + 16, font)
         for j, label in enumerate(skipped):
             d.text((w - 220, top + 16 + 14 * (len(series) + j)), f"{label}: no step-0 value, not drawn",
