@@ -63,7 +63,7 @@ def _check_png(data: bytes, name: str) -> bytes:
 # plots
 
 
-def _axes(draw, box, xr, yr, xlabel, ylabel, font, ticks=5):
+def _axes(draw, box, xr, yr, xlabel, ylabel, font, ticks=5, xfmt="{:.2f}", yfmt="{:.2f}", xticks=None):
     """Frame, ticks and labels; returns a function mapping data (x, y) to pixels."""
     x0, y0, x1, y1 = box
     draw.rectangle(box, outline=(0, 0, 0))
@@ -73,15 +73,16 @@ def _axes(draw, box, xr, yr, xlabel, ylabel, font, ticks=5):
         py = y1 - (y - yr[0]) / (yr[1] - yr[0]) * (y1 - y0)
         return px, py
 
-    for k in range(ticks + 1):
-        xv = xr[0] + k * (xr[1] - xr[0]) / ticks
-        yv = yr[0] + k * (yr[1] - yr[0]) / ticks
+    xs = [xr[0] + k * (xr[1] - xr[0]) / ticks for k in range(ticks + 1)] if xticks is None else list(xticks)
+    for xv in xs:
         px, _ = to_px(xv, yr[0])
-        _, py = to_px(xr[0], yv)
         draw.line([(px, y1), (px, y1 + 4)], fill=(0, 0, 0))
-        draw.text((px - 12, y1 + 6), f"{xv:.2f}", fill=(0, 0, 0), font=font)
+        draw.text((px - 12, y1 + 6), xfmt.format(xv), fill=(0, 0, 0), font=font)
+    for k in range(ticks + 1):
+        yv = yr[0] + k * (yr[1] - yr[0]) / ticks
+        _, py = to_px(xr[0], yv)
         draw.line([(x0 - 4, py), (x0, py)], fill=(0, 0, 0))
-        draw.text((x0 - 34, py - 5), f"{yv:.2f}", fill=(0, 0, 0), font=font)
+        draw.text((x0 - 44, py - 5), yfmt.format(yv), fill=(0, 0, 0), font=font)
     draw.text(((x0 + x1) / 2 - 3 * len(xlabel), y1 + 22), xlabel, fill=(0, 0, 0), font=font)
     draw.text((4, y0 - 16), ylabel, fill=(0, 0, 0), font=font)
     return to_px
@@ -132,6 +133,93 @@ def tail_cdf_png(
     d.text((tx + 3, box[1] + 2), f"real P25 = {threshold:.3f}", fill=(90, 90, 90), font=font)
     _legend(d, list(vals), w - 160, 30, font)
     return png_bytes(img)
+
+
+# the over-optimisation curve's series (issue 21): what reward finetuning watched, then the stage's judges
+TRAINING_SIDE = {"critic_reward": "critic reward", "critic_views": "critic reward, augmented views",
+                 "critic_acc": "critic probe accuracy", "referee_reward": "referee reward",
+                 "referee_acc": "referee probe accuracy"}  # fmt: skip
+JUDGES = {"evaluator_cas": "evaluator CAS", "evaluator_low_alignment_rate": "evaluator low-CAS rate",
+          "oracle_accuracy": "oracle accuracy"}  # fmt: skip
+
+
+def overoptimisation_png(rows: Sequence[Mapping], selected_step: int | None = None, selected_label: str = "",
+                         size: tuple[int, int] = (760, 620)) -> bytes:  # fmt: skip
+    """Two panels over training step, each series drawn as its change since step 0 (the first reading):
+    top, the TRAINING-SIDE readings of the reward stage (critic, its augmented views, the referee, on held-out
+    training prompts); bottom, the EVALUATOR's CAS and the ORACLE's accuracy (evaluate stage, held-out test
+    prompts). Reward hacking: the top climbs while the bottom falls. A dashed line marks ``selected_step``.
+    Missing (null) values leave a gap; a series without a first value is listed as not drawn."""
+    if not rows:
+        raise ValueError("rows: no readings")
+    steps = np.array([float(r["step"]) for r in rows])
+    if np.any(np.diff(steps) <= 0):
+        raise ValueError(f"rows: steps must increase, got {steps.tolist()}")
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    font = _font()
+    lo, hi = steps[0], steps[-1]
+    if selected_step is not None:
+        lo, hi = min(lo, selected_step), max(hi, selected_step)
+    xr = (lo - 0.5, hi + 0.5) if hi == lo else (lo, hi)
+    every = max(1.0, float(np.ceil((hi - lo) / 6)))  # whole-step ticks, at most ~7
+    xticks = np.arange(lo, hi + 0.5 * every, every) if hi > lo else [lo]
+    panels = (("TRAINING SIDE (reward stage: critic / referee, held-out training prompts)", TRAINING_SIDE),
+              ("EVALUATOR and ORACLE (evaluate stage, held-out test prompts)", JUDGES))  # fmt: skip
+    ph = (h - 40) // 2
+    for p, (title, names) in enumerate(panels):
+        top = 20 + p * (ph + 20)
+        series, skipped = {}, []
+        for key, label in names.items():
+            v = np.array([np.nan if r.get(key) is None else float(r[key]) for r in rows])
+            if not np.isfinite(v).any():
+                continue
+            if not np.isfinite(v[0]):
+                skipped.append(label)
+                continue
+            series[label] = v - v[0]
+        vals = np.concatenate([[0.0], *[s[np.isfinite(s)] for s in series.values()]])
+        span = float(vals.max() - vals.min()) or 1.0
+        yr = (float(vals.min()) - 0.08 * span, float(vals.max()) + 0.08 * span)
+        box = (70, top + 14, w - 230, top + ph - 40)
+        d.text((70, top), f"{title}: change since step 0", fill=(0, 0, 0), font=font)
+        to_px = _axes(d, box, xr, yr, "training step", "", font, xfmt="{:.0f}", yfmt="{:+.3g}", xticks=xticks)
+        zx0, zy = to_px(xr[0], 0.0)
+        zx1, _ = to_px(xr[1], 0.0)
+        d.line([(zx0, zy), (zx1, zy)], fill=(200, 200, 200))
+        for i, (_label, v) in enumerate(series.items()):
+            c = PALETTE[i % len(PALETTE)]
+            pts = [to_px(x, y) if np.isfinite(y) else None for x, y in zip(steps, v)]
+            for a, b in zip(pts, pts[1:]):
+                if a is not None and b is not None:
+                    d.line([a, b], fill=c, width=2)
+            for q in pts:
+                if q is not None:
+                    d.ellipse([q[0] - 3, q[1] - 3, q[0] + 3, q[1] + 3], fill=c)
+        if selected_step is not None:
+            sx, _ = to_px(float(selected_step), 0.0)
+            for yy in range(int(box[1]), int(box[3]), 8):
+                d.line([(sx, yy), (sx, min(yy + 4, box[3]))], fill=(90, 90, 90), width=1)
+            text = f"selected: step {selected_step} {selected_label}".strip()
+            tx = sx + 4 if sx < (box[0] + box[2]) / 2 else sx - 4 - d.textlength(text, font=font)  # inside the frame
+            d.text((tx, box[3] - 14), text, fill=(60, 60, 60), font=font)
+        _legend(d, list(series) or ["(no readings)"], w - 220, top + 16, font)
+        for j, label in enumerate(skipped):
+            d.text((w - 220, top + 16 + 14 * (len(series) + j)), f"{label}: no step-0 value, not drawn",
+                   fill=(120, 120, 120), font=font)  # fmt: skip
+    return png_bytes(img)
+
+
+def overoptimisation_table(rows: Sequence[Mapping], selected_step: int | None = None) -> pd.DataFrame:
+    """The curve's numbers, one row per reading: step, the training-side readings, then the evaluator / oracle."""
+    cols = [k for k in (*TRAINING_SIDE, *JUDGES) if any(r.get(k) is not None for r in rows)]
+    out = pd.DataFrame([{"step": int(r["step"]), **{k: r.get(k) for k in cols}} for r in rows])
+    out = out.rename(columns={k: f"{'[training] ' if k in TRAINING_SIDE else '[evaluate] '}{v}"
+                              for k, v in {**TRAINING_SIDE, **JUDGES}.items()})  # fmt: skip
+    out["note"] = [", ".join(x for x in ("selected" if int(r["step"]) == selected_step else "",
+                                         "early stop" if r.get("stop") else "") if x) for r in rows]  # fmt: skip
+    return out.replace({None: np.nan})
 
 
 def pca_2d(emb) -> np.ndarray:

@@ -130,6 +130,21 @@ class PreferenceSettings:
 
 
 @dataclass
+class CurveSettings:
+    """Over-optimisation curves (issue 21, ``craft.evaluate.curves``): the evaluator's CAS and the oracle over
+    every snapshot of each reward adapter trained with ``reward.monitor``, beside its training-side readings."""
+
+    enabled: bool = True  # no effect on variants without a monitor log (every non-reward or unmonitored adapter)
+    prompts: int = 16  # held-out TEST prompts per snapshot: a class-stratified subset of the stage's prompts
+    samples_per_prompt: int = 1  # images per prompt and snapshot (sample k of image i: the stage's seed for it)
+
+    def validate(self) -> None:
+        if self.prompts < 1 or self.samples_per_prompt < 1:
+            raise ValueError(f"curves.prompts and curves.samples_per_prompt must be >= 1 "
+                             f"(got {self.prompts}, {self.samples_per_prompt})")  # fmt: skip
+
+
+@dataclass
 class EvaluateConfig:
     """Stage ``evaluate`` (``craft evaluate``): all variants under one protocol, one evaluator, one report."""
 
@@ -152,6 +167,7 @@ class EvaluateConfig:
     downstream: DownstreamSettings = field(default_factory=DownstreamSettings)
     oracle: OracleSettings = field(default_factory=OracleSettings)
     preferences: PreferenceSettings = field(default_factory=PreferenceSettings)
+    curves: CurveSettings = field(default_factory=CurveSettings)
 
     def validate(self) -> None:
         if self.samples_per_prompt < 1 or self.steps < 1 or self.batch_size < 1 or self.embed_batch < 1:
@@ -164,6 +180,7 @@ class EvaluateConfig:
             raise ValueError("candidate cannot be the real images")
         self.downstream.validate()
         self.oracle.calibration.validate()
+        self.curves.validate()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -743,7 +760,7 @@ def main(
                                                 "gain": float(f["accuracy"]) - base_acc}  # fmt: skip
 
     # -- ground-truth oracle (demo modalities) --------------------------------------------
-    oracle_block = None
+    oracle_block, scored_oracle = None, None
     if cfg.oracle.enabled and is_demo(meta):
         from craft.evaluate import oracle as O
 
@@ -782,9 +799,30 @@ def main(
             g = per_image["variant"] != REAL
             corr = O.cas_oracle_rank_correlation(per_image.loc[g, "cas"].to_numpy(), correct[g.to_numpy()])
             oracle_block = {"status": "scored", "meta": about, "calibration": calib, "cas_vs_oracle": corr}
+            scored_oracle = oracle
     else:
         notes.append("no ground-truth oracle: " + ("disabled" if not cfg.oracle.enabled else
                      f"{meta.name} ({meta.modality}) is not a demo dataset"))  # fmt: skip
+
+    # -- over-optimisation curves (issue 21): the evaluator and the oracle at every monitored snapshot -----
+    curves: dict[str, list[dict[str, Any]]] = {}
+    curves_meta: dict[str, dict[str, Any]] = {}
+    if cfg.curves.enabled:
+        from craft.evaluate import curves as C
+
+        logs = C.monitored(specs)
+        sub = C.curve_cases(cases, cfg.curves.prompts, cfg.seed) if logs else None
+        at = {iid: i for i, iid in enumerate(ids)}
+        for name, readings in logs.items():
+            sub_emb = real_emb[[at[i] for i in sub["image_id"].astype(str)]]
+            curves[name], more = C.trace(name, specs[name], readings, cases=sub, real_emb=sub_emb, scorer=scorer,
+                                         oracle=scored_oracle, settings=cfg.curves, cfg=cfg, meta=meta, dev=dev,
+                                         work=work, tau=tau)  # fmt: skip
+            notes += more
+            oracle_state = (oracle_block or {}).get("status") or ("disabled" if not cfg.oracle.enabled else "none")
+            curves_meta[name] = {"adapter": specs[name].adapter, **C.selection(specs[name].adapter),
+                                 "prompts": len(sub), "samples_per_prompt": cfg.curves.samples_per_prompt,
+                                 "oracle": oracle_state}  # fmt: skip
 
     # -- preferences: the evaluator's CAS as judge, Bradley-Terry ----------------------------------
     prefs = None
@@ -829,6 +867,8 @@ def main(
         "oracle": oracle_block,
         "downstream": downstream,
         "preferences": prefs,
+        "curves": curves,
+        "curves_meta": curves_meta,
         "checklist_audit": audit,
         "probe_confusion": confusion,
         "implementations": M.implementations(),  # which library (and version) computed each metric (issue 22)
@@ -984,6 +1024,16 @@ def write_report(out_dir: Path, metrics: dict, per_image: pd.DataFrame, images: 
                 [{"Spearman rho": c["spearman"], "p": c["spearman_p"], "point-biserial r": c["pointbiserial"],
                   "n": c["n"], "oracle held-out accuracy": o["meta"].get("check_accuracy")}])  # fmt: skip
         tables |= R.oracle_calibration_tables(o, V)
+    curve_figs = {}
+    for v, rows in (metrics.get("curves") or {}).items():  # issue 21: the over-optimisation curve per adapter
+        info = (metrics.get("curves_meta") or {}).get(v, {})
+        sel = info.get("selected_step")
+        how = f"(select={info['select']})" if info.get("select") else ""
+        about = (f"{v}: {info.get('prompts')} held-out test prompts x {info.get('samples_per_prompt')} per snapshot, "
+                 f"oracle {info.get('oracle')}")  # fmt: skip
+        tables[f"Over-optimisation curve, {about}"] = R.overoptimisation_table(rows, sel)
+        curve_figs[f"Over-optimisation curve: {v} (change since step 0; top: training side, bottom: evaluator and "
+                   f"oracle; dashed: selected step {sel} {how})"] = R.overoptimisation_png(rows, sel, how)  # fmt: skip
     if metrics.get("preferences"):
         p = metrics["preferences"]
         tables[f"Preferences: Bradley-Terry over {p['n_cases']} cases, judge = {p['judge']}"] = _frame(
@@ -1000,7 +1050,7 @@ def write_report(out_dir: Path, metrics: dict, per_image: pd.DataFrame, images: 
     tables["Evaluator probe on real held-out images (rows: true, columns: predicted)"] = R.confusion_table_html(
         np.asarray(cm["matrix"]), cm["categories"]
     )
-    figures = {}
+    figures = dict(curve_figs)
     cas = {v: per_image.loc[per_image["variant"] == v, "cas"].to_numpy() for v in V}
     if tau is not None:
         figures["Per-image CAS, cumulative distribution (dashed: real P25)"] = R.tail_cdf_png(cas, tau)
