@@ -872,7 +872,8 @@ def _monitor(cfg: RewardConfig, model, held, tokens, dataset_dir, res, cam, weig
         raise ValueError("referee_probe_dir given without referee_dir")
 
     def snapshot(d: Path) -> None:
-        save_adapters(d, unet=model.unet, lora=lora, embeddings=embeds, info={"stage": "reward-monitor"})
+        info = {"stage": "reward-monitor", "step": int(d.name.split("-")[1]), "class_tokens": tokens}
+        save_adapters(d, unet=model.unet, lora=lora, embeddings=embeds, info=info)  # loadable alone, like the adapter
 
     return RewardMonitor(cfg.monitor, meta, Judge(cam, weights), referee, cfg.augment, work, snapshot)
 
