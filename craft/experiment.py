@@ -53,6 +53,27 @@ LABELS = {
     "crafts_no_losses": "CRAFTS stage 2 without L_corr, L_cate",
     **{f"craft_only_{k}": f"CRAFT, {k.upper()} only" for k in REWARDS},
     **{f"craft_without_{k}": f"CRAFT without {k.upper()}" for k in REWARDS},
+    "craft_monitored": "CRAFT, paper settings (monitored)",
+    "craft_views": "CRAFT + critic reads 4 augmented views",
+    "craft_select": "CRAFT + checkpoint chosen by the referee",
+    "craft_regularised": "CRAFT + eq. 1 L_diff weight 4",
+    "craft_combined": "CRAFT + views + referee choice + L_diff 4",
+}
+
+# Issue 21: remedies against reward hacking, each a reward-stage config on top of CRAFT (every one monitored, so each
+# has an over-optimisation curve; the first is the paper's settings with the monitor only, the "old" curve)
+MONITORED = ["reward.monitor.every=25", "reward.monitor.prompts=16", "reward.monitor.samples_per_prompt=2"]
+VIEWS, SELECT, REGULARISED = (
+    ["reward.augment.views=4"],
+    ["reward.monitor.select=referee"],
+    ["reward.diffusion_weight=4"],
+)
+REMEDIES: dict[str, list[str]] = {
+    "craft_monitored": [],
+    "craft_views": VIEWS,
+    "craft_select": SELECT,
+    "craft_regularised": REGULARISED,
+    "craft_combined": [*VIEWS, *SELECT, *REGULARISED],
 }
 
 
@@ -67,6 +88,7 @@ class Plan:
     table4: bool = True  # 8 more reward runs per seed (single-reward and leave-one-out)
     crafts_ablation: bool = True  # stage 2 again without its losses, per seed
     table4_seeds: int | None = None  # train the Table 4 variants for seeds 0..K-1 only (None: every seed)
+    remedies: bool = False  # issue 21: the REMEDIES variants (monitored; a referee encoder is trained for them)
 
     def table4_for(self, seed: int) -> bool:
         return self.table4 and (self.table4_seeds is None or seed < self.table4_seeds)
@@ -159,7 +181,7 @@ def train_shared(plan: Plan, timings: dict[str, float]) -> dict[str, Path]:
         run_step(pd_, lambda r=role, q=pd_: probe_step(d[r], d["data"], q, p, o), timings, f"probe-{role}")
     from craft.config import load_stage_config
 
-    if load_stage_config("reward", p, o).monitor.enabled:  # the monitor's referee: a third encoder (issue 21)
+    if plan.remedies or load_stage_config("reward", p, o).monitor.enabled:  # the monitor's referee (issue 21)
         d["referee"], d["referee_probe"] = s / "referee", s / "referee_probe"
         run_step(d["referee"], lambda: encoder_step(d["data"], d["annotations"], "referee", d["referee"], p, o),
                  timings, "encoder-referee")  # fmt: skip
@@ -205,6 +227,12 @@ def train_seed(plan: Plan, seed: int, shared: dict[str, Path], timings: dict[str
         run_step(v[name], lambda n=name, w=w: reward.step(data, ann, critic, cprobe, base, v[n], p,
                  [*o, *_weights_overrides(w)], start_dir=start, referee_dir=shared.get("referee"),
                  referee_probe_dir=shared.get("referee_probe")), timings, name)  # fmt: skip
+    if plan.remedies:
+        for name, extra in REMEDIES.items():
+            v[name] = sd / name
+            run_step(v[name], lambda n=name, e=extra: reward.step(data, ann, critic, cprobe, base, v[n], p,
+                     [*MONITORED, *e, *o], start_dir=start, referee_dir=shared["referee"],
+                     referee_probe_dir=shared["referee_probe"]), timings, name)  # fmt: skip
     return v
 
 
@@ -219,6 +247,7 @@ def evaluate_seed(plan: Plan, seed: int, shared: dict[str, Path], variants: dict
     specs: dict[str, Any] = {ev.REAL: ev.REAL}
     for name, d in variants.items():
         specs[name] = ev.VariantSpec(str(d)) if (d / "model_index.json").is_file() else ev.VariantSpec(base, str(d))
+    main_specs = {k: v for k, v in specs.items() if k not in REMEDIES}  # remedies: their own evaluation below
     # downstream utility is not in these tables and is the slowest part of evaluate: off unless overridden
     ev_over = [
         "evaluate.downstream.enabled=false",
@@ -231,12 +260,27 @@ def evaluate_seed(plan: Plan, seed: int, shared: dict[str, Path], variants: dict
 
     def go() -> dict[str, Any]:
         critic = shared["critic"]
-        return ev.main(cfg, shared["data"], shared["annotations"], specs, shared["evaluator"],
+        return ev.main(cfg, shared["data"], shared["annotations"], main_specs, shared["evaluator"],
                        shared["evaluator_probe"], out, critic_identity=load_encoder(critic).identity,
                        critic_dir=critic, critic_probe_dir=shared["critic_probe"])  # fmt: skip
 
     run_step(out, go, timings, "evaluate")
-    return json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    if plan.remedies:  # their own evaluation (same seed, so TI+LoRA and CRAFT sample the same images), merged in
+        rem = {k: specs[k] for k in (ev.REAL, "ti_lora", "craft", *REMEDIES)}
+        out_r = plan.seed_dir(seed) / "eval-remedies"
+
+        def go_r() -> dict[str, Any]:
+            return ev.main(cfg, shared["data"], shared["annotations"], rem, shared["evaluator"],
+                           shared["evaluator_probe"], out_r, critic_identity=load_encoder(shared["critic"]).identity,
+                           critic_dir=shared["critic"], critic_probe_dir=shared["critic_probe"])  # fmt: skip
+
+        run_step(out_r, go_r, timings, "evaluate-remedies")
+        extra = json.loads((out_r / "metrics.json").read_text())
+        metrics["variants"].update({k: d for k, d in extra["variants"].items() if k in REMEDIES})
+        metrics["curves"] = {**(metrics.get("curves") or {}), **(extra.get("curves") or {})}
+        metrics["curves_meta"] = {**(metrics.get("curves_meta") or {}), **(extra.get("curves_meta") or {})}
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
@@ -279,7 +323,18 @@ def aggregate(seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
         for k in keys:
             table[v][k] = _cell([rows[s].get(v, {}).get(k) for s in seeds])
     corr = [((m.get("oracle") or {}).get("cas_vs_oracle") or {}).get("spearman") for m in seeds.values()]
-    return {"table": table, "cas_oracle_spearman": _cell(corr)}
+    # over-optimisation curves (issue 21): variant -> step -> number -> mean/sd over the seeds that read that step
+    curves: dict[str, dict[int, dict[str, Any]]] = {}
+    for m in seeds.values():
+        for v, rows in (m.get("curves") or {}).items():
+            for r in rows:
+                at = curves.setdefault(v, {}).setdefault(int(r["step"]), {})
+                for k, x in r.items():
+                    if isinstance(x, (int, float)) and not isinstance(x, bool) and k != "step":
+                        at.setdefault(k, []).append(float(x))
+    curves_agg = {v: {st: {k: _cell(xs) for k, xs in d.items()} for st, d in sorted(by.items())}
+                  for v, by in curves.items()}  # fmt: skip
+    return {"table": table, "cas_oracle_spearman": _cell(corr), "curves": curves_agg}
 
 
 def paired_difference(agg: dict[str, Any], a: str, b: str, key: str) -> dict[str, Any] | None:
@@ -391,6 +446,47 @@ def table4_reading(agg: dict[str, Any], seeds: list[int] | None = None) -> list[
     return lines
 
 
+CURVE_COLS = [("critic", "critic_reward"), ("critic, views", "critic_views"), ("referee", "referee_reward"),
+              ("referee acc.", "referee_acc"), ("evaluator CAS", "evaluator_cas"), ("oracle acc.", "oracle_accuracy")]  # fmt: skip
+
+
+def remedies_section(agg: dict[str, Any]) -> list[str]:
+    """Issue 21: one row per remedy against TI+LoRA and CRAFT, the done-when check seed by seed, and the curves."""
+    t = agg["table"]
+    names = [r for r in REMEDIES if r in t]
+    if not names:
+        return []
+    cols = [("CAS", "cas"), ("Low-CAS rate", "low_alignment_rate"), ("Oracle acc.", "oracle_accuracy"),
+            ("Critic reward (train objective)", "critic_reward")]  # fmt: skip
+    s = ["### Reward hacking: remedies (issue 21)", "",
+         "Every remedy continues the TI+LoRA LoRA like CRAFT and is monitored (a reading of held-out training prompts "
+         "every 25 steps by the critic, the critic over 4 augmented views and the referee encoder); the selection "
+         "variants choose their saved step by the referee's reward only. Evaluator and oracle never reach the "
+         "training side.", "", _table(agg, ["ti_lora", "craft", *names], cols), ""]  # fmt: skip
+    for r in ["craft", *names]:
+        d_cas = paired_difference(agg, r, "ti_lora", "cas")
+        d_or = paired_difference(agg, r, "ti_lora", "oracle_accuracy")
+        d_tail = paired_difference(agg, r, "ti_lora", "low_alignment_rate")
+        ok = [d is not None and d["n"] and d["lower" if i < 2 else "higher"] == 0
+              for i, d in enumerate((d_cas, d_or, d_tail))]  # fmt: skip
+        verdict = "MET in every seed" if all(ok) else "NOT met"
+        s += [f"- {LABELS.get(r, r)}: CRAFT >= TI+LoRA on CAS and oracle, tail no larger — {verdict}",
+              "  - " + _diff_line(d_cas, "CAS - TI+LoRA"), "  - " + _diff_line(d_or, "oracle acc. - TI+LoRA"),
+              "  - " + _diff_line(d_tail, "low-CAS rate - TI+LoRA")]  # fmt: skip
+    s.append("")
+    for r in names:
+        curve = agg.get("curves", {}).get(r)
+        if not curve:
+            continue
+        s += [f"Over-optimisation curve, {LABELS.get(r, r)} (mean over seeds; training-side: critic, views, referee; "
+              "evaluate side: evaluator CAS, oracle):", "",
+              "| step | " + " | ".join(h for h, _ in CURVE_COLS) + " |", "|---" * (len(CURVE_COLS) + 1) + "|"]  # fmt: skip
+        for st, row in curve.items():
+            s.append(f"| {st} | " + " | ".join(_fmt(row.get(k)) for _, k in CURVE_COLS) + " |")
+        s.append("")
+    return s
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     """The profile's RESULTS.md section."""
     agg, info = result["aggregate"], result["info"]
@@ -461,6 +557,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"CAS-oracle Spearman rho over generated images: {_fmt(corr)} (n = {corr['n']} seeds).",
         "",
     ]
+    s += remedies_section(agg)
     if "crafts_no_losses" in agg["table"]:
         s += [
             "### CRAFTS: class separability of stage-2 samples with and without L_corr + L_cate",
@@ -525,7 +622,8 @@ def machine(threads: int = 0) -> str:
 
 def paper_table(profile: str, seeds: int, root: str | Path, results_md: str | Path, overrides: list[str] | None = None,
                 table4: bool = True, crafts_ablation: bool = True, command: str = "",
-                threads: int = 0, table4_seeds: int | None = None, first_seed: int = 0) -> dict[str, Any]:  # fmt: skip
+                threads: int = 0, table4_seeds: int | None = None, first_seed: int = 0,
+                remedies: bool = False) -> dict[str, Any]:  # fmt: skip
     """Train + evaluate every variant for ``seeds`` seeds, write ``root/results.json`` and the RESULTS.md section.
 
     ``threads`` > 0 sets every stage's torch CPU threads (before ``overrides``), e.g. 1 to run two
@@ -534,6 +632,7 @@ def paper_table(profile: str, seeds: int, root: str | Path, results_md: str | Pa
     ``first_seed`` = S runs seeds S..S+seeds-1: processes can share one ``root`` (each step is locked
     while it trains, so a second process waits for it and reuses it), and a final run with
     ``first_seed`` 0 and every seed finds them all finished and writes the combined tables.
+    ``remedies`` adds the issue-21 variants (``REMEDIES``), a referee encoder, their evaluation and curves.
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
@@ -547,7 +646,7 @@ def paper_table(profile: str, seeds: int, root: str | Path, results_md: str | Pa
     if first_seed < 0:
         raise ValueError(f"first_seed must be >= 0, got {first_seed}")
     plan = Plan(profile, Path(root), list(range(first_seed, first_seed + seeds)), over, table4, crafts_ablation,
-                table4_seeds)  # fmt: skip
+                table4_seeds, remedies)  # fmt: skip
     timings: dict[str, float] = {}
     shared = train_shared(plan, timings)
     per_seed: dict[int, dict[str, Any]] = {}

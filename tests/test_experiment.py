@@ -122,6 +122,28 @@ def test_toy_paper_table_end_to_end_and_resume(tmp_path, monkeypatch):
     assert again["aggregate"]["table"]["craft"]["cas"] == table["craft"]["cas"]
 
 
+@pytest.mark.slow  # ~2.5 min on 2 quiet cores (7 reward runs, 2 evaluations, a referee encoder)
+def test_toy_paper_table_with_the_reward_hacking_remedies(tmp_path, monkeypatch):
+    """--remedies: a referee is trained, every remedy is monitored and evaluated (with its curve), and RESULTS.md gets
+    the remedies table with a seed-by-seed verdict against TI+LoRA and one curve table per remedy."""
+    monkeypatch.setenv("CRAFT_MODEL_CACHE", str(tmp_path / "cache"))
+    md = tmp_path / "RESULTS.md"
+    toy = [*TOY, "reward.monitor.prompts=4", "reward.monitor.samples_per_prompt=1", "evaluate.curves.prompts=4"]
+    res = ex.paper_table("demo-histo", 1, tmp_path / "run", md, toy, table4=False, crafts_ablation=False,
+                         remedies=True)  # fmt: skip
+    table = res["aggregate"]["table"]
+    assert set(ex.REMEDIES) <= set(table) and table["craft_combined"]["cas"]["mean"] is not None
+    assert (tmp_path / "run" / "shared" / "referee" / ex.DONE).is_file()
+    lineage = json.loads((tmp_path / "run" / "seed-0" / "craft_combined" / "lineage.json").read_text())
+    assert lineage["monitor"]["select"] == "referee" and lineage["config"]["augment"]["views"] == 4
+    assert lineage["config"]["diffusion_weight"] == 4.0
+    curves = res["aggregate"]["curves"]
+    assert set(curves) == set(ex.REMEDIES) and all(len(c) == 2 for c in curves.values())  # steps 0 and 1
+    text = md.read_text()
+    assert "Reward hacking: remedies" in text and "Over-optimisation curve, CRAFT + views" in text
+    assert text.count("CRAFT >= TI+LoRA on CAS and oracle") == 1 + len(ex.REMEDIES)
+
+
 def test_table4_reading_column_by_column():
     """Each reward's own column: the single-reward variant of k scores highest on k, leave-one-out of k lowest."""
 
