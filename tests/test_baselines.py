@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from craft.models.adapters import load_adapters
@@ -280,3 +281,41 @@ def test_mllm_audit_refuses_an_answer_without_every_attribute(tmp_path):
     ck = [{"attribute": "Glands", "description": "x"}, {"attribute": "Nuclei", "description": "y"}]
     with pytest.raises(ValueError, match="Nuclei"):
         mllm_audit_judge(Half(), str(tmp_path))(Image.new("RGB", (4, 4)), "adenoma", ck)
+
+
+def test_dpo_heldout_objective_starts_at_log2_and_training_moves_it(tmp_path):
+    """dpo.heldout_pairs (issue 21, the fair-DPO tuning): DPO's own loss on held-out pairs and on its training pairs.
+    Before any update the model is its reference (loss log 2, implicit accuracy 0); after a few steps at a high
+    learning rate the training pairs' loss is below log 2."""
+    import copy
+    import math
+    import shutil
+
+    import pandas as pd
+
+    from craft.annotate import checklists as ck
+    from craft.config import load_stage_config
+    from craft.data.demo import DemoConfig, generate
+    from craft.data.manifest import read_manifest
+    from craft.train.baselines import DPOObjective, dpo_main, dpo_objective
+
+    comp = tiny()
+    model = DPOObjective(comp.unet, copy.deepcopy(comp.unet), comp.text_encoder, comp.tokenizer, comp.scheduler, 10.0)
+    z = torch.randn(3, 4, 8, 8)
+    loss, acc = dpo_objective(model, {"z_w": z, "z_l": z.flip(0), "prompt": ["a", "b", "c"]}, draws=2, seed=0)
+    assert loss == pytest.approx(math.log(2), abs=1e-6) and acc == 0.0
+
+    data, ann = tmp_path / "data", tmp_path / "ann"
+    generate(DemoConfig(modality="histo", n=16, seed=0, resolution=32, images_per_patient=2), data)
+    df = read_manifest(data)
+    ann.mkdir()
+    pd.DataFrame({"image_id": df["image_id"], "enriched_prompt": [f"{lab} tissue with glands" for lab in df["label"]],
+                  "status": "ok"}).to_parquet(ann / "annotations.parquet")  # fmt: skip
+    shutil.copy(ck.shipped_path("demo-histo"), ann / "checklists.json")
+    save_pipeline(tiny().pipeline(), tmp_path / "base", {"stage": "test"})
+    cfg = load_stage_config("dpo", None, ["loop.steps=4", "loop.batch_size=3", "loop.lr=0.05", "loop.threads=2",
+                                          "loop.progress=false", "n_pairs=3", "sample_steps=2", "judge=mllm",
+                                          "judge_backend.backend=offline", "heldout_pairs=3", "beta=50"])  # fmt: skip
+    m = dpo_main(cfg, data, ann, tmp_path / "no-critic", tmp_path / "no-probe", tmp_path / "base", tmp_path / "dpo")
+    assert m["train_pairs_dpo_loss"] < math.log(2) - 1e-4, m
+    assert 0.0 <= m["heldout_implicit_acc"] <= 1.0 and math.isfinite(m["heldout_dpo_loss"])

@@ -158,10 +158,17 @@ class DPOConfig:
     seed: int = 0  # seeds of the two samples per prompt derive from it
     split: str = "train"  # manifest split the prompts come from
     device: str = "auto"  # auto: cuda when available
+    # DPO's own objective on HELD-OUT pairs (issue 21: does the tuning move it?): pairs judged like the training pairs
+    # but drawn with another seed from the same split, scored before/after with fixed noise; 0 = not measured
+    heldout_pairs: int = 0
+    heldout_draws: int = 4  # (noise, t) draws per held-out pair (the DPO loss is a Monte-Carlo estimate, eq. 14)
 
     def validate(self) -> None:
         if self.beta <= 0 or self.n_pairs < 1:
             raise ValueError(f"beta must be > 0 and n_pairs >= 1 (got {self.beta}, {self.n_pairs})")
+        if self.heldout_pairs < 0 or self.heldout_draws < 1:
+            raise ValueError(f"heldout_pairs must be >= 0 and heldout_draws >= 1 (got {self.heldout_pairs}, "
+                             f"{self.heldout_draws})")  # fmt: skip
         self.lora.validate()
 
 
@@ -331,6 +338,30 @@ class DPOObjective(TrainableOnly):
         ref_err = (ref - target).pow(2).mean(dim=(1, 2, 3))
         loss, acc = diffusion_dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], self.beta)
         return {"loss": loss, "implicit_acc": acc, "err_w": err[:b].detach(), "err_l": err[b:].detach()}
+
+
+@torch.no_grad()
+def dpo_objective(model: DPOObjective, pairs: dict[str, Any], draws: int, seed: int, batch: int = 16):
+    """The Diffusion-DPO loss and implicit accuracy of ``model`` against its reference on ``pairs`` (mean over
+    ``draws`` seeded (noise, t) draws per pair). Before any update the model is its reference: log 2 and 0."""
+    was = model.training
+    model.eval()
+    losses, accs, n = 0.0, 0.0, len(pairs["prompt"])
+    for d in range(draws):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + d)
+        for i in range(0, n, batch):
+            sl = slice(i, min(i + batch, n))
+            b = {"z_w": pairs["z_w"][sl], "z_l": pairs["z_l"][sl], "prompt": pairs["prompt"][sl]}
+            if "states" in pairs:
+                b["states"] = pairs["states"][list(range(sl.start, sl.stop))]
+            dev = next(model.unet.parameters()).device
+            b = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+            out = model(b, g)
+            k = sl.stop - sl.start
+            losses += float(out["loss"]) * k
+            accs += float(out["implicit_acc"]) * k
+    model.train(was)
+    return losses / (n * draws), accs / (n * draws)
 
 
 PairJudge = Callable[[Any], Sequence[str]]  # craft.evaluate.preferences judge: Case -> letters best first
@@ -558,9 +589,24 @@ def dpo_main(cfg: DPOConfig, dataset_dir, annotations_dir, critic_dir, probe_dir
         cam = ClinicalAlignmentModule(critic, load_probe(probe_dir, critic), checklists)
         weights = {k: v for k, v in cfg.reward_weights.items() if k != "sfs"}  # no paired real image for a sample
         judge_kw = {"score": critic_reward(cam, weights)}
+    held = None
     try:
         pairs = make_pairs(unet, vae, te, tok, pipe.scheduler, prompts, {"label": labels, "prompt": judged},
                            cfg.seed, cfg.sample_steps, cfg.scheduler, cfg.guidance, **judge_kw)  # fmt: skip
+        if cfg.heldout_pairs:  # other rows, other noise, the same judge and starting model as the training pairs
+            hrows = df.sample(n=cfg.heldout_pairs, replace=len(df) < cfg.heldout_pairs,
+                              random_state=cfg.seed + 7_919).reset_index(drop=True)  # fmt: skip
+            hl = hrows["label"].astype(str).tolist()
+            if cfg.prompts == "enriched":
+                hj = hrows["enriched_prompt"].astype(str).tolist()
+                hp = token_prompts(hj, hl, tokens)
+            else:
+                from craft.data.manifest import read_meta
+
+                m = read_meta(dataset_dir)
+                hj, hp = [m.phrase(lab) for lab in hl], [tokens.get(lab, m.phrase(lab)) for lab in hl]
+            held = make_pairs(unet, vae, te, tok, pipe.scheduler, hp, {"label": hl, "prompt": hj}, cfg.seed + 7_919,
+                              cfg.sample_steps, cfg.scheduler, cfg.guidance, **judge_kw)  # fmt: skip
     finally:
         if backend is not None:
             backend.close()
@@ -570,6 +616,11 @@ def dpo_main(cfg: DPOConfig, dataset_dir, annotations_dir, critic_dir, probe_dir
     data = {"z_w": pairs["z_w"], "z_l": pairs["z_l"], "prompt": pairs["prompt"], "states": states}
     res = train(model, data, cfg.loop, work / "dpo")
     metrics = _metrics(res, t0)
+    if held is not None:
+        hs = cached_text_states(tok, te, held["prompt"])
+        for name, d in (("heldout", {**held, "states": hs}), ("train_pairs", data)):
+            loss, acc = dpo_objective(model, d, cfg.heldout_draws, cfg.seed)
+            metrics[f"{name}_dpo_loss"], metrics[f"{name}_implicit_acc"] = loss, acc
     if cfg.judge == "critic":  # an MLLM judge ranks; it gives no margin
         metrics["pair_margin_mean"] = float(pairs["margin"].nanmean())
     else:  # near 0 or 1 flags a judge that picks by position, not by image (decisions.jsonl has each choice)
