@@ -281,6 +281,22 @@ def paper_table_cmd(
     typer.echo(f"wrote {results} (section {profile}) and {res['info']['wall_seconds'] / 60:.1f} min of work")
 
 
+@experiment_app.command("tune-dpo")
+def tune_dpo_cmd(
+    profile: Annotated[str, typer.Option("--profile", "-p", help="The profile of a finished paper-table run.")],
+    root: Annotated[Path | None, typer.Option(help="Its run folder (default runs/paper-table/PROFILE).")] = None,
+    seed: Annotated[int, typer.Option(help="The finished seed whose stage-2 model and TI+LoRA DPO starts from.")] = 0,
+    heldout_pairs: Annotated[int, typer.Option(help="Held-out critic-judged pairs DPO's objective is read on.")] = 64,
+    overrides: Overrides = None,
+) -> None:
+    """Diffusion-DPO at several settings, each read on its own objective on held-out pairs (issue 21: a fair DPO)."""
+    from craft.experiment import dpo_tune_markdown, tune_dpo
+
+    rows = tune_dpo(profile, root or Path("runs/paper-table") / Path(profile).stem, seed, overrides or [],
+                    heldout_pairs)  # fmt: skip
+    typer.echo(dpo_tune_markdown(rows))
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     dataset_dir: Annotated[Path, typer.Argument(help="Dataset directory; its test split drives the protocol.")],

@@ -675,3 +675,60 @@ def paper_table(profile: str, seeds: int, root: str | Path, results_md: str | Pa
     atomic_write_json(plan.root / "results.json", result)
     write_section(Path(results_md), profile, render_markdown(result))
     return result
+
+
+# ---------------------------------------------------------------------------------------------- fair DPO (issue 21)
+# Diffusion-DPO settings tried against its OWN objective on held-out critic-judged pairs (dpo.heldout_pairs): the
+# profile's first, then learning rate, beta, steps and pairs moved one or two at a time. No evaluator, no oracle.
+DPO_GRID: dict[str, list[str]] = {
+    "profile": [],
+    "lr1e-3": ["dpo.loop.lr=1e-3"],
+    "lr1e-3_beta500": ["dpo.loop.lr=1e-3", "dpo.beta=500"],
+    "lr1e-3_beta5000": ["dpo.loop.lr=1e-3", "dpo.beta=5000"],
+    "lr1e-3_steps200": ["dpo.loop.lr=1e-3", "dpo.loop.steps=200"],
+    "lr1e-3_steps200_pairs256": ["dpo.loop.lr=1e-3", "dpo.loop.steps=200", "dpo.n_pairs=256"],
+    "lr3e-3_steps200_pairs256": ["dpo.loop.lr=3e-3", "dpo.loop.steps=200", "dpo.n_pairs=256"],
+}
+
+
+def tune_dpo(profile: str, root: str | Path, seed: int = 0, overrides: list[str] | None = None,
+             heldout_pairs: int = 64, grid: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Train DPO at each ``grid`` setting from a finished paper-table seed (its stage-2 model and TI+LoRA start) and
+    read its own objective on held-out pairs; returns (and writes ``ROOT/dpo-tune-seed-S.json``) one row per setting.
+    """
+    from craft.train import baselines
+
+    root = Path(root)
+    plan = Plan(profile, root, [seed], list(overrides or []), table4=False, crafts_ablation=False)
+    sd, sh = plan.seed_dir(seed), plan.shared
+    need = [sd / "finetune", sd / "ti_lora", sh / "critic", sh / "critic_probe"]
+    missing = [str(p) for p in need if _done(p) is None]
+    if missing:
+        raise FileNotFoundError(f"tune-dpo reads a finished paper-table seed; not finished: {', '.join(missing)} "
+                                f"(run `craft experiment paper-table --profile {profile} --first-seed {seed} --seeds 1`)")  # fmt: skip
+    o = [*plan.overrides, f"dpo.loop.seed={seed}", f"dpo.seed={seed}", f"dpo.heldout_pairs={heldout_pairs}"]
+    rows = []
+    for name, extra in (grid or DPO_GRID).items():
+        out = sd / "dpo-tune" / name
+        timings: dict[str, float] = {}
+        run_step(out, lambda out=out, extra=extra: baselines.step("dpo", sh / "data", str(sd / "finetune"), out,
+                 profile, [*o, *extra], annotations_dir=sh / "annotations", critic_dir=sh / "critic",
+                 probe_dir=sh / "critic_probe", start_dir=sd / "ti_lora"), timings, name)  # fmt: skip
+        m = json.loads((out / "lineage.json").read_text())["metrics"]
+        rows.append({"setting": name, "overrides": extra, **{k: m.get(k) for k in (
+            "heldout_dpo_loss", "heldout_implicit_acc", "train_pairs_dpo_loss", "train_pairs_implicit_acc", "loss",
+            "train_seconds")}})  # fmt: skip
+    atomic_write_json(root / f"dpo-tune-seed-{seed}.json", rows)
+    return rows
+
+
+def dpo_tune_markdown(rows: list[dict[str, Any]]) -> str:
+    """The sweep as a table (log 2 = 0.693 and accuracy 0 are DPO's values before any update)."""
+    lines = ["| setting | overrides | held-out DPO loss | held-out implicit acc. | train-pairs DPO loss | "
+             "train-pairs implicit acc. | train s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        f = [f"{r[k]:.4f}" if isinstance(r.get(k), float) else "n/a" for k in (
+            "heldout_dpo_loss", "heldout_implicit_acc", "train_pairs_dpo_loss", "train_pairs_implicit_acc")]  # fmt: skip
+        lines.append(f"| {r['setting']} | {' '.join(r['overrides']) or '(profile)'} | " + " | ".join(f)
+                     + f" | {r.get('train_seconds') or 0:.0f} |")  # fmt: skip
+    return "\n".join(lines)

@@ -144,6 +144,23 @@ def test_toy_paper_table_with_the_reward_hacking_remedies(tmp_path, monkeypatch)
     assert text.count("CRAFT >= TI+LoRA on CAS and oracle") == 1 + len(ex.REMEDIES)
 
 
+@pytest.mark.slow  # a toy paper-table seed first (~1 min quiet), then two DPO runs
+def test_tune_dpo_reads_its_own_objective_per_setting(tmp_path, monkeypatch):
+    """tune-dpo on a finished toy seed: one DPO per setting, each with held-out and training-pair DPO numbers; a seed
+    that has not finished is refused with the command that finishes it."""
+    monkeypatch.setenv("CRAFT_MODEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="--first-seed 0 --seeds 1"):
+        ex.tune_dpo("demo-histo", tmp_path / "run", 0, TOY)
+    ex.paper_table("demo-histo", 1, tmp_path / "run", tmp_path / "R.md", TOY, table4=False, crafts_ablation=False)
+    grid = {"profile": [], "lr": ["dpo.loop.lr=0.05", "dpo.loop.steps=3"]}
+    rows = ex.tune_dpo("demo-histo", tmp_path / "run", 0, TOY, heldout_pairs=2, grid=grid)
+    assert [r["setting"] for r in rows] == ["profile", "lr"]
+    assert all(isinstance(r["heldout_dpo_loss"], float) and 0 <= r["heldout_implicit_acc"] <= 1 for r in rows)
+    assert rows[1]["train_pairs_dpo_loss"] != rows[0]["train_pairs_dpo_loss"]  # the settings trained differently
+    assert json.loads((tmp_path / "run" / "dpo-tune-seed-0.json").read_text()) == rows
+    assert "| lr | dpo.loop.lr=0.05 dpo.loop.steps=3 |" in ex.dpo_tune_markdown(rows)
+
+
 def test_table4_reading_column_by_column():
     """Each reward's own column: the single-reward variant of k scores highest on k, leave-one-out of k lowest."""
 
