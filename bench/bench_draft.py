@@ -96,7 +96,8 @@ def run_ours(args) -> dict:
     unet, vae, te = pipe.unet.to(dev), pipe.vae.to(dev), pipe.text_encoder.to(dev)
     cfg = RewardConfig(k=1, n_repeats=2, sample_steps=args.sample_steps, guidance=args.guidance,
                        diffusion_weight=0.0 if args.no_diffusion_loss else 1.0,
-                       lora=LoraSettings(rank=4, alpha=4.0), **(REFERENCE if args.reference else {}))  # fmt: skip
+                       lora=LoraSettings(rank=4, alpha=4.0), **(REFERENCE if args.reference else {}),
+                       **({"compile_prefix": "on"} if args.compile else {}))  # fmt: skip
     cfg.validate()
     add_lora(unet, cfg.lora)
 
@@ -113,7 +114,7 @@ def run_ours(args) -> dict:
     lat = unet.config.sample_size
     batch = {"prompt": PROMPTS[: args.batch], "label": ["x"] * args.batch,
              "latents": torch.randn(args.batch, 4, lat, lat, generator=gen).to(dev)}  # fmt: skip
-    times = []
+    times, warm = [], []
     for i in range(args.warmup + args.iters):
         if dev == "cuda":
             torch.cuda.synchronize()
@@ -126,10 +127,9 @@ def run_ours(args) -> dict:
         opt.zero_grad(set_to_none=True)
         if dev == "cuda":
             torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
+        (times if i >= args.warmup else warm).append(time.perf_counter() - t0)
     return {"median_s": statistics.median(times), "peak_mem_gb": peak_memory_gb(dev), "device": dev,
-            "times": times, "trajectories_per_step": args.batch * 2}  # fmt: skip
+            "times": times, "warmup_s": sum(warm), "trajectories_per_step": args.batch * 2}  # fmt: skip
 
 
 ALIGNPROP_SCRIPT = textwrap.dedent(
@@ -210,6 +210,8 @@ def main() -> None:
     ap.add_argument("--pipeline", default="", help=argparse.SUPPRESS)
     ap.add_argument("--no-diffusion-loss", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-compiled", action="store_true", help="skip the compiled-prefix side (reward.compile_prefix)")
     args = ap.parse_args()
     if args.side == "ours":
         print("RESULT " + json.dumps(run_ours(args)))
@@ -235,9 +237,11 @@ def main() -> None:
         return _result(subprocess.run([str(py), str(script), json.dumps(payload)], capture_output=True, text=True,
                                       env=env, cwd=str(work)), "alignprop")  # fmt: skip
 
-    sides: dict[str, list[dict]] = {"reward": [], "alignprop": [], "full": [], "reference": []}
+    sides: dict[str, list[dict]] = {"reward": [], "alignprop": [], "full": [], "compiled": [], "reference": []}
     load = [os.getloadavg()[0]]
     runs = {"reward": lambda: ours("--no-diffusion-loss"), "alignprop": theirs, "full": ours}
+    if not args.no_compiled:  # reward.compile_prefix=on: the prefix's UNet compiled (its warm-up step compiles)
+        runs["compiled"] = lambda: ours("--no-diffusion-loss", "--compile")
     if args.reference:
         runs["reference"] = lambda: ours("--no-diffusion-loss", "--reference")
     order = list(runs)
@@ -254,6 +258,7 @@ def main() -> None:
         "full": "ours, full step (+ eq. 1 L_diff)",
         "alignprop": "AlignProp (TRL 0.23.1), reward only",
         "reference": "ours, reference path, reward only",
+        "compiled": "ours, reward only, compiled prefix (reward.compile_prefix=on)",
     }
     for key, r in res.items():
         print(f"{names[key]}: median step {r['median_s']:.3f} s over {len(r['times'])} steps "
@@ -265,6 +270,17 @@ def main() -> None:
     print(f"ratio: draft_peak_mem_vs_alignprop = {res['reward']['peak_mem_gb'] / res['alignprop']['peak_mem_gb']:.3f}")
     print(f"ratio: draft_full_peak_mem_vs_alignprop = "
           f"{res['full']['peak_mem_gb'] / res['alignprop']['peak_mem_gb']:.3f}")  # fmt: skip
+    if "compiled" in res:
+        c = res["compiled"]
+        compile_s = max(c["warmup_s"] - args.warmup * c["median_s"], 0.0)  # the warm-up step(s) beyond a normal step
+        saved = res["reward"]["median_s"] - c["median_s"]
+        print(f"compiled prefix: compile {compile_s:.1f} s in the warm-up step (inductor; its cache under /tmp makes "
+              f"later processes faster), saves {saved:.3f} s a step: break-even after "
+              f"{compile_s / saved:.0f} steps" if saved > 0 else "compiled prefix: no faster per step")  # fmt: skip
+        print(f"ratio: draft_compiled_speedup_vs_alignprop = {ap_s / c['median_s']:.3f}")
+        print(
+            f"ratio: draft_compiled_peak_mem_vs_alignprop = {c['peak_mem_gb'] / res['alignprop']['peak_mem_gb']:.3f}"
+        )
     if "reference" in res:
         print(
             f"ratio: draft_fast_speedup_vs_reference = {res['reference']['median_s'] / res['reward']['median_s']:.3f}"

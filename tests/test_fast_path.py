@@ -35,7 +35,8 @@ def reward(images, meta):
 
 
 FAST = {}
-REFERENCE = dict(text_cache=0, prefix_inference_mode=False, fuse_diffusion_loss=False, channels_last="off")
+REFERENCE = dict(text_cache=0, prefix_inference_mode=False, fuse_diffusion_loss=False, channels_last="off",
+                 compile_prefix="off")  # fmt: skip
 
 
 def cfg(**kw) -> RewardConfig:
@@ -80,6 +81,17 @@ def test_each_switch_alone_keeps_the_gradient(switch):
     one.pop(switch)  # that switch at its (fast) default, the others at the reference
     got, _, _ = step_grads(comp, cfg(**one), checkpointing=False, steps=2)
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-7), (switch, float((got - ref).abs().max()))
+
+
+@pytest.mark.slow  # inductor compiles the tiny UNet (C++ on the CPU): 20-150 s depending on load and its cache
+def test_compiled_prefix_keeps_the_gradient_and_the_state_dict():
+    comp = tiny()
+    ref, r_ref, _ = step_grads(comp, cfg(**REFERENCE), checkpointing=True)
+    got, r_got, model = step_grads(comp, cfg(compile_prefix="on"), checkpointing=False)
+    assert model.prefix_unet is not model.unet  # the compiled wrapper ran the prefix
+    assert torch.allclose(r_got["loss"], r_ref["loss"], rtol=1e-4, atol=1e-6)
+    assert torch.allclose(got, ref, rtol=1e-3, atol=1e-6), float((got - ref).abs().max())
+    assert not any(k.startswith("prefix_unet") for k in model.state_dict())  # shared weights, saved once
 
 
 @pytest.mark.skipif(not torch.amp.autocast_mode.is_autocast_available("cpu"), reason="no CPU autocast in this torch")

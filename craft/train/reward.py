@@ -156,6 +156,10 @@ class RewardConfig:
     prefix_inference_mode: bool = True  # the T-K steps without graph under torch.inference_mode (else no_grad)
     fuse_diffusion_loss: bool = True  # eq. 1's L_diff UNet call batched into the last graph step's UNet call
     channels_last: Literal["auto", "on", "off"] = "auto"  # UNet/VAE memory format; auto = on CUDA only
+    # torch.compile (inductor) of the UNet for the no-graph prefix only (the graph step stays eager); compiled once
+    # per mode, no recompile when the LoRA weights change. auto = on CUDA only: on 2 CPU cores it is 1.31-1.35x per
+    # prefix call but costs 8-60 s to compile per process (bench/bench_compile.py), more than a demo-length run saves
+    compile_prefix: Literal["auto", "on", "off"] = "auto"
     # ---- harder-to-game rewards (issue 21): the critic reads augmented views of each image and the reward is their mean
     augment: RewardAugment = field(default_factory=RewardAugment)
     # ---- over-optimisation monitor (issue 21): held-out readings by the critic, its views and a referee; snapshots;
@@ -177,8 +181,9 @@ class RewardConfig:
         if self.memory_budget_gb < 0 or self.text_cache < 0:
             raise ValueError(f"memory_budget_gb and text_cache must be >= 0 (got {self.memory_budget_gb}, "
                              f"{self.text_cache})")  # fmt: skip
-        if self.channels_last not in ("auto", "on", "off"):
-            raise ValueError(f"channels_last must be auto, on or off, got {self.channels_last!r}")
+        for name in ("channels_last", "compile_prefix"):
+            if getattr(self, name) not in ("auto", "on", "off"):
+                raise ValueError(f"{name} must be auto, on or off, got {getattr(self, name)!r}")
         self.augment.validate()
         self.monitor.validate()
         if self.vae_checkpointing not in ("auto", "blocks", "whole", "off"):
@@ -495,6 +500,9 @@ class DraftObjective(TrainableOnly):
         if cfg.channels_last == "on" or (cfg.channels_last == "auto" and dev.type == "cuda"):
             unet.to(memory_format=torch.channels_last)
             vae.to(memory_format=torch.channels_last)
+        compiled = cfg.compile_prefix == "on" or (cfg.compile_prefix == "auto" and dev.type == "cuda")
+        # not a submodule (the compiled wrapper shares the UNet's parameters; state_dict and the optimizer see them once)
+        self.__dict__["prefix_unet"] = torch.compile(unet, dynamic=False) if compiled else unet
 
     def enable_gradient_checkpointing(self) -> None:
         self.checkpointing = True
@@ -559,9 +567,10 @@ class DraftObjective(TrainableOnly):
             return checkpoint(decode, self.vae, z, use_reentrant=False)
         return decode(self.vae, z, checkpoint_blocks=mode == "blocks")
 
-    def _unet(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, model=None) -> torch.Tensor:
         dtype = next(self.unet.parameters()).dtype
-        return self.unet(x.to(dtype), t, encoder_hidden_states=states.to(dtype)).sample.float()
+        net = self.unet if model is None else model
+        return net(x.to(dtype), t, encoder_hidden_states=states.to(dtype)).sample.float()
 
     def _guided(self, out: torch.Tensor) -> torch.Tensor:
         """Classifier-free guidance on the doubled batch (uncond rows first), as ``Denoiser``."""
@@ -603,7 +612,7 @@ class DraftObjective(TrainableOnly):
         with record_function("draft/prefix"), prefix():  # DRaFT-K: steps T .. K+1 without graph
             for t in ts[:split]:
                 zin = self.sched.scale_model_input(z, t)
-                out = self._unet(torch.cat([zin, zin]) if guided else zin, t, states)
+                out = self._unet(torch.cat([zin, zin]) if guided else zin, t, states, self.prefix_unet)
                 z = _sched_step(self.sched, self._guided(out), t, z, generator, cfg.eta)
         z = z.clone() if cfg.prefix_inference_mode else z.detach()  # clone: a normal tensor autograd may save
         fuse = diff is not None and cfg.fuse_diffusion_loss
