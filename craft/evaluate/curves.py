@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 def monitored(specs: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """{variant: its monitor readings} for every local adapter variant whose monitor log is not empty."""
-    from craft.train.monitor import read_log
+    from craft.models.adapters import read_monitor_log as read_log
 
     out = {}
     for name, spec in specs.items():
@@ -75,8 +75,7 @@ def trace(name: str, spec: VariantSpec, readings: list[dict[str, Any]], *, cases
     demo oracle or None (then ``oracle_accuracy`` is null at every step); ``tau``: the stage's low-alignment
     threshold (the real images' quantile). Returns (rows, notes).
     """
-    from craft.models.adapters import read_adapter_meta
-    from craft.train.monitor import MONITOR_DIR, MONITOR_LOG
+    from craft.models.adapters import MONITOR_DIR, MONITOR_LOG, read_adapter_meta
 
     parent = read_adapter_meta(spec.adapter)
     log_path = Path(spec.adapter) / MONITOR_DIR / MONITOR_LOG

@@ -91,3 +91,15 @@ def class_token_prompt(prompt: str, label: str, adapter_meta: dict[str, Any]) ->
     if label in mapping:
         return f"{mapping[label]}, {prompt}"
     return str(prompt)
+
+
+# the reward monitor's readings inside a reward adapter (issue 21; written by craft.train.monitor, read by the
+# evaluate step's over-optimisation curve): ADAPTER/monitor/monitor.jsonl and a snapshot ADAPTER/monitor/step-N/
+MONITOR_DIR = "monitor"
+MONITOR_LOG = "monitor.jsonl"
+
+
+def read_monitor_log(adapter_dir: str | os.PathLike) -> list[dict]:
+    """The readings a reward adapter was trained with ([] when it was trained without the monitor)."""
+    p = Path(adapter_dir) / MONITOR_DIR / MONITOR_LOG
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.is_file() else []

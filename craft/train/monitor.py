@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,11 +34,11 @@ from typing import Any, Literal
 import torch
 
 from craft.io import atomic_write_bytes
+from craft.models.adapters import MONITOR_DIR, MONITOR_LOG  # the layout the evaluate side reads
+from craft.models.adapters import read_monitor_log as read_log  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
-MONITOR_DIR = "monitor"
-MONITOR_LOG = "monitor.jsonl"
 TRAINABLE_FILE = "trainable.safetensors"  # the objective's trainable tensors at a reading, by parameter name
 SIGNALS = {"critic": "critic_reward", "views": "critic_views", "referee": "referee_reward"}
 
@@ -242,9 +241,3 @@ def _save_trainable(objective, path: Path) -> None:
 
     state = {n: p.detach().float().cpu().contiguous() for n, p in objective.named_parameters() if p.requires_grad}
     atomic_write_bytes(path, save(state))
-
-
-def read_log(adapter_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The readings a reward adapter was trained with (``ADAPTER/monitor/monitor.jsonl``; [] without a monitor)."""
-    p = Path(adapter_dir) / MONITOR_DIR / MONITOR_LOG
-    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.is_file() else []
