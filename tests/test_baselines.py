@@ -233,18 +233,15 @@ def test_make_pairs_trains_on_the_image_the_mllm_chose(tmp_path):
         backend.close()
 
 
-def test_dpo_with_the_offline_mllm_judge_runs_a_step(tmp_path):
-    """dpo.judge=mllm end to end on tiny pieces, the offline measurer as the MLLM; no critic is loaded."""
-    import json
+def _dpo_world(tmp_path):
+    """Demo histo data (n=16, 32 px) with enriched prompts and the demo checklists, and a tiny base at tmp/base."""
     import shutil
 
     import pandas as pd
 
     from craft.annotate import checklists as ck
-    from craft.config import load_stage_config
     from craft.data.demo import DemoConfig, generate
     from craft.data.manifest import read_manifest
-    from craft.train.baselines import dpo_main
 
     data, ann = tmp_path / "data", tmp_path / "ann"
     generate(DemoConfig(modality="histo", n=16, seed=0, resolution=32, images_per_patient=2), data)
@@ -254,6 +251,17 @@ def test_dpo_with_the_offline_mllm_judge_runs_a_step(tmp_path):
                   "status": "ok"}).to_parquet(ann / "annotations.parquet")  # fmt: skip
     shutil.copy(ck.shipped_path("demo-histo"), ann / "checklists.json")
     save_pipeline(tiny().pipeline(), tmp_path / "base", {"stage": "test"})
+    return data, ann
+
+
+def test_dpo_with_the_offline_mllm_judge_runs_a_step(tmp_path):
+    """dpo.judge=mllm end to end on tiny pieces, the offline measurer as the MLLM; no critic is loaded."""
+    import json
+
+    from craft.config import load_stage_config
+    from craft.train.baselines import dpo_main
+
+    data, ann = _dpo_world(tmp_path)
     cfg = load_stage_config("dpo", None, ["loop.steps=1", "loop.batch_size=2", "loop.threads=2", "loop.progress=false",
                                           "n_pairs=3", "sample_steps=2", "judge=mllm", "judge_backend.backend=offline"])  # fmt: skip
     m = dpo_main(cfg, data, ann, tmp_path / "no-critic", tmp_path / "no-probe", tmp_path / "base", tmp_path / "dpo")
@@ -289,14 +297,8 @@ def test_dpo_heldout_objective_starts_at_log2_and_training_moves_it(tmp_path):
     learning rate the training pairs' loss is below log 2."""
     import copy
     import math
-    import shutil
 
-    import pandas as pd
-
-    from craft.annotate import checklists as ck
     from craft.config import load_stage_config
-    from craft.data.demo import DemoConfig, generate
-    from craft.data.manifest import read_manifest
     from craft.train.baselines import DPOObjective, dpo_main, dpo_objective
 
     comp = tiny()
@@ -305,14 +307,7 @@ def test_dpo_heldout_objective_starts_at_log2_and_training_moves_it(tmp_path):
     loss, acc = dpo_objective(model, {"z_w": z, "z_l": z.flip(0), "prompt": ["a", "b", "c"]}, draws=2, seed=0)
     assert loss == pytest.approx(math.log(2), abs=1e-6) and acc == 0.0
 
-    data, ann = tmp_path / "data", tmp_path / "ann"
-    generate(DemoConfig(modality="histo", n=16, seed=0, resolution=32, images_per_patient=2), data)
-    df = read_manifest(data)
-    ann.mkdir()
-    pd.DataFrame({"image_id": df["image_id"], "enriched_prompt": [f"{lab} tissue with glands" for lab in df["label"]],
-                  "status": "ok"}).to_parquet(ann / "annotations.parquet")  # fmt: skip
-    shutil.copy(ck.shipped_path("demo-histo"), ann / "checklists.json")
-    save_pipeline(tiny().pipeline(), tmp_path / "base", {"stage": "test"})
+    data, ann = _dpo_world(tmp_path)
     cfg = load_stage_config("dpo", None, ["loop.steps=4", "loop.batch_size=3", "loop.lr=0.05", "loop.threads=2",
                                           "loop.progress=false", "n_pairs=3", "sample_steps=2", "judge=mllm",
                                           "judge_backend.backend=offline", "heldout_pairs=3", "beta=50"])  # fmt: skip

@@ -561,17 +561,20 @@ def dpo_main(cfg: DPOConfig, dataset_dir, annotations_dir, critic_dir, probe_dir
     unet, vae, te, tok = pipe.unet.to(dev), pipe.vae.to(dev), pipe.text_encoder.to(dev), pipe.tokenizer
     vae.requires_grad_(False)
     te.requires_grad_(False)
-    rows = df.sample(n=cfg.n_pairs, replace=len(df) < cfg.n_pairs, random_state=cfg.seed).reset_index(drop=True)
-    labels = rows["label"].astype(str).tolist()
-    if cfg.prompts == "enriched":
-        judged = rows["enriched_prompt"].astype(str).tolist()
-        prompts = token_prompts(judged, labels, tokens)
-    else:
+
+    def pair_prompts(n: int, seed: int) -> tuple[list[str], list[str], list[str]]:
+        """n sampled rows -> (labels, the text the judge reads, the generator's prompts with class tokens)."""
+        rows = df.sample(n=n, replace=len(df) < n, random_state=seed).reset_index(drop=True)
+        labels = rows["label"].astype(str).tolist()
+        if cfg.prompts == "enriched":
+            judged = rows["enriched_prompt"].astype(str).tolist()
+            return labels, judged, token_prompts(judged, labels, tokens)
         from craft.data.manifest import read_meta
 
         meta = read_meta(dataset_dir)
-        judged = [meta.phrase(lab) for lab in labels]
-        prompts = [tokens.get(lab, meta.phrase(lab)) for lab in labels]
+        return labels, [meta.phrase(lab) for lab in labels], [tokens.get(lab, meta.phrase(lab)) for lab in labels]
+
+    labels, judged, prompts = pair_prompts(cfg.n_pairs, cfg.seed)
     # the judge (critic or MLLM) reads the text without class tokens, as evaluation scores it
     checklists = json.loads((Path(annotations_dir) / "checklists.json").read_text())
     backend = None
@@ -594,17 +597,7 @@ def dpo_main(cfg: DPOConfig, dataset_dir, annotations_dir, critic_dir, probe_dir
         pairs = make_pairs(unet, vae, te, tok, pipe.scheduler, prompts, {"label": labels, "prompt": judged},
                            cfg.seed, cfg.sample_steps, cfg.scheduler, cfg.guidance, **judge_kw)  # fmt: skip
         if cfg.heldout_pairs:  # other rows, other noise, the same judge and starting model as the training pairs
-            hrows = df.sample(n=cfg.heldout_pairs, replace=len(df) < cfg.heldout_pairs,
-                              random_state=cfg.seed + 7_919).reset_index(drop=True)  # fmt: skip
-            hl = hrows["label"].astype(str).tolist()
-            if cfg.prompts == "enriched":
-                hj = hrows["enriched_prompt"].astype(str).tolist()
-                hp = token_prompts(hj, hl, tokens)
-            else:
-                from craft.data.manifest import read_meta
-
-                m = read_meta(dataset_dir)
-                hj, hp = [m.phrase(lab) for lab in hl], [tokens.get(lab, m.phrase(lab)) for lab in hl]
+            hl, hj, hp = pair_prompts(cfg.heldout_pairs, cfg.seed + 7_919)
             held = make_pairs(unet, vae, te, tok, pipe.scheduler, hp, {"label": hl, "prompt": hj}, cfg.seed + 7_919,
                               cfg.sample_steps, cfg.scheduler, cfg.guidance, **judge_kw)  # fmt: skip
     finally:
