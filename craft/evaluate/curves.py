@@ -104,11 +104,11 @@ def trace(name: str, spec: VariantSpec, readings: list[dict[str, Any]], *, cases
 
         def make(sspec=sspec, snap=snap):
             pipe, smeta = load_variant_pipeline(sspec, dev)
-            # a snapshot carries the run's frozen TI tokens but not the class -> token map: the parent's says it
+            # a snapshot carries the run's frozen TI tokens and class -> token map, which must be the adapter's
             if sorted(smeta.get("tokens") or []) != sorted(parent.get("tokens") or []):
                 raise ValueError(f"{snap}: textual-inversion tokens {smeta.get('tokens')} differ from the adapter's "
                                  f"{parent.get('tokens')}; the snapshot is not of this adapter's run")  # fmt: skip
-            ps = [variant_prompt(p, lab, parent) for p, lab in zip(prompts, labels)]
+            ps = [variant_prompt(p, lab, smeta) for p, lab in zip(prompts, labels)]
             return to_dataset_array(generate(pipe, ps, seeds, cfg), meta)
 
         key = {"spec": sspec.key(), "prompts": prompts, "seeds": seeds, **sample_cfg}

@@ -347,6 +347,7 @@ def dpo_objective(model: DPOObjective, pairs: dict[str, Any], draws: int, seed: 
     was = model.training
     model.eval()
     losses, accs, n = 0.0, 0.0, len(pairs["prompt"])
+    dev = next(model.unet.parameters()).device
     for d in range(draws):
         g = torch.Generator().manual_seed(seed * 1_000_003 + d)
         for i in range(0, n, batch):
@@ -354,7 +355,6 @@ def dpo_objective(model: DPOObjective, pairs: dict[str, Any], draws: int, seed: 
             b = {"z_w": pairs["z_w"][sl], "z_l": pairs["z_l"][sl], "prompt": pairs["prompt"][sl]}
             if "states" in pairs:
                 b["states"] = pairs["states"][list(range(sl.start, sl.stop))]
-            dev = next(model.unet.parameters()).device
             b = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
             out = model(b, g)
             k = sl.stop - sl.start
