@@ -25,18 +25,25 @@ def reward_op(
     start: Input[Model] = None,
     referee: Input[Model] = None,
     referee_probe: Input[Model] = None,
+    critic_1: Input[Model] = None,
+    critic_1_probe: Input[Model] = None,
+    critic_2: Input[Model] = None,
+    critic_2_probe: Input[Model] = None,
     run_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     task_name: str = dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
 ):
     """CRAFT: LoRA reward finetuning with DRaFT-K against the frozen critic and probe (from ``start`` when given);
-    ``referee`` + ``referee_probe``: the over-optimisation monitor's second judge (reward.monitor, never the evaluator)."""
+    ``referee`` + ``referee_probe``: the over-optimisation monitor's second judge (reward.monitor, never the evaluator);
+    ``critic_K`` + ``critic_K_probe``: the reward ensemble's extra critics (reward.ensemble, pipeline.critic_ensemble)."""
     from craft.launch import Artifact, run_step
 
     args = dict(dataset_dir=Artifact.read(dataset), annotations_dir=Artifact.read(annotations),
                 critic_dir=Artifact.read(critic), probe_dir=Artifact.read(probe), base=Artifact.read(base),
                 model_dir=Artifact.write(model), profile=profile, overrides=overrides,
                 start_dir=Artifact.read(start), referee_dir=Artifact.read(referee),
-                referee_probe_dir=Artifact.read(referee_probe))  # fmt: skip
+                referee_probe_dir=Artifact.read(referee_probe),
+                critic_1_dir=Artifact.read(critic_1), critic_1_probe_dir=Artifact.read(critic_1_probe),
+                critic_2_dir=Artifact.read(critic_2), critic_2_probe_dir=Artifact.read(critic_2_probe))  # fmt: skip
     for key, value in run_step("craft.train.reward:step", args, config="reward", run_id=run_id,
                                task=task_name).items():  # fmt: skip
         metrics.log_metric(key, value)

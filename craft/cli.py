@@ -368,6 +368,14 @@ def train_reward_cmd(
     start: Annotated[
         Path | None, typer.Option(help="TI+LoRA adapter whose LoRA to continue (default: a fresh LoRA).")
     ] = None,
+    referee: Annotated[
+        str | None, typer.Option(help="The monitor's referee encoder (reward.monitor; never the evaluator).")
+    ] = None,
+    referee_probe: Annotated[Path | None, typer.Option(help="The referee's linear probe.")] = None,
+    ensemble: Annotated[
+        list[str] | None,
+        typer.Option(help="An extra critic as ENCODER_DIR,PROBE_DIR (repeat once per member; reward.ensemble=N)."),
+    ] = None,
     config: ConfigOpt = None,
     overrides: Overrides = None,
 ) -> None:
@@ -375,7 +383,14 @@ def train_reward_cmd(
     from craft.train import reward
 
     cfg = stage_config("reward", config, overrides)
-    _echo_json(reward.main(cfg, data, annotations, critic, probe, base, out, start_dir=start))
+    pairs = []
+    for member in ensemble or []:
+        enc, sep, prb = member.partition(",")
+        if not sep or not enc or not prb:
+            raise typer.BadParameter(f"--ensemble {member!r}: expected ENCODER_DIR,PROBE_DIR")
+        pairs.append((enc, prb))
+    _echo_json(reward.main(cfg, data, annotations, critic, probe, base, out, start_dir=start, referee_dir=referee,
+                           referee_probe_dir=referee_probe, ensemble=pairs))  # fmt: skip
 
 
 @train_app.command("ti")
@@ -557,7 +572,11 @@ def train_encoder_cmd(
     dataset_dir: Annotated[Path, typer.Argument(help="Dataset directory; only its train split is used.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Encoder directory to write (HF layout).")],
     role: Annotated[
-        str, typer.Option(help="critic, evaluator, evaluator2 or referee (each has its own arch and seed).")
+        str,
+        typer.Option(
+            help="critic, evaluator, evaluator2, referee (each has its own arch and seed) or critic-K "
+            "(the K-th extra critic of reward.ensemble: the critic's arch, encoder.ensemble_seeds[K-1])."
+        ),
     ],
     annotations: Annotated[
         Path | None, typer.Option(help="annotations.parquet (or its folder): enriched prompts as texts.")

@@ -58,15 +58,17 @@ LABELS = {
     "craft_select": "CRAFT + checkpoint chosen by the referee",
     "craft_regularised": "CRAFT + eq. 1 L_diff weight 4",
     "craft_combined": "CRAFT + views + referee choice + L_diff 4",
+    "craft_ensemble": "CRAFT + reward averaged over 3 critics",
 }
 
 # Issue 21: remedies against reward hacking, each a reward-stage config on top of CRAFT (every one monitored, so each
 # has an over-optimisation curve; the first is the paper's settings with the monitor only, the "old" curve)
 MONITORED = ["reward.monitor.every=25", "reward.monitor.prompts=16", "reward.monitor.samples_per_prompt=2"]
-VIEWS, SELECT, REGULARISED = (
+VIEWS, SELECT, REGULARISED, ENSEMBLE = (
     ["reward.augment.views=4"],
     ["reward.monitor.select=referee"],
     ["reward.diffusion_weight=4"],
+    ["reward.ensemble=2"],  # the critic + critic-1 + critic-2 (encoder.ensemble_seeds), trained in shared/
 )
 REMEDIES: dict[str, list[str]] = {
     "craft_monitored": [],
@@ -74,6 +76,7 @@ REMEDIES: dict[str, list[str]] = {
     "craft_select": SELECT,
     "craft_regularised": REGULARISED,
     "craft_combined": [*VIEWS, *SELECT, *REGULARISED],
+    "craft_ensemble": ENSEMBLE,
 }
 
 
@@ -187,6 +190,12 @@ def train_shared(plan: Plan, timings: dict[str, float]) -> dict[str, Path]:
                  timings, "encoder-referee")  # fmt: skip
         run_step(d["referee_probe"], lambda: probe_step(d["referee"], d["data"], d["referee_probe"], p, o), timings,
                  "probe-referee")  # fmt: skip
+    n_extra = max(int(ENSEMBLE[0].split("=")[1]) if plan.remedies else 0, load_stage_config("reward", p, o).ensemble)
+    for k in range(1, n_extra + 1):  # the reward ensemble's extra critics (issue 21): the critic's arch, other seeds
+        m, mp = f"critic-{k}", f"critic-{k}_probe"
+        d[m], d[mp] = s / m, s / mp
+        run_step(d[m], lambda r=m: encoder_step(d["data"], d["annotations"], r, d[r], p, o), timings, f"encoder-{m}")
+        run_step(d[mp], lambda r=m, q=mp: probe_step(d[r], d["data"], d[q], p, o), timings, f"probe-{m}")
     run_step(d["pretrain"], lambda: crafts.step("pretrain", d["data"], d["pretrain"], p, o), timings, "pretrain")
     return d
 
@@ -224,16 +233,26 @@ def train_seed(plan: Plan, seed: int, shared: dict[str, Path], timings: dict[str
     start = v["ti_lora"] if load_stage_config("pipeline", p, plan.overrides).craft_start == "ti_lora" else None
     for name, w in reward_variants(plan.table4_for(seed)).items():
         v[name] = sd / name
-        run_step(v[name], lambda n=name, w=w: reward.step(data, ann, critic, cprobe, base, v[n], p,
-                 [*o, *_weights_overrides(w)], start_dir=start, referee_dir=shared.get("referee"),
-                 referee_probe_dir=shared.get("referee_probe")), timings, name)  # fmt: skip
+        over = [*o, *_weights_overrides(w)]
+        run_step(v[name], lambda n=name, ov=over: reward.step(data, ann, critic, cprobe, base, v[n], p, ov,
+                 start_dir=start, referee_dir=shared.get("referee"), referee_probe_dir=shared.get("referee_probe"),
+                 ensemble=_members(shared, p, ov)), timings, name)  # fmt: skip
     if plan.remedies:
         for name, extra in REMEDIES.items():
             v[name] = sd / name
-            run_step(v[name], lambda n=name, e=extra: reward.step(data, ann, critic, cprobe, base, v[n], p,
-                     [*MONITORED, *e, *o], start_dir=start, referee_dir=shared["referee"],
-                     referee_probe_dir=shared["referee_probe"]), timings, name)  # fmt: skip
+            over = [*MONITORED, *extra, *o]
+            run_step(v[name], lambda n=name, ov=over: reward.step(data, ann, critic, cprobe, base, v[n], p, ov,
+                     start_dir=start, referee_dir=shared["referee"], referee_probe_dir=shared["referee_probe"],
+                     ensemble=_members(shared, p, ov)), timings, name)  # fmt: skip
     return v
+
+
+def _members(shared: dict[str, Path], profile: str, overrides: list[str]) -> list[tuple[Path, Path]]:
+    """The extra critics (encoder, probe) a reward run with ``overrides`` averages over (``reward.ensemble``)."""
+    from craft.config import load_stage_config
+
+    n = load_stage_config("reward", profile, overrides).ensemble
+    return [(shared[f"critic-{k}"], shared[f"critic-{k}_probe"]) for k in range(1, n + 1)]
 
 
 def evaluate_seed(plan: Plan, seed: int, shared: dict[str, Path], variants: dict[str, Path],
@@ -276,10 +295,26 @@ def evaluate_seed(plan: Plan, seed: int, shared: dict[str, Path], variants: dict
                            critic_dir=shared["critic"], critic_probe_dir=shared["critic_probe"])  # fmt: skip
 
         run_step(out_r, go_r, timings, "evaluate-remedies")
-        extra = json.loads((out_r / "metrics.json").read_text())
-        metrics["variants"].update({k: d for k, d in extra["variants"].items() if k in REMEDIES})
-        metrics["curves"] = {**(metrics.get("curves") or {}), **(extra.get("curves") or {})}
-        metrics["curves_meta"] = {**(metrics.get("curves_meta") or {}), **(extra.get("curves_meta") or {})}
+        outs = [out_r]
+        have = json.loads((out_r / "metrics.json").read_text())["variants"]
+        for r in (r for r in REMEDIES if r not in have):  # a remedy added after this seed's remedies were evaluated:
+            # its own evaluation (sample noise depends on (seed, image, k) only, so it sees the same noise as the rest)
+            out_x = plan.seed_dir(seed) / f"eval-{r}"
+            cfg_x = load_stage_config("evaluate", plan.profile, [*ev_over, f"evaluate.candidate={r}"])
+
+            def go_x(r=r, out_x=out_x, cfg_x=cfg_x) -> dict[str, Any]:
+                return ev.main(cfg_x, shared["data"], shared["annotations"], {ev.REAL: ev.REAL, r: specs[r]},
+                               shared["evaluator"], shared["evaluator_probe"], out_x,
+                               critic_identity=load_encoder(shared["critic"]).identity, critic_dir=shared["critic"],
+                               critic_probe_dir=shared["critic_probe"])  # fmt: skip
+
+            run_step(out_x, go_x, timings, f"evaluate-{r}")
+            outs.append(out_x)
+        for o in outs:
+            extra = json.loads((o / "metrics.json").read_text())
+            metrics["variants"].update({k: d for k, d in extra["variants"].items() if k in REMEDIES})
+            metrics["curves"] = {**(metrics.get("curves") or {}), **(extra.get("curves") or {})}
+            metrics["curves_meta"] = {**(metrics.get("curves_meta") or {}), **(extra.get("curves_meta") or {})}
     return metrics
 
 

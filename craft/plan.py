@@ -38,6 +38,9 @@ class PipelinePlan:
     # stage's referee role, another architecture and seed than the critic) + its probe; import = referee_uri
     referee: Literal["none", "train", "import"] = "none"
     referee_uri: str = ""  # with referee=import: folder or s3:// prefix of the referee encoder (never the evaluator)
+    # the reward ensemble's extra critics (issue 21, reward.ensemble): N more encoders trained like the critic (the
+    # encoder roles critic-1..critic-N, other seeds) + their probes, read only by the craft step; needs encoders=train
+    critic_ensemble: int = 0
     # last stage in the DAG: "validate" or "annotate" build a data-preparation pipeline only
     # (check and annotate a new collection without training); "all" is the whole system
     until: Literal["validate", "annotate", "all"] = "all"
@@ -62,12 +65,19 @@ class PipelinePlan:
             raise ValueError("referee: import needs referee_uri")
         if self.referee == "import" and self.referee_uri in (self.critic_uri, self.evaluator_uri):
             raise ValueError("referee_uri names the critic or the evaluator: the referee must be a third model")
+        if not 0 <= self.critic_ensemble <= MAX_ENSEMBLE:
+            raise ValueError(
+                f"critic_ensemble must be in 0..{MAX_ENSEMBLE} (extra critics), got {self.critic_ensemble}"
+            )
+        if self.critic_ensemble and self.encoders != "train":
+            raise ValueError("critic_ensemble: the extra critics are trained like the critic; needs encoders: train")
 
 
 # ---------------------------------------------------------------- the plan check (issue 19)
 # Which stage needs what of a dataset. Checked before anything trains (`craft validate DATASET --config P`
 # and the pipeline's validate step, which is never retried): each failure names the missing piece and the
 # override or import flag that provides it, in seconds, instead of a stage failing minutes in, retried.
+MAX_ENSEMBLE = 2  # extra critics the craft step takes (components/reward.py: critic_1, critic_2)
 OFFLINE_MODALITIES = ("histo", "cxr")  # what the offline annotation backend can measure (craft/annotate/backends.py)
 MIN_CLASSES = 2  # probes, CAS and the gates classify: one class leaves nothing to tell apart
 PROBE_MIN_TRAIN = 2  # train images per class for the linear probes (CRAFT A.2) and the downstream classifier
@@ -211,7 +221,13 @@ def check_plan(dataset_dir, profile, overrides=(), base_uri: str = "") -> list[M
                                    "override annotate.checklist=generate or annotate.checklist=PATH.json"))  # fmt: skip
 
     if plan.until == "all":
-        mon = load_stage_config("reward", profile, overrides).monitor
+        rcfg = load_stage_config("reward", profile, overrides)
+        mon = rcfg.monitor
+        if rcfg.ensemble != plan.critic_ensemble:
+            out.append(Missing(f"{rcfg.ensemble} extra critics for reward.ensemble={rcfg.ensemble} (this pipeline "
+                               f"trains {plan.critic_ensemble})", "craft (reward finetuning)",
+                               f"compile with pipeline.critic_ensemble={rcfg.ensemble}, or override "
+                               f"reward.ensemble={plan.critic_ensemble}"))  # fmt: skip
         if mon.select == "referee" and plan.referee == "none":
             out.append(Missing("a referee encoder for reward.monitor.select=referee", "craft (reward finetuning)",
                                "override pipeline.referee=train (or import with pipeline.referee_uri=...), or "

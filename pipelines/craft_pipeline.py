@@ -185,6 +185,13 @@ def build_pipeline(
                 referee = _step(import_model_op(uri=plan.referee_uri), "import-referee", "data").outputs["model"]
             referee_probe = _step(probe_op(encoder=referee, dataset=dataset, **common_data), "referee-probe", "probe")
             start.update(referee=referee, referee_probe=referee_probe.outputs["probe"])
+        for k in range(1, plan.critic_ensemble + 1):  # the reward ensemble's extra critics: the craft step only
+            member = _step(encoder_op(dataset=dataset, role=f"critic-{k}", annotations=annotations, **common_data),
+                           f"critic-{k}", "encoders").outputs["encoder"]  # fmt: skip
+            member_probe = _step(
+                probe_op(encoder=member, dataset=dataset, **common_data), f"critic-{k}-probe", "probe"
+            )
+            start.update({f"critic_{k}": member, f"critic_{k}_probe": member_probe.outputs["probe"]})
         craft = _step(
             reward_op(base=base, dataset=dataset, annotations=annotations, critic=critic,
                       probe=critic_probe.outputs["probe"], **start, **common_data),

@@ -41,10 +41,10 @@ def make_dataset(root: Path, n: int = 16, res: int = 32, seed: int = 0) -> Path:
     return root
 
 
-def reward_world(tmp: Path, evaluator: bool = False, referee: bool = False) -> dict[str, Path]:
+def reward_world(tmp: Path, evaluator: bool = False, referee: bool = False, ensemble: int = 0) -> dict[str, Path]:
     """What the reward-side stage mains read, at test size: demo histo data (n=16, 32 px) with enriched prompts and
     the demo checklists, a critic encoder + linear probe (and, if asked, an evaluator beside them, or the reward
-    monitor's referee encoder + probe), a tiny base."""
+    monitor's referee encoder + probe, and ``ensemble`` extra critics critic-K + critic-K_probe), a tiny base."""
     import shutil
 
     from craft.config import load_stage_config
@@ -70,6 +70,11 @@ def reward_world(tmp: Path, evaluator: bool = False, referee: bool = False) -> d
     if referee:
         encoder.main(ecfg, "referee", data, tmp / "referee", ann)
         probe.main(load_stage_config("probe", None, ["epochs=2"]), tmp / "referee", data, tmp / "referee_probe")
+    for k in range(1, ensemble + 1):
+        encoder.main(ecfg, f"critic-{k}", data, tmp / f"critic-{k}", ann)
+        probe.main(
+            load_stage_config("probe", None, ["epochs=2"]), tmp / f"critic-{k}", data, tmp / f"critic-{k}_probe"
+        )
     mc = ModelConfig(preset="tiny", resolution=32, unet_channels=[8, 16], vae_channels=[8, 8], text_hidden=16,
                      text_layers=1)  # fmt: skip
     comp = build_components(mc, ["adenocarcinoma", "adenoma", "normal", "mucinous carcinoma"])

@@ -126,6 +126,10 @@ def test_plan_check_names_every_missing_piece_and_its_fix(folder, tmp_path):
     # the modality a schema exists for, the resolution the model is built at
     wrong = check_plan(ok, "custom", [*mllm, "pretrain.model.resolution=32"])
     assert any("pretrain.model.resolution=64" in m.fix for m in wrong)
+    # the reward ensemble (issue 21): reward.ensemble must match the extra critics this pipeline trains
+    ens = check_plan(ok, "custom", [*mllm, "reward.ensemble=2"])
+    assert len(ens) == 1 and "pipeline.critic_ensemble=2" in ens[0].fix and "trains 0" in ens[0].piece
+    assert check_plan(ok, "custom", [*mllm, "reward.ensemble=2", "pipeline.critic_ensemble=2"]) == []
 
 
 def test_bad_config_run_fails_once_at_validate_naming_the_fix(folder, tmp_path, caplog, capfd, s3_env, monkeypatch):

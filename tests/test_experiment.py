@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -122,15 +123,25 @@ def test_toy_paper_table_end_to_end_and_resume(tmp_path, monkeypatch):
     assert again["aggregate"]["table"]["craft"]["cas"] == table["craft"]["cas"]
 
 
-@pytest.mark.slow  # ~2.5 min on 2 quiet cores (7 reward runs, 2 evaluations, a referee encoder)
+@pytest.mark.slow  # ~3.5 min on 2 quiet cores (8 reward runs, 3 evaluations, a referee, 2 more critics)
 def test_toy_paper_table_with_the_reward_hacking_remedies(tmp_path, monkeypatch):
     """--remedies: a referee is trained, every remedy is monitored and evaluated (with its curve), and RESULTS.md gets
     the remedies table with a seed-by-seed verdict against TI+LoRA and one curve table per remedy."""
     monkeypatch.setenv("CRAFT_MODEL_CACHE", str(tmp_path / "cache"))
     md = tmp_path / "RESULTS.md"
     toy = [*TOY, "reward.monitor.prompts=4", "reward.monitor.samples_per_prompt=1", "evaluate.curves.prompts=4"]
+    # first without the ensemble remedy, as a run root evaluated before that remedy existed ...
+    monkeypatch.setattr(ex, "REMEDIES", {k: v for k, v in ex.REMEDIES.items() if k != "craft_ensemble"})
+    ex.paper_table("demo-histo", 1, tmp_path / "run", md, toy, table4=False, crafts_ablation=False, remedies=True)
+    monkeypatch.undo()
+    monkeypatch.setenv("CRAFT_MODEL_CACHE", str(tmp_path / "cache"))
+    # ... then with it: the finished steps are reused, the new remedy trains and gets its own evaluation
     res = ex.paper_table("demo-histo", 1, tmp_path / "run", md, toy, table4=False, crafts_ablation=False,
                          remedies=True)  # fmt: skip
+    assert (tmp_path / "run" / "seed-0" / "eval-craft_ensemble" / ex.DONE).is_file()
+    ens = json.loads((tmp_path / "run" / "seed-0" / "craft_ensemble" / "lineage.json").read_text())
+    assert [Path(e).name for e, _ in ens["ensemble"]] == ["critic-1", "critic-2"]
+    assert len(set(ens["ensemble_identities"])) == 2
     table = res["aggregate"]["table"]
     assert set(ex.REMEDIES) <= set(table) and table["craft_combined"]["cas"]["mean"] is not None
     assert (tmp_path / "run" / "shared" / "referee" / ex.DONE).is_file()

@@ -191,6 +191,33 @@ def test_referee_plan_feeds_the_craft_step_a_third_encoder(tmp_path):
     assert "referee" not in tasks and "referee" not in tasks["craft"]["inputs"]["artifacts"]
 
 
+def test_critic_ensemble_plan_trains_extra_critics_for_the_craft_step_only(tmp_path):
+    """pipeline.critic_ensemble=2 (issue 21, reward.ensemble): two more critics (encoder roles critic-1, critic-2) and
+    their probes, connected to the craft step's critic_K inputs and to nothing the evaluate step reads."""
+    from kfp import compiler
+
+    out = tmp_path / "ens.yaml"
+    compiler.Compiler().compile(build_pipeline(PipelinePlan(critic_ensemble=2)), str(out))
+    spec = _load(out)[0]
+    tasks = _tasks(spec)
+    shown = {key: t["taskInfo"]["name"] for key, t in spec["root"]["dag"]["tasks"].items()}
+    craft_in = tasks["craft"]["inputs"]["artifacts"]
+    for k in (1, 2):
+        assert shown[craft_in[f"critic_{k}"]["taskOutputArtifact"]["producerTask"]] == f"critic-{k}"
+        assert shown[craft_in[f"critic_{k}_probe"]["taskOutputArtifact"]["producerTask"]] == f"critic-{k}-probe"
+        assert tasks[f"critic-{k}"]["inputs"]["parameters"]["role"]["runtimeValue"]["constant"] == f"critic-{k}"
+    evaluate_from = {shown[a["taskOutputArtifact"]["producerTask"]] for a in tasks["evaluate"]["inputs"]["artifacts"]
+                     .values() if "taskOutputArtifact" in a}  # fmt: skip
+    assert not evaluate_from & {"critic-1", "critic-2", "critic-1-probe", "critic-2-probe"}
+    compiler.Compiler().compile(build_pipeline(PipelinePlan()), str(out))
+    assert "critic_1" not in _tasks(_load(out)[0])["craft"]["inputs"]["artifacts"]
+    with pytest.raises(ValueError, match="critic_ensemble must be in 0..2"):
+        build_pipeline(PipelinePlan(critic_ensemble=3))
+    with pytest.raises(ValueError, match="needs encoders: train"):
+        build_pipeline(PipelinePlan(critic_ensemble=1, encoders="import", critic_uri="s3://m/c",
+                                    evaluator_uri="s3://m/e"))  # fmt: skip
+
+
 def test_plan_refuses_inconsistent_choices():
     with pytest.raises(ValueError, match="dpo starts from the ti_lora"):
         build_pipeline(PipelinePlan(baselines=["ti", "dpo"]))

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -71,6 +71,9 @@ class EncoderTrainConfig:
     # the reward monitor's referee (issue 21): trained like the critic, another architecture and seed; never the
     # evaluator (the evaluate stage refuses to score with it) and never read by the gate
     referee: EncoderSpec = field(default_factory=lambda: EncoderSpec(arch="clip", seed=3, layers=1))
+    # the critic ensemble's extra members (issue 21, reward.ensemble): roles critic-1, critic-2, ... are the critic's
+    # spec with these seeds (an ensemble of independently initialised and shuffled critics, the same architecture)
+    ensemble_seeds: list[int] = field(default_factory=lambda: [10, 11])
     image_size: int = 32  # side of the square input the vision tower sees (images are resized to it)
     max_length: int = 32  # text token window (tokenizer model_max_length = position embeddings)
     epochs: int = 20  # passes over the training split
@@ -87,11 +90,10 @@ class EncoderTrainConfig:
     def validate(self) -> None:
         for role in ROLES:
             getattr(self, role).validate()
-        seeds = [getattr(self, r).seed for r in ROLES]
+        seeds = [getattr(self, r).seed for r in ROLES] + list(self.ensemble_seeds)
         if len(set(seeds)) != len(seeds):
-            raise ValueError(
-                f"critic, evaluator, evaluator2 and referee seeds must differ (independent training), got {seeds}"
-            )
+            raise ValueError(f"critic, evaluator, evaluator2, referee and ensemble seeds must differ (independent "
+                             f"training), got {seeds}")  # fmt: skip
         if self.image_size < 8 or any(self.image_size % getattr(self, r).patch_size for r in ROLES):
             raise ValueError(f"image_size {self.image_size} must be >= 8 and divisible by every role's patch_size")
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.max_length < 4:
@@ -285,6 +287,17 @@ def zero_shot_accuracy(batcher: _Batcher, images: torch.Tensor | PixelColumn, y:
     return float((pred == y).float().mean())
 
 
+def role_spec(cfg: EncoderTrainConfig, role: str) -> EncoderSpec:
+    """The spec ``role`` trains: one of ``ROLES``, or ``critic-K`` = the critic's spec with ``ensemble_seeds[K-1]``."""
+    if role in ROLES:
+        return getattr(cfg, role)
+    head, _, k = role.partition("-")
+    if head == "critic" and k.isdigit() and 1 <= int(k) <= len(cfg.ensemble_seeds):
+        return replace(cfg.critic, seed=cfg.ensemble_seeds[int(k) - 1])
+    members = f"critic-1..critic-{len(cfg.ensemble_seeds)}" if cfg.ensemble_seeds else "none (ensemble_seeds is empty)"
+    raise ValueError(f"role must be one of {', '.join(ROLES)} or an ensemble member ({members}), got {role!r}")
+
+
 def train_encoder(
     cfg: EncoderTrainConfig,
     role: str,
@@ -301,10 +314,8 @@ def train_encoder(
     from craft.models.diffusion import build_tokenizer
     from craft.models.encoders import save_encoder
 
-    if role not in ROLES:
-        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     cfg.validate()
-    spec: EncoderSpec = getattr(cfg, role)
+    spec = role_spec(cfg, role)
     torch.set_num_threads(max(1, cfg.threads))
     t0 = time.perf_counter()
     meta, rows = split_rows(dataset_dir, "train")

@@ -162,6 +162,10 @@ class RewardConfig:
     compile_prefix: Literal["auto", "on", "off"] = "auto"
     # ---- harder-to-game rewards (issue 21): the critic reads augmented views of each image and the reward is their mean
     augment: RewardAugment = field(default_factory=RewardAugment)
+    # extra critics (encoder roles critic-1..critic-E: the critic's architecture, other seeds) whose CAMs score every
+    # image beside the critic; each reward component is the mean over the E + 1 critics (issue 21: a LoRA must please
+    # independently trained critics at once, not one critic's quirks). 0 = the paper's single critic
+    ensemble: int = 0
     # ---- over-optimisation monitor (issue 21): held-out readings by the critic, its views and a referee; snapshots;
     # checkpoint selection and early stopping on those training-side signals only (craft.train.monitor)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -184,6 +188,8 @@ class RewardConfig:
         for name in ("channels_last", "compile_prefix"):
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ValueError(f"{name} must be auto, on or off, got {getattr(self, name)!r}")
+        if self.ensemble < 0:
+            raise ValueError(f"ensemble must be >= 0 (extra critics), got {self.ensemble}")
         self.augment.validate()
         self.monitor.validate()
         if self.vae_checkpointing not in ("auto", "blocks", "whole", "off"):
@@ -717,26 +723,31 @@ def _repeat(v: Any, n: int) -> Any:
 # ---------------------------------------------------------------- the stage
 
 
-def critic_reward(cam, weights: dict[str, float], augment: RewardAugment | None = None) -> RewardFn:
+def critic_reward(cams, weights: dict[str, float], augment: RewardAugment | None = None) -> RewardFn:
     """The CRAFT reward callable: CAM components (VDC, CCS, DD, SFS; eqs. 2-5) and their weighted sum (eq. 6).
 
-    With ``augment.views`` = V > 0 every component is the mean over V random views of the image (``augmented_view``),
-    so a LoRA is rewarded only for what the critic sees across crops, flips and noise (issue 21).
+    ``cams``: one ClinicalAlignmentModule (the paper's critic) or a list of them (the critic and its ensemble
+    members, ``reward.ensemble``): every component is then the mean over the critics before eq. 6 weighs them.
+    With ``augment.views`` = V > 0 every component is also the mean over V random views of the image
+    (``augmented_view``; each critic reads the same views), so a LoRA is rewarded only for what the critic sees
+    across crops, flips and noise (issue 21).
     """
     from craft.losses import clinical_reward
 
+    cams = list(cams) if isinstance(cams, (list, tuple)) else [cams]
     gen = torch.Generator().manual_seed(augment.seed) if augment is not None and augment.views > 0 else None
 
-    def read(images: torch.Tensor, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-        comps = cam(images, meta["label"], meta["prompt"], references=meta.get("reference"))
-        return {k: v for k, v in comps.items() if k in weights}
+    def read(images: torch.Tensor, meta: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for cam in cams:
+            comps = cam(images, meta["label"], meta["prompt"], references=meta.get("reference"))
+            out.append({k: v for k, v in comps.items() if k in weights})
+        return out
 
     def fn(images: torch.Tensor, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-        if gen is None:
-            comps = read(images, meta)
-        else:
-            views = [read(augmented_view(images, augment, gen), meta) for _ in range(augment.views)]
-            comps = {k: torch.stack([v[k] for v in views]).mean(0) for k in views[0]}
+        views = [images] if gen is None else [augmented_view(images, augment, gen) for _ in range(augment.views)]
+        reads = [r for v in views for r in read(v, meta)]
+        comps = reads[0] if len(reads) == 1 else {k: torch.stack([r[k] for r in reads]).mean(0) for k in reads[0]}
         comps["total"] = clinical_reward(comps, weights)
         return comps
 
@@ -762,13 +773,14 @@ def _device(name: str) -> torch.device:
 
 
 def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir, base, out_dir, start_dir=None,
-         work_dir=None, referee_dir=None, referee_probe_dir=None) -> dict[str, float]:  # fmt: skip
+         work_dir=None, referee_dir=None, referee_probe_dir=None, ensemble=None) -> dict[str, float]:  # fmt: skip
     """Train the CRAFT LoRA on ``base`` against the critic and write the adapter to ``out_dir``; returns metrics.
 
     ``start_dir``: an adapter (the TI+LoRA baseline) whose LoRA the reward finetuning continues instead
     of a fresh one; its class tokens stay in the generator's prompts ("<token>, <enriched prompt>") and in
     the output, while the critic scores against the plain enriched prompt (as the evaluator does).
     ``referee_dir`` / ``referee_probe_dir``: the monitor's referee (``cfg.monitor``; never the evaluator).
+    ``ensemble``: ``cfg.ensemble`` (encoder dir, probe dir) pairs, the extra critics the reward averages over.
     """
     from craft.data.loader import image_column
     from craft.models.diffusion import load_pipeline, model_resolution, read_lineage
@@ -803,6 +815,7 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
     probe = load_probe(probe_dir, critic)
     checklists = json.loads((Path(annotations_dir) / "checklists.json").read_text())
     cam = ClinicalAlignmentModule(critic, probe, checklists, cfg.checklist_mode, dd="loglik")
+    members = ensemble_cams(cfg, ensemble, critic, checklists, dev)
     weights = dict(cfg.reward_weights)
     if not cfg.use_sfs:
         weights.pop("sfs", None)
@@ -816,7 +829,7 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
         data["reference"] = image_column(dataset_dir, df, res, "unit")  # paired real image x_i in [0, 1] (eq. 5),
         # read from disk per batch
     model = DraftObjective(
-        unet, vae, te, pipe.tokenizer, pipe.scheduler, critic_reward(cam, weights, cfg.augment), cfg
+        unet, vae, te, pipe.tokenizer, pipe.scheduler, critic_reward([cam, *members], weights, cfg.augment), cfg
     )
     mon, loop, selected = None, cfg.loop, None
     if held is not None:
@@ -839,7 +852,8 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
                        selected_step=float(selected["step"] if selected else result.step))  # fmt: skip
     lineage = {"stage": "reward", "kind": "lora", "base": str(base), "base_lineage": read_lineage(base),
                "config": to_dict(cfg), "critic": str(critic_dir), "critic_identity": critic.identity,
-               "probe": str(probe_dir), "dataset": str(dataset_dir), "annotations": str(annotations_dir),
+               "probe": str(probe_dir), "ensemble": [[str(e), str(p)] for e, p in ensemble or []],
+               "ensemble_identities": [m.encoder.identity for m in members], "dataset": str(dataset_dir), "annotations": str(annotations_dir),
                "start": str(start_dir) if start_dir else None, "class_tokens": tokens, "metrics": metrics}  # fmt: skip
     if mon is not None:
         lineage["monitor"] = {"held_out_image_ids": held["image_id"].astype(str).tolist(), "referee": str(referee_dir)
@@ -851,6 +865,28 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
         extra = {MONITOR_DIR: mon.dir} if mon is not None else None
         save_adapters(out_dir, unet=unet, lora=lora, embeddings=embeds, info=lineage, extra=extra)
     return metrics
+
+
+def ensemble_cams(cfg: RewardConfig, ensemble, critic, checklists, dev) -> list:
+    """The extra critics' CAMs (``reward.ensemble``): exactly ``cfg.ensemble`` (encoder, probe) folders, each an
+    encoder other than the critic and other than each other (independently trained members), loaded frozen."""
+    from craft.models.encoders import ClinicalAlignmentModule, load_encoder, load_probe
+
+    pairs = [(str(e), str(p)) for e, p in (ensemble or [])]
+    if len(pairs) != cfg.ensemble:
+        raise ValueError(f"reward.ensemble={cfg.ensemble} needs {cfg.ensemble} extra critic (encoder, probe) folders, "
+                         f"got {len(pairs)}: train them with the encoder roles critic-1..critic-{cfg.ensemble} "
+                         "(pipeline: reward.ensemble trains them; CLI: --ensemble ENCODER_DIR,PROBE_DIR)")  # fmt: skip
+    seen, cams = {critic.identity: str(critic.source)}, []
+    for enc_dir, probe_dir in pairs:
+        enc = load_encoder(enc_dir, device=str(dev)).eval().requires_grad_(False)
+        if enc.identity in seen:
+            raise ValueError(f"ensemble critic {enc_dir} has the same weights as {seen[enc.identity]}: every member "
+                             "must be trained independently (another seed)")  # fmt: skip
+        seen[enc.identity] = enc_dir
+        cams.append(ClinicalAlignmentModule(enc, load_probe(probe_dir, enc), checklists, cfg.checklist_mode,
+                                            dd="loglik"))  # fmt: skip
+    return cams
 
 
 def _monitor(cfg: RewardConfig, model, held, tokens, dataset_dir, res, cam, weights, checklists, critic, work, dev,
@@ -888,10 +924,22 @@ def _monitor(cfg: RewardConfig, model, held, tokens, dataset_dir, res, cam, weig
 
 
 def step(dataset_dir, annotations_dir, critic_dir, probe_dir, base, model_dir, profile: str,
-         overrides: list[str], start_dir=None, referee_dir=None, referee_probe_dir=None) -> dict[str, float]:  # fmt: skip
-    """Pipeline step: config from profile + overrides, then ``main`` (the KFP component calls this)."""
+         overrides: list[str], start_dir=None, referee_dir=None, referee_probe_dir=None, ensemble=None,
+         critic_1_dir=None, critic_1_probe_dir=None, critic_2_dir=None,
+         critic_2_probe_dir=None) -> dict[str, float]:  # fmt: skip
+    """Pipeline step: config from profile + overrides, then ``main`` (the KFP component calls this).
+
+    The reward ensemble's extra critics come as ``ensemble`` ((encoder dir, probe dir) pairs) or, from the KFP
+    component (whose artifacts are top-level arguments), as ``critic_K_dir`` / ``critic_K_probe_dir``; unconnected
+    members are dropped, so ``main`` names a missing one against ``reward.ensemble``."""
     from craft.config import load_stage_config
 
     cfg = load_stage_config("reward", profile, overrides)
+    pairs = list(ensemble or [])
+    for k, (e, p) in enumerate(((critic_1_dir, critic_1_probe_dir), (critic_2_dir, critic_2_probe_dir)), 1):
+        if (e is None) != (p is None):
+            raise ValueError(f"ensemble critic {k}: needs both an encoder and its probe (encoder={e!r}, probe={p!r})")
+        if e is not None:
+            pairs.append((e, p))
     return main(cfg, dataset_dir, annotations_dir, critic_dir, probe_dir, base, model_dir, start_dir,
-                referee_dir=referee_dir, referee_probe_dir=referee_probe_dir)  # fmt: skip
+                referee_dir=referee_dir, referee_probe_dir=referee_probe_dir, ensemble=pairs)  # fmt: skip
