@@ -59,16 +59,18 @@ LABELS = {
     "craft_regularised": "CRAFT + eq. 1 L_diff weight 4",
     "craft_combined": "CRAFT + views + referee choice + L_diff 4",
     "craft_ensemble": "CRAFT + reward averaged over 3 critics",
+    "craft_half_update": "CRAFT + half the LoRA update kept",
 }
 
 # Issue 21: remedies against reward hacking, each a reward-stage config on top of CRAFT (every one monitored, so each
 # has an over-optimisation curve; the first is the paper's settings with the monitor only, the "old" curve)
 MONITORED = ["reward.monitor.every=25", "reward.monitor.prompts=16", "reward.monitor.samples_per_prompt=2"]
-VIEWS, SELECT, REGULARISED, ENSEMBLE = (
+VIEWS, SELECT, REGULARISED, ENSEMBLE, HALF = (
     ["reward.augment.views=4"],
     ["reward.monitor.select=referee"],
     ["reward.diffusion_weight=4"],
     ["reward.ensemble=2"],  # the critic + critic-1 + critic-2 (encoder.ensemble_seeds), trained in shared/
+    ["reward.update_scale=0.5"],  # the LoRA scale as the regulariser: start + 0.5 * (trained - start)
 )
 REMEDIES: dict[str, list[str]] = {
     "craft_monitored": [],
@@ -77,6 +79,7 @@ REMEDIES: dict[str, list[str]] = {
     "craft_regularised": REGULARISED,
     "craft_combined": [*VIEWS, *SELECT, *REGULARISED],
     "craft_ensemble": ENSEMBLE,
+    "craft_half_update": HALF,
 }
 
 

@@ -166,6 +166,10 @@ class RewardConfig:
     # image beside the critic; each reward component is the mean over the E + 1 critics (issue 21: a LoRA must please
     # independently trained critics at once, not one critic's quirks). 0 = the paper's single critic
     ensemble: int = 0
+    # the saved LoRA is start + update_scale * (trained - start) (issue 21: the LoRA scale as a regulariser; the start
+    # is the TI+LoRA adapter CRAFT continues, or the fresh LoRA's zero update). 1 = the trained weights (the paper);
+    # 0.5 keeps half of what reward finetuning moved, pulling the generator back toward its start
+    update_scale: float = 1.0
     # ---- over-optimisation monitor (issue 21): held-out readings by the critic, its views and a referee; snapshots;
     # checkpoint selection and early stopping on those training-side signals only (craft.train.monitor)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -188,6 +192,8 @@ class RewardConfig:
         for name in ("channels_last", "compile_prefix"):
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ValueError(f"{name} must be auto, on or off, got {getattr(self, name)!r}")
+        if not 0.0 < self.update_scale <= 1.0:
+            raise ValueError(f"update_scale must be in (0, 1] (1 = the trained weights), got {self.update_scale}")
         if self.ensemble < 0:
             raise ValueError(f"ensemble must be >= 0 (extra critics), got {self.ensemble}")
         self.augment.validate()
@@ -843,6 +849,7 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
         if not mon.rows:
             model.eval()
             mon(model, 0)  # the starting point of every curve
+    start_state = trainable_state(model) if cfg.update_scale != 1.0 else None  # before train() loads a checkpoint
     result = train(model, data, loop, work / "draft", validate=mon)
     metrics = {k: v for k, v in result.logs.items() if k != "lr"}
     metrics.update(steps=float(result.step), train_seconds=time.time() - t0, dropped_rows=float(dropped))
@@ -850,6 +857,8 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
         selected = mon.restore_selected(model)  # the weights the selection signal picked (None: the last step's)
         metrics.update(monitor_readings=float(len(mon.rows)), stopped_early=float(mon.stopped_at is not None),
                        selected_step=float(selected["step"] if selected else result.step))  # fmt: skip
+    if start_state is not None:
+        metrics["update_norm_kept"] = scale_update(model, start_state, cfg.update_scale)
     lineage = {"stage": "reward", "kind": "lora", "base": str(base), "base_lineage": read_lineage(base),
                "config": to_dict(cfg), "critic": str(critic_dir), "critic_identity": critic.identity,
                "probe": str(probe_dir), "ensemble": [[str(e), str(p)] for e, p in ensemble or []],
@@ -865,6 +874,27 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
         extra = {MONITOR_DIR: mon.dir} if mon is not None else None
         save_adapters(out_dir, unet=unet, lora=lora, embeddings=embeds, info=lineage, extra=extra)
     return metrics
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s trainable tensors (the LoRA, and TI embeddings when they train), by parameter name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def scale_update(model, start: dict[str, torch.Tensor], scale: float) -> float:
+    """Set every trainable tensor to ``start + scale * (now - start)`` (``reward.update_scale``); returns the norm of
+    the update that is kept (``scale`` times the trained update's norm)."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(start) - set(params))
+    if missing:
+        raise ValueError(f"update_scale: the start state names {missing[0]!r}, not a parameter of the model")
+    sq = 0.0
+    for n, s0 in start.items():
+        p = params[n]
+        p.copy_(s0 + scale * (p - s0))
+        sq += float((p - s0).float().pow(2).sum())
+    return sq**0.5
 
 
 def ensemble_cams(cfg: RewardConfig, ensemble, critic, checklists, dev) -> list:
