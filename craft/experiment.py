@@ -34,6 +34,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+
 from craft.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ LABELS = {
     "craft_combined": "CRAFT + views + referee choice + L_diff 4",
     "craft_ensemble": "CRAFT + reward averaged over 3 critics",
     "craft_half_update": "CRAFT + half the LoRA update kept",
+    "craft_anchored_select": "CRAFT + L_diff 4 + referee choice",
 }
 
 # Issue 21: remedies against reward hacking, each a reward-stage config on top of CRAFT (every one monitored, so each
@@ -80,6 +84,9 @@ REMEDIES: dict[str, list[str]] = {
     "craft_combined": [*VIEWS, *SELECT, *REGULARISED],
     "craft_ensemble": ENSEMBLE,
     "craft_half_update": HALF,
+    # added after the first six remedies' 3-seed results (so not an independent test): the two that helped on both
+    # profiles without the views (which lowered cxr CAS in every seed): eq. 1's anchor and the referee's choice
+    "craft_anchored_select": [*REGULARISED, *SELECT],
 }
 
 
@@ -318,7 +325,51 @@ def evaluate_seed(plan: Plan, seed: int, shared: dict[str, Path], variants: dict
             metrics["variants"].update({k: d for k, d in extra["variants"].items() if k in REMEDIES})
             metrics["curves"] = {**(metrics.get("curves") or {}), **(extra.get("curves") or {})}
             metrics["curves_meta"] = {**(metrics.get("curves_meta") or {}), **(extra.get("curves_meta") or {})}
+        frames = [
+            pd.read_parquet(o / "per_image.parquet") for o in [out, *outs] if (o / "per_image.parquet").is_file()
+        ]
+        metrics["paired"] = paired_bootstrap(pd.concat(frames, ignore_index=True), ["craft", *REMEDIES], seed=seed)
     return metrics
+
+
+PAIRED = {"cas": "CAS", "oracle_accuracy": "oracle acc.", "low_alignment_rate": "low-CAS rate"}
+
+
+def paired_bootstrap(per_image: pd.DataFrame, variants: list[str], ref: str = "ti_lora", n_boot: int = 2000,
+                     seed: int = 0, quantile: float = 0.25) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
+    """Each variant minus ``ref`` on CAS, oracle accuracy and the low-CAS rate (share below the real images' P25),
+    paired by (held-out prompt, sample): both sample the same noise (``craft.evaluate.run.sample_seed``). The 95%
+    interval resamples the prompts (with both of a prompt's samples), so it says how far one seed's difference
+    could move on another draw of 32 prompts. Rows of a variant appear once even when two evaluations scored it."""
+    from craft.evaluate.metrics import low_alignment_threshold
+
+    df = per_image.drop_duplicates(["variant", "image_id", "sample"])
+    real = df[df["variant"] == "real"]["cas"].to_numpy()
+    tau = low_alignment_threshold(real, quantile)
+    base = df[df["variant"] == ref].set_index(["image_id", "sample"])
+    rng = np.random.default_rng(seed)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for v in variants:
+        other = df[df["variant"] == v].set_index(["image_id", "sample"])
+        if other.empty or base.empty:
+            continue
+        both = base.join(other, lsuffix="_ref", rsuffix="_v", how="inner")
+        per = {"cas": both["cas_v"] - both["cas_ref"],
+               "oracle_accuracy": both["oracle_correct_v"] - both["oracle_correct_ref"],
+               "low_alignment_rate": (both["cas_v"] < tau).astype(float) - (both["cas_ref"] < tau).astype(float)}  # fmt: skip
+        prompts = both.index.get_level_values(0).to_numpy()
+        ids, inverse = np.unique(prompts, return_inverse=True)
+        draws = rng.integers(0, len(ids), size=(n_boot, len(ids)))
+        counts = np.stack([np.bincount(d, minlength=len(ids)) for d in draws])[:, inverse]  # prompt weights per draw
+        out[v] = {}
+        for k, x in per.items():
+            x = x.to_numpy(dtype=float)
+            if np.isnan(x).any():
+                continue
+            boot = (counts * x).sum(1) / counts.sum(1)
+            lo, hi = np.percentile(boot, [2.5, 97.5])
+            out[v][k] = {"diff": float(x.mean()), "lo": float(lo), "hi": float(hi), "n": int(len(x))}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
@@ -372,7 +423,8 @@ def aggregate(seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
                         at.setdefault(k, []).append(float(x))
     curves_agg = {v: {st: {k: _cell(xs) for k, xs in d.items()} for st, d in sorted(by.items())}
                   for v, by in curves.items()}  # fmt: skip
-    return {"table": table, "cas_oracle_spearman": _cell(corr), "curves": curves_agg}
+    paired = {s: m["paired"] for s, m in seeds.items() if m.get("paired")}  # remedies: per-seed paired intervals
+    return {"table": table, "cas_oracle_spearman": _cell(corr), "curves": curves_agg, "paired": paired}
 
 
 def paired_difference(agg: dict[str, Any], a: str, b: str, key: str) -> dict[str, Any] | None:
@@ -488,6 +540,33 @@ CURVE_COLS = [("critic", "critic_reward"), ("critic, views", "critic_views"), ("
               ("referee acc.", "referee_acc"), ("evaluator CAS", "evaluator_cas"), ("oracle acc.", "oracle_accuracy")]  # fmt: skip
 
 
+def _paired_lines(paired: dict[Any, dict[str, Any]], variant: str) -> list[str]:
+    """Per seed, the paired 95% bootstrap interval of each difference against TI+LoRA, and whether the issue's bar
+    fails outside that noise (an interval wholly on the wrong side) or within it."""
+    seeds = [(s, p[variant]) for s, p in sorted(paired.items(), key=lambda kv: int(kv[0])) if variant in p]
+    if not seeds:
+        return []
+    out, clear, noise = [], 0, 0
+    for s, d in seeds:
+        cells = []
+        for k, name in PAIRED.items():
+            if k in d:
+                c = d[k]
+                cells.append(f"{name} {c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]")
+        bad = [
+            k for k in PAIRED if k in d and ((d[k]["diff"] < 0) if k != "low_alignment_rate" else (d[k]["diff"] > 0))
+        ]
+        sure = [k for k in bad if (d[k]["hi"] < 0 if k != "low_alignment_rate" else d[k]["lo"] > 0)]
+        clear += bool(sure)
+        noise += bool(bad) and not sure
+        out.append(f"    - seed {s}: " + "; ".join(cells))
+    head = (
+        f"  - paired by prompt and noise, 95% bootstrap over the prompts: the bar fails outside the interval in "
+        f"{clear} of {len(seeds)} seeds, inside it (a difference this sample size cannot tell from none) in {noise}"
+    )
+    return [head, *out]
+
+
 def remedies_section(agg: dict[str, Any]) -> list[str]:
     """Issue 21: one row per remedy against TI+LoRA and CRAFT, the done-when check seed by seed, and the curves."""
     t = agg["table"]
@@ -511,6 +590,7 @@ def remedies_section(agg: dict[str, Any]) -> list[str]:
         s += [f"- {LABELS.get(r, r)}: CRAFT >= TI+LoRA on CAS and oracle, tail no larger — {verdict}",
               "  - " + _diff_line(d_cas, "CAS - TI+LoRA"), "  - " + _diff_line(d_or, "oracle acc. - TI+LoRA"),
               "  - " + _diff_line(d_tail, "low-CAS rate - TI+LoRA")]  # fmt: skip
+        s += _paired_lines(agg.get("paired") or {}, r)
     s.append("")
     for r in names:
         curve = agg.get("curves", {}).get(r)

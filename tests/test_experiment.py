@@ -233,3 +233,36 @@ def test_run_step_waits_for_another_process_training_the_same_step(tmp_path):
     assert not t.is_alive() and not calls and timings["got"]["metrics"] == {"cas": 0.5}
     assert ex.run_step(tmp_path / "fresh", lambda: {"x": 1}, timings, "fresh")["metrics"] == {"x": 1}
     assert timings["fresh"] >= 0
+
+
+def test_paired_bootstrap_pairs_by_prompt_and_sample_and_flags_clear_failures():
+    """The remedies' per-seed intervals: differences paired by (prompt, sample) against TI+LoRA, a bootstrap over the
+    prompts, and a failure called clear only when its whole interval lies on the wrong side."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    rows = [{"variant": "real", "image_id": f"r{i}", "sample": 0, "cas": c, "oracle_correct": 1.0}
+            for i, c in enumerate(np.linspace(0.4, 0.8, 8))]  # P25 = 0.5  # fmt: skip
+    base = rng.uniform(0.3, 0.7, size=(16, 2))
+    for v, shift, flip in (("ti_lora", 0.0, 0), ("up", 0.1, 0), ("down", -0.3, 1), ("mixed", 0.0, 0)):
+        for i in range(16):
+            for k in range(2):
+                cas = base[i, k] + shift + (rng.normal(0, 0.2) if v == "mixed" else 0.0)
+                rows.append({"variant": v, "image_id": f"p{i}", "sample": k, "cas": cas,
+                             "oracle_correct": float((i + k) % 2 == 0) if not flip else 0.0})  # fmt: skip
+    df = pd.DataFrame(rows)
+    twice = pd.concat([df, df[df["variant"] == "up"]], ignore_index=True)  # scored by two evaluations: counted once
+    p = ex.paired_bootstrap(twice, ["up", "down", "mixed", "absent"], n_boot=500)
+    assert "absent" not in p
+    up = p["up"]["cas"]
+    assert up["diff"] == pytest.approx(0.1) and up["lo"] == pytest.approx(0.1) and up["hi"] == pytest.approx(0.1)
+    assert up["n"] == 32 and p["up"]["oracle_accuracy"]["diff"] == 0.0
+    down = p["down"]
+    assert down["oracle_accuracy"]["diff"] == pytest.approx(-0.5) and down["oracle_accuracy"]["hi"] < 0
+    assert down["low_alignment_rate"]["lo"] > 0  # everything fell below the real P25
+    mixed = p["mixed"]["cas"]
+    assert mixed["lo"] < mixed["diff"] < mixed["hi"] and mixed["hi"] - mixed["lo"] > 0.05
+    lines = ex._paired_lines({0: p, 1: {"up": p["up"]}}, "down")
+    assert "outside the interval in 1 of 1 seeds" in lines[0] and lines[1].startswith("    - seed 0: CAS -0.300")
+    assert "outside the interval in 0 of 2 seeds, inside it" in ex._paired_lines({0: p, 1: p}, "up")[0]
