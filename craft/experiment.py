@@ -355,8 +355,9 @@ def paired_bootstrap(per_image: pd.DataFrame, variants: list[str], ref: str = "t
             continue
         both = base.join(other, lsuffix="_ref", rsuffix="_v", how="inner")
         per = {"cas": both["cas_v"] - both["cas_ref"],
-               "oracle_accuracy": both["oracle_correct_v"] - both["oracle_correct_ref"],
                "low_alignment_rate": (both["cas_v"] < tau).astype(float) - (both["cas_ref"] < tau).astype(float)}  # fmt: skip
+        if "oracle_correct_v" in both:  # no oracle for the modality: no oracle column
+            per["oracle_accuracy"] = both["oracle_correct_v"] - both["oracle_correct_ref"]
         prompts = both.index.get_level_values(0).to_numpy()
         ids, inverse = np.unique(prompts, return_inverse=True)
         draws = rng.integers(0, len(ids), size=(n_boot, len(ids)))

@@ -263,6 +263,8 @@ def test_paired_bootstrap_pairs_by_prompt_and_sample_and_flags_clear_failures():
     assert down["low_alignment_rate"]["lo"] > 0  # everything fell below the real P25
     mixed = p["mixed"]["cas"]
     assert mixed["lo"] < mixed["diff"] < mixed["hi"] and mixed["hi"] - mixed["lo"] > 0.05
+    no_oracle = ex.paired_bootstrap(df.drop(columns="oracle_correct"), ["up"], n_boot=50)["up"]
+    assert set(no_oracle) == {"cas", "low_alignment_rate"}
     lines = ex._paired_lines({0: p, 1: {"up": p["up"]}}, "down")
     assert "outside the interval in 1 of 1 seeds" in lines[0] and lines[1].startswith("    - seed 0: CAS -0.300")
     assert "outside the interval in 0 of 2 seeds, inside it" in ex._paired_lines({0: p, 1: p}, "up")[0]
