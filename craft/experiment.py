@@ -66,6 +66,10 @@ LABELS = {
     "craft_anchored_select": "CRAFT + L_diff 4 + referee choice",
 }
 
+# The tables' CRAFT rows (the main one, Table 4's, the remedies' base) are the paper's method: the whole LoRA update
+# kept, whatever the profile's default for users (the demo profiles keep half of it: reward.update_scale, issue 21)
+PAPER = ["reward.update_scale=1.0"]
+
 # Issue 21: remedies against reward hacking, each a reward-stage config on top of CRAFT (every one monitored, so each
 # has an over-optimisation curve; the first is the paper's settings with the monitor only, the "old" curve)
 MONITORED = ["reward.monitor.every=25", "reward.monitor.prompts=16", "reward.monitor.samples_per_prompt=2"]
@@ -243,14 +247,14 @@ def train_seed(plan: Plan, seed: int, shared: dict[str, Path], timings: dict[str
     start = v["ti_lora"] if load_stage_config("pipeline", p, plan.overrides).craft_start == "ti_lora" else None
     for name, w in reward_variants(plan.table4_for(seed)).items():
         v[name] = sd / name
-        over = [*o, *_weights_overrides(w)]
+        over = [*PAPER, *o, *_weights_overrides(w)]
         run_step(v[name], lambda n=name, ov=over: reward.step(data, ann, critic, cprobe, base, v[n], p, ov,
                  start_dir=start, referee_dir=shared.get("referee"), referee_probe_dir=shared.get("referee_probe"),
                  ensemble=_members(shared, p, ov)), timings, name)  # fmt: skip
     if plan.remedies:
         for name, extra in REMEDIES.items():
             v[name] = sd / name
-            over = [*MONITORED, *extra, *o]
+            over = [*PAPER, *MONITORED, *extra, *o]
             run_step(v[name], lambda n=name, ov=over: reward.step(data, ann, critic, cprobe, base, v[n], p, ov,
                      start_dir=start, referee_dir=shared["referee"], referee_probe_dir=shared["referee_probe"],
                      ensemble=_members(shared, p, ov)), timings, name)  # fmt: skip

@@ -268,3 +268,15 @@ def test_paired_bootstrap_pairs_by_prompt_and_sample_and_flags_clear_failures():
     lines = ex._paired_lines({0: p, 1: {"up": p["up"]}}, "down")
     assert "outside the interval in 1 of 1 seeds" in lines[0] and lines[1].startswith("    - seed 0: CAS -0.300")
     assert "outside the interval in 0 of 2 seeds, inside it" in ex._paired_lines({0: p, 1: p}, "up")[0]
+
+
+def test_table_crafts_are_the_paper_method_whatever_the_profile_default():
+    """The tables' CRAFT rows keep the whole LoRA update (the paper) even where a profile's users get a fraction of it
+    (reward.update_scale); the half-update remedy alone keeps half; a user's override still wins."""
+    from craft.config import load_stage_config
+
+    for prof in ("demo-cxr", "demo-histo"):
+        assert load_stage_config("reward", prof, [*ex.PAPER]).update_scale == 1.0
+        half = [*ex.PAPER, *ex.MONITORED, *ex.REMEDIES["craft_half_update"]]
+        assert load_stage_config("reward", prof, half).update_scale == 0.5
+        assert load_stage_config("reward", prof, [*ex.PAPER, "reward.update_scale=0.7"]).update_scale == 0.7
