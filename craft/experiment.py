@@ -572,6 +572,16 @@ def _paired_lines(paired: dict[Any, dict[str, Any]], variant: str) -> list[str]:
     return [head, *out]
 
 
+def _same_curve(a: dict[Any, dict[str, Any]], b: dict[Any, dict[str, Any]], tol: float = 1e-4) -> bool:
+    """Two aggregated curves with the same steps and readings, every mean within ``tol`` (runs on other thread
+    counts differ in the last float bits)."""
+    if a.keys() != b.keys() or any(a[st].keys() != b[st].keys() for st in a):
+        return False
+    return all((x["mean"] is None) == (b[st][k]["mean"] is None) and
+               (x["mean"] is None or abs(x["mean"] - b[st][k]["mean"]) <= tol)
+               for st in a for k, x in a[st].items())  # fmt: skip
+
+
 def remedies_section(agg: dict[str, Any]) -> list[str]:
     """Issue 21: one row per remedy against TI+LoRA and CRAFT, the done-when check seed by seed, and the curves."""
     t = agg["table"]
@@ -597,10 +607,17 @@ def remedies_section(agg: dict[str, Any]) -> list[str]:
               "  - " + _diff_line(d_tail, "low-CAS rate - TI+LoRA")]  # fmt: skip
         s += _paired_lines(agg.get("paired") or {}, r)
     s.append("")
+    shown: dict[str, Any] = {}
     for r in names:
         curve = agg.get("curves", {}).get(r)
         if not curve:
             continue
+        same = next((o for o, c in shown.items() if _same_curve(c, curve)), None)
+        if same is not None:  # the same trajectory (a remedy that only changes which weights are saved)
+            s += [f"Over-optimisation curve, {LABELS.get(r, r)}: the same training trajectory as {LABELS.get(same, same)} "
+                  "(the remedy changes only which weights are saved, not the steps): the same readings, to 1e-4.", ""]  # fmt: skip
+            continue
+        shown[r] = curve
         s += [f"Over-optimisation curve, {LABELS.get(r, r)} (mean over seeds; training-side: critic, views, referee; "
               "evaluate side: evaluator CAS, oracle):", "",
               "| step | " + " | ".join(h for h, _ in CURVE_COLS) + " |", "|---" * (len(CURVE_COLS) + 1) + "|"]  # fmt: skip

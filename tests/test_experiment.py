@@ -280,3 +280,20 @@ def test_table_crafts_are_the_paper_method_whatever_the_profile_default():
         half = [*ex.PAPER, *ex.MONITORED, *ex.REMEDIES["craft_half_update"]]
         assert load_stage_config("reward", prof, half).update_scale == 0.5
         assert load_stage_config("reward", prof, [*ex.PAPER, "reward.update_scale=0.7"]).update_scale == 0.7
+
+
+def test_remedy_curves_from_one_trajectory_are_printed_once():
+    """A remedy that only changes which weights are saved (the referee's choice, the half update) has its base run's
+    readings: the section says so instead of repeating the table; float noise below 1e-4 still counts as the same."""
+    cell = lambda m: {"mean": m, "sd": 0.0, "n": 1, "per_seed": [m]}  # noqa: E731
+    base = {0: {"critic_reward": cell(1.0)}, 25: {"critic_reward": cell(1.5)}}
+    near = {0: {"critic_reward": cell(1.0 + 5e-5)}, 25: {"critic_reward": cell(1.5)}}
+    other = {0: {"critic_reward": cell(1.0)}, 25: {"critic_reward": cell(1.2)}}
+    assert ex._same_curve(base, near) and not ex._same_curve(base, other) and not ex._same_curve(base, {0: base[0]})
+    table = {v: {"cas": cell(0.5), "oracle_accuracy": cell(0.8), "low_alignment_rate": cell(0.5),
+                 "critic_reward": cell(1.0)} for v in ("ti_lora", "craft", "craft_monitored", "craft_select",
+                                                        "craft_views")}  # fmt: skip
+    text = "\n".join(ex.remedies_section({"table": table, "curves": {"craft_monitored": base, "craft_select": near,
+                                                                     "craft_views": other}}))  # fmt: skip
+    assert text.count("| step |") == 2
+    assert "CRAFT + checkpoint chosen by the referee: the same training trajectory as CRAFT, paper settings" in text
