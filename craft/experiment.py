@@ -358,8 +358,8 @@ def paired_bootstrap(per_image: pd.DataFrame, variants: list[str], ref: str = "t
         if other.empty or base.empty:
             continue
         both = base.join(other, lsuffix="_ref", rsuffix="_v", how="inner")
-        per = {"cas": both["cas_v"] - both["cas_ref"],
-               "low_alignment_rate": (both["cas_v"] < tau).astype(float) - (both["cas_ref"] < tau).astype(float)}  # fmt: skip
+        low_v, low_ref = (both["cas_v"] < tau).astype(float), (both["cas_ref"] < tau).astype(float)
+        per = {"cas": both["cas_v"] - both["cas_ref"], "low_alignment_rate": low_v - low_ref}
         if "oracle_correct_v" in both:  # no oracle for the modality: no oracle column
             per["oracle_accuracy"] = both["oracle_correct_v"] - both["oracle_correct_ref"]
         prompts = both.index.get_level_values(0).to_numpy()

@@ -862,7 +862,8 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
     lineage = {"stage": "reward", "kind": "lora", "base": str(base), "base_lineage": read_lineage(base),
                "config": to_dict(cfg), "critic": str(critic_dir), "critic_identity": critic.identity,
                "probe": str(probe_dir), "ensemble": [[str(e), str(p)] for e, p in ensemble or []],
-               "ensemble_identities": [m.encoder.identity for m in members], "dataset": str(dataset_dir), "annotations": str(annotations_dir),
+               "ensemble_identities": [m.encoder.identity for m in members], "dataset": str(dataset_dir),
+               "annotations": str(annotations_dir),
                "start": str(start_dir) if start_dir else None, "class_tokens": tokens, "metrics": metrics}  # fmt: skip
     if mon is not None:
         lineage["monitor"] = {"held_out_image_ids": held["image_id"].astype(str).tolist(), "referee": str(referee_dir)
@@ -907,7 +908,7 @@ def ensemble_cams(cfg: RewardConfig, ensemble, critic, checklists, dev) -> list:
         raise ValueError(f"reward.ensemble={cfg.ensemble} needs {cfg.ensemble} extra critic (encoder, probe) folders, "
                          f"got {len(pairs)}: train them with the encoder roles critic-1..critic-{cfg.ensemble} "
                          "(pipeline: reward.ensemble trains them; CLI: --ensemble ENCODER_DIR,PROBE_DIR)")  # fmt: skip
-    seen, cams = {critic.identity: str(critic.source)}, []
+    seen, cams = {critic.identity: "the critic"}, []
     for enc_dir, probe_dir in pairs:
         enc = load_encoder(enc_dir, device=str(dev)).eval().requires_grad_(False)
         if enc.identity in seen:
