@@ -297,6 +297,24 @@ def tune_dpo_cmd(
     typer.echo(dpo_tune_markdown(rows))
 
 
+@experiment_app.command("reeval")
+def reeval_cmd(
+    profile: Annotated[str, typer.Option("--profile", "-p", help="The profile of a finished paper-table run.")],
+    variant: Annotated[list[str], typer.Option("--variant", help="A finished variant to compare (repeatable).")],
+    root: Annotated[Path | None, typer.Option(help="Its run folder (default runs/paper-table/PROFILE).")] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds 0..N-1.")] = 3,
+    samples: Annotated[int, typer.Option(help="Samples per held-out prompt (the tables use 2).")] = 4,
+    ref: Annotated[str, typer.Option(help="The variant the differences are taken against.")] = "ti_lora",
+    overrides: Overrides = None,
+) -> None:
+    """Evaluate finished variants again with more samples per prompt: paired differences with tighter intervals."""
+    from craft.experiment import reevaluate, reevaluate_markdown
+
+    res = reevaluate(profile, root or Path("runs/paper-table") / Path(profile).stem, list(range(seeds)), variant,
+                     samples, overrides or [], ref)  # fmt: skip
+    typer.echo(reevaluate_markdown(res, samples))
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     dataset_dir: Annotated[Path, typer.Argument(help="Dataset directory; its test split drives the protocol.")],

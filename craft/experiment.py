@@ -873,3 +873,71 @@ def dpo_tune_markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['setting']} | {' '.join(r['overrides']) or '(profile)'} | " + " | ".join(f)
                      + f" | {r.get('train_seconds') or 0:.0f} |")  # fmt: skip
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- more samples (issue 21)
+
+
+def reevaluate(profile: str, root: str | Path, seeds: list[int], variants: list[str], samples_per_prompt: int = 4,
+               overrides: list[str] | None = None, ref: str = "ti_lora") -> dict[int, dict[str, Any]]:  # fmt: skip
+    """Evaluate finished paper-table variants again with more samples per held-out prompt, for paired differences
+    against ``ref`` with more power (issue 21: the per-seed tail bar at 64 samples is mostly noise).
+
+    Sample k's noise depends on (seed, prompt, k) only, so the tables' samples (k = 0, 1 in the demo profiles) are
+    among them and the rest are new.
+    Writes ``seed-N/eval-x<samples>/`` (resumable: a finished one is read back) and returns, per seed, the variants'
+    CAS, oracle accuracy and low-CAS rate and ``paired_bootstrap`` against ``ref``.
+    """
+    from craft.config import load_stage_config
+    from craft.evaluate import run as ev
+    from craft.models.encoders import load_encoder
+
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+    root = Path(root)
+    sh, out_all = root / "shared", {}
+    names = [ref, *(v for v in variants if v != ref)]
+    for seed in seeds:
+        sd = root / f"seed-{seed}"
+        specs: dict[str, Any] = {ev.REAL: ev.REAL}
+        for v in names:
+            d = sd / v
+            if not (d / DONE).is_file():
+                raise FileNotFoundError(f"{d}: no finished variant {v!r} (run paper-table with it first)")
+            specs[v] = ev.VariantSpec(str(d)) if (d / "model_index.json").is_file() else ev.VariantSpec(
+                str(sd / "finetune"), str(d))  # fmt: skip
+        over = ["evaluate.downstream.enabled=false", *(overrides or []), f"evaluate.seed={seed}",
+                f"evaluate.candidate={names[-1]}", f"evaluate.samples_per_prompt={samples_per_prompt}"]  # fmt: skip
+        cfg = load_stage_config("evaluate", profile, over)
+        out = sd / f"eval-x{samples_per_prompt}"
+
+        def go(cfg=cfg, specs=specs, out=out) -> dict[str, Any]:
+            return ev.main(cfg, sh / "data", sh / "annotations", specs, sh / "evaluator", sh / "evaluator_probe", out,
+                           critic_identity=load_encoder(sh / "critic").identity, critic_dir=sh / "critic",
+                           critic_probe_dir=sh / "critic_probe")  # fmt: skip
+
+        run_step(out, go, {}, f"evaluate-x{samples_per_prompt}")
+        m = json.loads((out / "metrics.json").read_text())["variants"]
+        out_all[seed] = {
+            "n": {v: m[v].get("n") for v in names},
+            "variants": {v: {k: m[v].get(k) for k in PAIRED} for v in names},
+            "paired": paired_bootstrap(pd.read_parquet(out / "per_image.parquet"), names[1:], ref, seed=seed),
+        }
+    return out_all
+
+
+def reevaluate_markdown(res: dict[int, dict[str, Any]], samples_per_prompt: int) -> str:
+    """One line per (seed, variant): its numbers and the paired difference against the reference with its interval."""
+    lines = [
+        f"Re-evaluated with {samples_per_prompt} samples per held-out prompt (paired 95% bootstrap over prompts):",
+        "",
+    ]
+    for seed, r in sorted(res.items()):
+        ref = next(iter(r["variants"]))
+        base = r["variants"][ref]
+        lines.append(f"- seed {seed}, {LABELS.get(ref, ref)} (n={r['n'][ref]}): " + ", ".join(
+            f"{name} {base[k]:.3f}" for k, name in PAIRED.items() if base.get(k) is not None))  # fmt: skip
+        for v, d in r["paired"].items():
+            lines.append(f"  - {LABELS.get(v, v)} - {LABELS.get(ref, ref)}: " + "; ".join(
+                f"{PAIRED[k]} {c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]" for k, c in d.items()))  # fmt: skip
+    return "\n".join(lines)

@@ -153,6 +153,20 @@ def test_toy_paper_table_with_the_reward_hacking_remedies(tmp_path, monkeypatch)
     text = md.read_text()
     assert "Reward hacking: remedies" in text and "Over-optimisation curve, CRAFT + views" in text
     assert text.count("CRAFT >= TI+LoRA on CAS and oracle") == 1 + len(ex.REMEDIES)
+    # more samples per prompt on the finished run (the toy tables draw 1): the tables' samples are among them, the
+    # paired intervals follow
+    import pandas as pd
+
+    more = ex.reevaluate("demo-histo", tmp_path / "run", [0], ["craft_half_update"], 3, toy)
+    old = pd.read_parquet(tmp_path / "run" / "seed-0" / "eval" / "per_image.parquet")
+    a = old[old["variant"] == "ti_lora"].set_index(["image_id", "sample"])["cas"]
+    assert more[0]["n"]["ti_lora"] == 3 * len(a) and set(more[0]["paired"]) == {"craft_half_update"}
+    x3 = pd.read_parquet(tmp_path / "run" / "seed-0" / "eval-x3" / "per_image.parquet")
+    b = x3[x3["variant"] == "ti_lora"].set_index(["image_id", "sample"])["cas"]
+    assert (a - b.reindex(a.index)).abs().max() < 1e-6
+    assert "Re-evaluated with 3 samples" in ex.reevaluate_markdown(more, 3)
+    with pytest.raises(FileNotFoundError, match="no finished variant 'nope'"):
+        ex.reevaluate("demo-histo", tmp_path / "run", [0], ["nope"], 3, toy)
 
 
 @pytest.mark.slow  # a toy paper-table seed first (~1 min quiet), then two DPO runs
