@@ -21,7 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Flags passed on every start: loopback only, no telemetry, no admin UI (see ENVIRONMENT.md).
-ALWAYS_FLAGS = ["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false", "-admin.ui=false"]
+ALWAYS_FLAGS = [
+    "-ip=127.0.0.1",
+    "-ip.bind=127.0.0.1",
+    "-master.telemetry=false",
+    "-admin.ui=false",
+    # every bucket is a collection that grows its own volumes; `weed mini` caps the volume count at free
+    # disk / volume size (1 GB volumes on a big disk: ~50 slots, a few buckets' worth), and a session of
+    # tests that makes many buckets then fails with "no free volumes left". Small volumes, many slots
+    # (not preallocated: a slot costs no disk until written)
+    "-master.volumeSizeLimitMB=64",
+    "-volume.max=2000",
+]
 # Services we do not need are switched off so that they open no port at all; no stop delay.
 OFF_FLAGS = ["-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.preStopSeconds=0"]
 # Every port flag `weed mini -h` lists for a service that is on: each gets its own free port.
