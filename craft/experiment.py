@@ -204,7 +204,8 @@ def train_shared(plan: Plan, timings: dict[str, float]) -> dict[str, Path]:
                  timings, "encoder-referee")  # fmt: skip
         run_step(d["referee_probe"], lambda: probe_step(d["referee"], d["data"], d["referee_probe"], p, o), timings,
                  "probe-referee")  # fmt: skip
-    n_extra = max(int(ENSEMBLE[0].split("=")[1]) if plan.remedies else 0, load_stage_config("reward", p, o).ensemble)
+    n_extra = max(load_stage_config("reward", p, over).ensemble for over in ([o, [*o, *ENSEMBLE]] if plan.remedies
+                                                                             else [o]))  # fmt: skip
     for k in range(1, n_extra + 1):  # the reward ensemble's extra critics (issue 21): the critic's arch, other seeds
         m, mp = f"critic-{k}", f"critic-{k}_probe"
         d[m], d[mp] = s / m, s / mp
