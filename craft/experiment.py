@@ -270,17 +270,33 @@ def _members(shared: dict[str, Path], profile: str, overrides: list[str]) -> lis
     return [(shared[f"critic-{k}"], shared[f"critic-{k}_probe"]) for k in range(1, n + 1)]
 
 
+def _variant_spec(d: Path, base: str):
+    """How the evaluate step loads a paper-table variant: a full model folder, or an adapter on ``base``."""
+    from craft.evaluate import run as ev
+
+    return ev.VariantSpec(str(d)) if (d / "model_index.json").is_file() else ev.VariantSpec(base, str(d))
+
+
+def _evaluate(cfg, shared: dict[str, Path], specs: dict[str, Any], out: Path) -> dict[str, Any]:
+    """``craft.evaluate.run.main`` on the run's shared data, evaluator and critic (the critic read for its reward)."""
+    from craft.evaluate import run as ev
+    from craft.models.encoders import load_encoder
+
+    return ev.main(cfg, shared["data"], shared["annotations"], specs, shared["evaluator"], shared["evaluator_probe"],
+                   out, critic_identity=load_encoder(shared["critic"]).identity, critic_dir=shared["critic"],
+                   critic_probe_dir=shared["critic_probe"])  # fmt: skip
+
+
 def evaluate_seed(plan: Plan, seed: int, shared: dict[str, Path], variants: dict[str, Path],
                   timings: dict[str, float]) -> dict[str, Any]:  # fmt: skip
     """All variants of one seed under the evaluate protocol (evaluator scores, critic reward beside)."""
     from craft.config import load_stage_config
     from craft.evaluate import run as ev
-    from craft.models.encoders import load_encoder
 
     base = str(variants["zero_shot"])
     specs: dict[str, Any] = {ev.REAL: ev.REAL}
     for name, d in variants.items():
-        specs[name] = ev.VariantSpec(str(d)) if (d / "model_index.json").is_file() else ev.VariantSpec(base, str(d))
+        specs[name] = _variant_spec(d, base)
     main_specs = {k: v for k, v in specs.items() if k not in REMEDIES}  # remedies: their own evaluation below
     # downstream utility is not in these tables and is the slowest part of evaluate: off unless overridden
     ev_over = [
@@ -292,38 +308,21 @@ def evaluate_seed(plan: Plan, seed: int, shared: dict[str, Path], variants: dict
     cfg = load_stage_config("evaluate", plan.profile, ev_over)
     out = plan.seed_dir(seed) / "eval"
 
-    def go() -> dict[str, Any]:
-        critic = shared["critic"]
-        return ev.main(cfg, shared["data"], shared["annotations"], main_specs, shared["evaluator"],
-                       shared["evaluator_probe"], out, critic_identity=load_encoder(critic).identity,
-                       critic_dir=critic, critic_probe_dir=shared["critic_probe"])  # fmt: skip
-
-    run_step(out, go, timings, "evaluate")
+    run_step(out, lambda: _evaluate(cfg, shared, main_specs, out), timings, "evaluate")
     metrics = json.loads((out / "metrics.json").read_text())
     if plan.remedies:  # their own evaluation (same seed, so TI+LoRA and CRAFT sample the same images), merged in
         rem = {k: specs[k] for k in (ev.REAL, "ti_lora", "craft", *REMEDIES)}
         out_r = plan.seed_dir(seed) / "eval-remedies"
 
-        def go_r() -> dict[str, Any]:
-            return ev.main(cfg, shared["data"], shared["annotations"], rem, shared["evaluator"],
-                           shared["evaluator_probe"], out_r, critic_identity=load_encoder(shared["critic"]).identity,
-                           critic_dir=shared["critic"], critic_probe_dir=shared["critic_probe"])  # fmt: skip
-
-        run_step(out_r, go_r, timings, "evaluate-remedies")
+        run_step(out_r, lambda: _evaluate(cfg, shared, rem, out_r), timings, "evaluate-remedies")
         outs = [out_r]
         have = json.loads((out_r / "metrics.json").read_text())["variants"]
         for r in (r for r in REMEDIES if r not in have):  # a remedy added after this seed's remedies were evaluated:
             # its own evaluation (sample noise depends on (seed, image, k) only, so it sees the same noise as the rest)
             out_x = plan.seed_dir(seed) / f"eval-{r}"
             cfg_x = load_stage_config("evaluate", plan.profile, [*ev_over, f"evaluate.candidate={r}"])
-
-            def go_x(r=r, out_x=out_x, cfg_x=cfg_x) -> dict[str, Any]:
-                return ev.main(cfg_x, shared["data"], shared["annotations"], {ev.REAL: ev.REAL, r: specs[r]},
-                               shared["evaluator"], shared["evaluator_probe"], out_x,
-                               critic_identity=load_encoder(shared["critic"]).identity, critic_dir=shared["critic"],
-                               critic_probe_dir=shared["critic_probe"])  # fmt: skip
-
-            run_step(out_x, go_x, timings, f"evaluate-{r}")
+            run_step(out_x, lambda r=r, c=cfg_x, o=out_x: _evaluate(c, shared, {ev.REAL: ev.REAL, r: specs[r]}, o),
+                     timings, f"evaluate-{r}")  # fmt: skip
             outs.append(out_x)
         for o in outs:
             extra = json.loads((o / "metrics.json").read_text())
@@ -891,12 +890,13 @@ def reevaluate(profile: str, root: str | Path, seeds: list[int], variants: list[
     """
     from craft.config import load_stage_config
     from craft.evaluate import run as ev
-    from craft.models.encoders import load_encoder
 
     if samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
     root = Path(root)
-    sh, out_all = root / "shared", {}
+    shared = {k: root / "shared" / k for k in ("data", "annotations", "evaluator", "evaluator_probe", "critic",
+                                               "critic_probe")}  # fmt: skip
+    out_all = {}
     names = [ref, *(v for v in variants if v != ref)]
     for seed in seeds:
         sd = root / f"seed-{seed}"
@@ -905,19 +905,14 @@ def reevaluate(profile: str, root: str | Path, seeds: list[int], variants: list[
             d = sd / v
             if not (d / DONE).is_file():
                 raise FileNotFoundError(f"{d}: no finished variant {v!r} (run paper-table with it first)")
-            specs[v] = ev.VariantSpec(str(d)) if (d / "model_index.json").is_file() else ev.VariantSpec(
-                str(sd / "finetune"), str(d))  # fmt: skip
+            specs[v] = _variant_spec(d, str(sd / "finetune"))  # finetune: the seed's zero-shot base
         over = ["evaluate.downstream.enabled=false", *(overrides or []), f"evaluate.seed={seed}",
                 f"evaluate.candidate={names[-1]}", f"evaluate.samples_per_prompt={samples_per_prompt}"]  # fmt: skip
         cfg = load_stage_config("evaluate", profile, over)
         out = sd / f"eval-x{samples_per_prompt}"
-
-        def go(cfg=cfg, specs=specs, out=out) -> dict[str, Any]:
-            return ev.main(cfg, sh / "data", sh / "annotations", specs, sh / "evaluator", sh / "evaluator_probe", out,
-                           critic_identity=load_encoder(sh / "critic").identity, critic_dir=sh / "critic",
-                           critic_probe_dir=sh / "critic_probe")  # fmt: skip
-
-        run_step(out, go, {}, f"evaluate-x{samples_per_prompt}")
+        run_step(
+            out, lambda c=cfg, sp=specs, o=out: _evaluate(c, shared, sp, o), {}, f"evaluate-x{samples_per_prompt}"
+        )
         m = json.loads((out / "metrics.json").read_text())["variants"]
         out_all[seed] = {
             "n": {v: m[v].get("n") for v in names},
