@@ -35,7 +35,7 @@ guesses to reproduce the text's relational structure (same-class caption cosines
 pulled every sample of a class to one point: measured on demo-histo (bench/bench_crafts_losses.py,
 weight 0.1, all noise levels, 480 stage-2 steps) oracle accuracy of the samples fell from 0.38 without
 the losses to 0.25 (every sample read as one class); gated at 0.5 it is 0.39 (weight 0.1) and 0.37
-(weight 0.03). At the demo profile's 1500 stage-2 steps (same stage 1, seed 0, 100 class-phrase
+(weight 0.03). At 1500 stage-2 steps (the demo profiles' setting then; same stage 1, seed 0, 100 class-phrase
 samples, guidance 4) the samples are class-distinguishable either way: 0.69 off, 0.72 on (before the
 fixed-typicality change below, so with L_cate mostly inactive); the per-seed comparison is in RESULTS.md.
 """
