@@ -22,6 +22,7 @@ is already there, so a stopped run resumes.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -31,32 +32,34 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_paths(run: Path) -> dict[str, Path]:
+def run_paths(run: Path) -> dict[str, Path | None]:
     """Inputs of the chain in a kfp.local demo run folder (one subfolder per task)."""
-    critic = next(d for d in ("encoder-op", "encoder-op-2") if '"role": "critic"' in _read(run / d / "encoder"))
-    probe = next(
-        d for d in ("probe-op", "probe-op-2") if f'/{critic}/encoder"' in _read(run / d / "probe" / "probe.json")
-    )
+    encoders = {d.name: d / "encoder" for d in run.glob("encoder-op*") if (d / "encoder" / "lineage.json").is_file()}
+    critic = next((e for e in encoders.values() if _json(e / "lineage.json").get("role") == "critic"), None)
+    probe = next((d / "probe" for d in run.glob("probe-op*")
+                  if critic is not None and _json(d / "probe" / "probe.json").get("encoder") == str(critic)), None)  # fmt: skip
+    if critic is None or probe is None:
+        raise SystemExit(f"{run}: no encoder task with role 'critic' and a probe trained on it (is it a demo run?)")
     return {
         "data": run / "prepare-data-op" / "dataset",
         "annotations": run / "annotate-op" / "annotations",
         "stage1": run / "pretrain-op" / "model",
-        "critic": run / critic / "encoder",
-        "probe": run / probe / "probe",
-        "oracle": run.parent / ".model-cache" / "oracle",
+        "critic": critic,
+        "probe": probe,
+        "oracle": run.parent / ".model-cache" / "oracle",  # a local run's cache (pipelines.local.local_env)
     }
 
 
-def paper_table_paths(root: Path) -> dict[str, Path]:
-    """Inputs of the chain in a ``craft experiment paper-table`` root (shared across seeds)."""
+def paper_table_paths(root: Path) -> dict[str, Path | None]:
+    """Inputs of the chain in a ``craft experiment paper-table`` root (shared across seeds); the oracle comes from
+    the evaluate stage's own default cache, as the paper-table's evaluations read it."""
     s = root / "shared"
     return {"data": s / "data", "annotations": s / "annotations", "stage1": s / "pretrain", "critic": s / "critic",
-            "probe": s / "critic_probe", "oracle": Path.home() / ".cache" / "craft" / "oracle"}  # fmt: skip
+            "probe": s / "critic_probe", "oracle": None}  # fmt: skip
 
 
-def _read(path: Path) -> str:
-    f = path / "lineage.json" if path.is_dir() else path
-    return f.read_text() if f.is_file() else ""
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def craft(args: list[str], log: Path) -> float:
@@ -115,8 +118,8 @@ def main() -> None:
         res = subprocess.run(
             [sys.executable, str(ROOT / "bench" / "bench_demo_stages.py"), "--profile", args.profile, "--threads",
              str(T), "--sampler-accuracy", model, "--dataset", str(p["data"]), "--annotations", str(p["annotations"]),
-             "--oracle-cache", str(p["oracle"]), "--samplers", "dpmpp:8", f"evaluate.max_prompts={args.prompts}",
-             f"evaluate.samples_per_prompt={args.samples}"],
+             *(["--oracle-cache", str(p["oracle"])] if p["oracle"] else []), "--samplers", "dpmpp:8",
+             f"evaluate.max_prompts={args.prompts}", f"evaluate.samples_per_prompt={args.samples}"],
             capture_output=True, text=True, cwd=ROOT,
         )  # fmt: skip
         line = next((x for x in res.stdout.splitlines() if x.startswith("accuracy:")), None)
