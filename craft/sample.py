@@ -86,6 +86,7 @@ def generate(pipe, prompts: list[str], steps: int = 20, guidance: float = 4.0, s
     as ``craft.models.accel.resolve_precision`` (auto: bf16 on CUDA, fp32 on CPU); SDPA attention, TF32.
     """
     from craft.models.accel import autocast, configure_kernels, use_sdpa
+    from craft.models.adapters import merged_lora
     from craft.models.diffusion import model_resolution, vae_factor
 
     configure_kernels(pipe.device)
@@ -104,7 +105,7 @@ def generate(pipe, prompts: list[str], steps: int = 20, guidance: float = 4.0, s
         # draw the initial noise on CPU with our generator so results do not depend on the device
         shape = (len(chunk), pipe.unet.config.in_channels, side, side)
         latents = torch.randn(shape, generator=gen).to(pipe.device, pipe.unet.dtype)
-        with autocast(pipe.device, precision):
+        with autocast(pipe.device, precision), merged_lora(pipe.unet):  # a loaded LoRA: one matmul per projection
             out = pipe(
                 chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gen, latents=latents,
                 height=res, width=res, output_type="pil", **kwargs,
@@ -118,6 +119,8 @@ def generate_seeded(pipe, prompts: list[str], seeds: list[int], steps: int = 20,
                     scheduler: Sampler = "ddim", batch: int = 16) -> list:  # fmt: skip
     """PIL images, image j from the initial latent seeded by ``seeds[j]``: independent of batching and of
     which other prompts share its batch (what evaluation needs to score every variant on the same noise)."""
+    from craft.models.adapters import merged_lora
+
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
     set_scheduler(pipe, scheduler)
@@ -128,9 +131,10 @@ def generate_seeded(pipe, prompts: list[str], seeds: list[int], steps: int = 20,
         lat = torch.stack([torch.randn((c.in_channels, c.sample_size, c.sample_size),
                                        generator=torch.Generator().manual_seed(x)) for x in sds])  # fmt: skip
         kwargs = {"eta": 0.0} if scheduler == "ddim" else {}
-        res = pipe(list(chunk), num_inference_steps=steps, guidance_scale=guidance, output_type="pil",
-                   latents=lat.to(pipe.device, pipe.unet.dtype), generator=torch.Generator().manual_seed(sds[0]),
-                   **kwargs)  # fmt: skip
+        with merged_lora(pipe.unet):  # a loaded LoRA folded into its base weights for the call (no drift after)
+            res = pipe(list(chunk), num_inference_steps=steps, guidance_scale=guidance, output_type="pil",
+                       latents=lat.to(pipe.device, pipe.unet.dtype), generator=torch.Generator().manual_seed(sds[0]),
+                       **kwargs)  # fmt: skip
         out.extend(res.images)
     return out
 

@@ -36,7 +36,7 @@ def reward(images, meta):
 
 FAST = {}
 REFERENCE = dict(text_cache=0, prefix_inference_mode=False, fuse_diffusion_loss=False, channels_last="off",
-                 compile_prefix="off")  # fmt: skip
+                 compile_prefix="off", merge_prefix_lora=False)  # fmt: skip
 
 
 def cfg(**kw) -> RewardConfig:
@@ -73,7 +73,7 @@ def test_fast_path_lora_gradient_equals_reference_fp32():
     assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-7), float((fast - ref).abs().max())
 
 
-@pytest.mark.parametrize("switch", ["text_cache", "prefix_inference_mode", "fuse_diffusion_loss"])
+@pytest.mark.parametrize("switch", ["text_cache", "prefix_inference_mode", "fuse_diffusion_loss", "merge_prefix_lora"])
 def test_each_switch_alone_keeps_the_gradient(switch):
     comp = tiny()
     ref, _, _ = step_grads(comp, cfg(**REFERENCE), checkpointing=False, steps=1)
@@ -81,6 +81,31 @@ def test_each_switch_alone_keeps_the_gradient(switch):
     one.pop(switch)  # that switch at its (fast) default, the others at the reference
     got, _, _ = step_grads(comp, cfg(**one), checkpointing=False, steps=2)
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-7), (switch, float((got - ref).abs().max()))
+
+
+def test_merged_prefix_folds_the_lora_and_puts_the_base_weights_back_bit_for_bit():
+    from peft.tuners.lora import LoraLayer
+
+    from craft.models.adapters import merged_lora
+
+    comp = tiny()
+    layers = [m for m in comp.unet.modules() if isinstance(m, LoraLayer)]
+    before = {id(m): (m.get_base_layer().weight.data_ptr(), m.get_base_layer().weight.clone()) for m in layers}
+    x, t, s = torch.randn(2, 4, 16, 16), torch.tensor(7), torch.randn(2, 8, comp.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        plain = comp.unet(x, t, encoder_hidden_states=s).sample
+        with merged_lora(comp.unet):
+            assert all(m.merged for m in layers)  # peft's forward takes the one-matmul branch
+            w = layers[0].get_base_layer().weight
+            assert not torch.equal(w, before[id(layers[0])][1])  # the delta is in the weight the forward reads
+            folded = comp.unet(x, t, encoder_hidden_states=s).sample
+    assert torch.allclose(folded, plain, rtol=1e-4, atol=1e-5), float((folded - plain).abs().max())
+    with pytest.raises(RuntimeError, match="inside"), merged_lora(comp.unet):
+        raise RuntimeError("a failure inside the prefix")
+    for m in layers:  # the same storage, the same bits; peft's state back to unmerged
+        ptr, copy = before[id(m)]
+        w = m.get_base_layer().weight
+        assert w.data_ptr() == ptr and torch.equal(w, copy) and not m.merged
 
 
 @pytest.mark.slow  # inductor compiles the tiny UNet (C++ on the CPU): 20-150 s depending on load and its cache

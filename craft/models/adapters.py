@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,42 @@ def add_tokens(tokenizer, text_encoder, embeddings: dict[str, torch.Tensor]) -> 
                 )
             table[i] = vec.to(table.dtype)
     return ids
+
+
+@contextmanager
+def merged_lora(model):
+    """While inside, every plain LoRA layer of ``model`` computes with its base weight replaced by W + s*B*A (peft's
+    delta) and peft's ``merged`` state set, so its forward is one matmul. On exit the original weight tensors are put
+    back as they were (swapped, not subtracted: no drift in fp16/bf16 base weights over thousands of steps).
+
+    For no-graph calls only: the merged weight is a constant, so nothing inside trains the LoRA. Layers it cannot fold
+    exactly are left as they are (already merged, disabled, a DoRA-style variant, or dropout active in train mode).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    swapped = []
+    try:
+        with torch.no_grad():
+            for m in model.modules():
+                if not isinstance(m, LoraLayer) or m.merged or m.disable_adapters or m.lora_variant:
+                    continue
+                active = [a for a in m.active_adapters if a in m.lora_A]
+                if not active or (m.training and any(not isinstance(m.lora_dropout[a], torch.nn.Identity)
+                                                     for a in active)):  # fmt: skip
+                    continue
+                w = m.get_base_layer().weight
+                orig = w.data
+                merged = orig.float() if orig.device.type == "cpu" and orig.dtype != torch.float32 else orig.clone()
+                for a in active:
+                    merged += m.get_delta_weight(a).to(merged.dtype)
+                swapped.append((m, w, orig))
+                w.data = merged.to(orig.dtype)
+                m.merged_adapters = list(active)
+        yield
+    finally:
+        for m, w, orig in swapped:
+            w.data = orig
+            m.merged_adapters = []
 
 
 def read_adapter_meta(adapter_dir: str | os.PathLike) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +45,7 @@ from craft.models.adapters import (  # noqa: F401  (re-exported: the adapter fil
     add_tokens,
     class_token_prompt,
     load_adapters,
+    merged_lora,
 )
 from craft.train.loop import LoopConfig, list_checkpoints, train
 from craft.train.monitor import MonitorConfig
@@ -154,6 +156,9 @@ class RewardConfig:
     memory_budget_gb: float = 0.0
     text_cache: int = 4096  # distinct prompts whose frozen text-encoder states are kept across steps (0 = re-encode)
     prefix_inference_mode: bool = True  # the T-K steps without graph under torch.inference_mode (else no_grad)
+    # the LoRA folded into its base weights for the no-graph prefix only: W + s*B*A, one matmul per adapted projection
+    # instead of three plus an add (the same linear map up to rounding); the base weights are swapped back untouched
+    merge_prefix_lora: bool = True
     fuse_diffusion_loss: bool = True  # eq. 1's L_diff UNet call batched into the last graph step's UNet call
     channels_last: Literal["auto", "on", "off"] = "auto"  # UNet/VAE memory format; auto = on CUDA only
     # torch.compile (inductor) of the UNet for the no-graph prefix only (the graph step stays eager); compiled once
@@ -550,10 +555,11 @@ class DraftObjective(TrainableOnly):
         g = torch.Generator().manual_seed(seed)
         rows = [p for p in prompts for _ in range(per_prompt)]
         out = []
-        for i in range(0, len(rows), batch):
-            cond = self.encode_prompts(rows[i : i + batch]).to(dev)
-            z = sample_latents(self.unet, self.sched, cond, self.uncond(dev), g, self.cfg.guidance, self.cfg.eta)
-            out.append(decode(self.vae, z).float())
+        with merged_lora(self.unet) if self.cfg.merge_prefix_lora else nullcontext():
+            for i in range(0, len(rows), batch):
+                cond = self.encode_prompts(rows[i : i + batch]).to(dev)
+                z = sample_latents(self.unet, self.sched, cond, self.uncond(dev), g, self.cfg.guidance, self.cfg.eta)
+                out.append(decode(self.vae, z).float())
         return torch.cat(out)
 
     def uncond(self, device) -> torch.Tensor:
@@ -621,7 +627,8 @@ class DraftObjective(TrainableOnly):
         ts = self.sched.timesteps
         split = len(ts) - cfg.k
         prefix = torch.inference_mode if cfg.prefix_inference_mode else torch.no_grad
-        with record_function("draft/prefix"), prefix():  # DRaFT-K: steps T .. K+1 without graph
+        fold = merged_lora(self.unet) if cfg.merge_prefix_lora else nullcontext()
+        with record_function("draft/prefix"), fold, prefix():  # DRaFT-K: steps T .. K+1 without graph
             for t in ts[:split]:
                 zin = self.sched.scale_model_input(z, t)
                 out = self._unet(torch.cat([zin, zin]) if guided else zin, t, states, self.prefix_unet)
