@@ -81,7 +81,7 @@ def ensure_alignprop_venv(work: Path) -> Path:
 
 
 REFERENCE = dict(text_cache=0, prefix_inference_mode=False, fuse_diffusion_loss=False,
-                 merge_prefix_lora=False)  # pre-issue-18 step
+                 merge_prefix_lora=False, trace_prefix="off")  # pre-issue-18 step
 
 
 def run_ours(args) -> dict:

@@ -70,6 +70,7 @@ def _count_grad_unet_calls(model, c: RewardConfig, b: int = 2, latents: bool = F
     def hook(mod, args, kwargs):
         calls["grad" if torch.is_grad_enabled() else "nograd"] += 1
 
+    model.trace_prefix = False  # the hook counts eager calls: a TorchScript trace of the prefix runs no module hooks
     h = model.unet.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         model(batch(b, latents=latents), torch.Generator().manual_seed(0))

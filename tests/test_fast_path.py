@@ -36,7 +36,7 @@ def reward(images, meta):
 
 FAST = {}
 REFERENCE = dict(text_cache=0, prefix_inference_mode=False, fuse_diffusion_loss=False, channels_last="off",
-                 compile_prefix="off", merge_prefix_lora=False)  # fmt: skip
+                 compile_prefix="off", merge_prefix_lora=False, trace_prefix="off")  # fmt: skip
 
 
 def cfg(**kw) -> RewardConfig:
@@ -73,7 +73,10 @@ def test_fast_path_lora_gradient_equals_reference_fp32():
     assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-7), float((fast - ref).abs().max())
 
 
-@pytest.mark.parametrize("switch", ["text_cache", "prefix_inference_mode", "fuse_diffusion_loss", "merge_prefix_lora"])
+SWITCHES = ["text_cache", "prefix_inference_mode", "fuse_diffusion_loss", "merge_prefix_lora", "trace_prefix"]
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
 def test_each_switch_alone_keeps_the_gradient(switch):
     comp = tiny()
     ref, _, _ = step_grads(comp, cfg(**REFERENCE), checkpointing=False, steps=1)
@@ -81,6 +84,25 @@ def test_each_switch_alone_keeps_the_gradient(switch):
     one.pop(switch)  # that switch at its (fast) default, the others at the reference
     got, _, _ = step_grads(comp, cfg(**one), checkpointing=False, steps=2)
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-7), (switch, float((got - ref).abs().max()))
+
+
+def test_traced_prefix_follows_every_lora_update_and_matches_the_eager_prefix():
+    comp = tiny()
+    c_fast, c_eager = cfg(), cfg(trace_prefix="off")
+    fast = DraftObjective(comp.unet, comp.vae, comp.text_encoder, comp.tokenizer, comp.scheduler, reward, c_fast)
+    eager = DraftObjective(comp.unet, comp.vae, comp.text_encoder, comp.tokenizer, comp.scheduler, reward, c_eager)
+    fast.train(), eager.train()
+    batch = {"prompt": PROMPTS, "label": ["a", "b", "c"]}
+    lora = [p for n, p in comp.unet.named_parameters() if "lora" in n]
+    for step in range(3):
+        with torch.no_grad():
+            got = fast(batch, torch.Generator().manual_seed(step))["reward"]
+            want = eager(batch, torch.Generator().manual_seed(step))["reward"]
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (step, float(got), float(want))
+            for p in lora:  # what an optimizer step does: the trace must compute with the new weights
+                p.add_(0.2 * torch.randn_like(p))
+    assert len(fast._traces) == 1 and not eager._traces  # traced once for the prefix's shapes, reused after
+    assert not any("_traces" in k for k in fast.state_dict())
 
 
 def test_merged_prefix_folds_the_lora_and_puts_the_base_weights_back_bit_for_bit():

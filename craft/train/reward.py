@@ -165,6 +165,12 @@ class RewardConfig:
     # per mode, no recompile when the LoRA weights change. auto = on CUDA only: on 2 CPU cores it is 1.31-1.35x per
     # prefix call but costs 8-60 s to compile per process (bench/bench_compile.py), more than a demo-length run saves
     compile_prefix: Literal["auto", "on", "off"] = "auto"
+    # the prefix's UNet call run as a TorchScript trace (torch.jit.trace, ~1-2 s once per input shape): the same ATen
+    # kernels in the same order without Python's per-op dispatch, which dominates at small sizes on a CPU (1.38x per
+    # prefix call at the demo size, bit-identical outputs). The trace shares the UNet's parameters, so LoRA updates
+    # and the LoRA fold reach it; forward hooks on the UNet do not see its calls. auto = on when the prefix is not
+    # compiled and no autocast is active
+    trace_prefix: Literal["auto", "on", "off"] = "auto"
     # ---- harder-to-game rewards (issue 21): the critic reads augmented views of each image and the reward is their mean
     augment: RewardAugment = field(default_factory=RewardAugment)
     # extra critics (encoder roles critic-1..critic-E: the critic's architecture, other seeds) whose CAMs score every
@@ -194,7 +200,7 @@ class RewardConfig:
         if self.memory_budget_gb < 0 or self.text_cache < 0:
             raise ValueError(f"memory_budget_gb and text_cache must be >= 0 (got {self.memory_budget_gb}, "
                              f"{self.text_cache})")  # fmt: skip
-        for name in ("channels_last", "compile_prefix"):
+        for name in ("channels_last", "compile_prefix", "trace_prefix"):
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ValueError(f"{name} must be auto, on or off, got {getattr(self, name)!r}")
         if not 0.0 < self.update_scale <= 1.0:
@@ -417,6 +423,39 @@ def _decode_by_blocks(vae, z: torch.Tensor) -> torch.Tensor:
     return checkpoint(tail, x, use_reentrant=False)
 
 
+class _UNetCall(torch.nn.Module):
+    """``unet(x, t, encoder_hidden_states=states).sample`` as a module with tensor arguments and output (to trace)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, encoder_hidden_states=states, return_dict=False)[0]
+
+
+@torch.no_grad()
+def trace_unet_call(unet, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor):
+    """A TorchScript trace of one no-graph UNet call at these input shapes, checked against the eager call.
+
+    The trace records the Python branches taken at these shapes (and peft's merged / unmerged LoRA state), so it is
+    only reused for the same shapes and state (``DraftObjective._prefix_net`` keys it). It holds the UNet's own
+    parameter tensors: weights changed in place or swapped by ``merged_lora`` are what it computes with. A trace whose
+    output differs from the eager call is refused (set ``reward.trace_prefix=off``), never used.
+    """
+    import warnings
+
+    call = _UNetCall(unet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(call, (x, t, states), check_trace=False)
+    want, got = call(x, t, states), traced(x, t, states)
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+        raise RuntimeError(f"the traced prefix UNet differs from the eager one (max |diff| "
+                           f"{float((got - want).abs().max()):.3g}); set reward.trace_prefix=off")  # fmt: skip
+    return traced
+
+
 class TrainableOnly(torch.nn.Module):
     """Adapter for ``craft.train.loop``: its checkpoints hold only the trainable (adapter) weights.
 
@@ -520,6 +559,8 @@ class DraftObjective(TrainableOnly):
         compiled = cfg.compile_prefix == "on" or (cfg.compile_prefix == "auto" and dev.type == "cuda")
         # not a submodule (the compiled wrapper shares the UNet's parameters; state_dict and the optimizer see them once)
         self.__dict__["prefix_unet"] = torch.compile(unet, dynamic=False) if compiled else unet
+        self.trace_prefix = cfg.trace_prefix == "on" or (cfg.trace_prefix == "auto" and not compiled)
+        self.__dict__["_traces"] = {}  # (shapes, dtype, mode, fold) -> traced UNet call; not submodules
 
     def enable_gradient_checkpointing(self) -> None:
         self.checkpointing = True
@@ -588,7 +629,21 @@ class DraftObjective(TrainableOnly):
     def _unet(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, model=None) -> torch.Tensor:
         dtype = next(self.unet.parameters()).dtype
         net = self.unet if model is None else model
+        if isinstance(net, torch.jit.ScriptModule):  # a traced call (trace_unet_call): tensors in, the sample out
+            return net(x.to(dtype), t, states.to(dtype)).float()
         return net(x.to(dtype), t, encoder_hidden_states=states.to(dtype)).sample.float()
+
+    def _prefix_net(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor):
+        """The module the no-graph prefix calls: the compiled UNet, the UNet, or its trace for these input shapes."""
+        if not self.trace_prefix or self.prefix_unet is not self.unet or torch.is_autocast_enabled(x.device.type):
+            return self.prefix_unet
+        dtype = next(self.unet.parameters()).dtype
+        key = (tuple(x.shape), tuple(t.shape), tuple(states.shape), dtype, x.device, self.unet.training,
+               self.cfg.merge_prefix_lora)  # fmt: skip
+        net = self._traces.get(key)
+        if net is None:
+            net = self._traces[key] = trace_unet_call(self.unet, x.to(dtype), t, states.to(dtype))
+        return net
 
     def _guided(self, out: torch.Tensor) -> torch.Tensor:
         """Classifier-free guidance on the doubled batch (uncond rows first), as ``Denoiser``."""
@@ -631,7 +686,8 @@ class DraftObjective(TrainableOnly):
         with record_function("draft/prefix"), fold, prefix():  # DRaFT-K: steps T .. K+1 without graph
             for t in ts[:split]:
                 zin = self.sched.scale_model_input(z, t)
-                out = self._unet(torch.cat([zin, zin]) if guided else zin, t, states, self.prefix_unet)
+                x = torch.cat([zin, zin]) if guided else zin
+                out = self._unet(x, t, states, self._prefix_net(x, t, states))
                 z = _sched_step(self.sched, self._guided(out), t, z, generator, cfg.eta)
         z = z.clone() if cfg.prefix_inference_mode else z.detach()  # clone: a normal tensor autograd may save
         fuse = diff is not None and cfg.fuse_diffusion_loss
