@@ -12,7 +12,8 @@ missing: trl 0.23.1 is the last release with AlignProp).
 What each step does (why the numbers differ beyond implementation quality):
 - ours: 4 prompts x n=2 repeats = 8 trajectories in ONE UNet batch (x2 for guidance), DDPM sampler, the
   stage's defaults (RewardConfig): frozen text states cached across steps, the no-graph prefix under
-  inference_mode, no gradient checkpointing (no memory budget set), the last step and the VAE decode in the
+  inference_mode with the LoRA folded into its base weights and the UNet call traced (TorchScript, once per
+  shape, in the warm-up step), no gradient checkpointing (no memory budget set), the last step and the VAE decode in the
   graph; "full" adds the eq. 1 diffusion loss on 4 paired real latents as 4 more rows of the last graph step's
   UNet batch;
 - AlignProp: train_batch_size = 8 trajectories (the same number of images per step; it has no

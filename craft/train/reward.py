@@ -526,7 +526,9 @@ class DraftObjective(TrainableOnly):
     tensors with ``"total"`` the reward to maximise.
 
     Speed (``RewardConfig`` fields; each keeps the math, ``tests/test_fast_path.py`` checks the LoRA gradient):
-    frozen text states cached across steps, the no-graph prefix under ``inference_mode``, the guidance states
+    frozen text states cached across steps, the no-graph prefix under ``inference_mode`` with the LoRA folded into
+    its base weights (``merged_lora``) and its UNet call run as a TorchScript trace (``trace_unet_call``; compiled
+    instead where ``compile_prefix`` says), the guidance states
     concatenated once per step instead of once per sampler step, eq. 1's UNet call batched into the last graph
     step's UNet call (per-row timesteps; the UNet treats rows independently), checkpointing only when asked or
     when the graph would exceed ``memory_budget_gb``. The noise and t of L_diff are drawn right after the
