@@ -81,8 +81,9 @@ def ensure_alignprop_venv(work: Path) -> Path:
     return py
 
 
-REFERENCE = dict(text_cache=0, prefix_inference_mode=False, fuse_diffusion_loss=False,
-                 merge_prefix_lora=False, trace_prefix="off")  # pre-issue-18 step
+REFERENCE = dict(
+    text_cache=0, prefix_inference_mode=False, fuse_diffusion_loss=False, merge_prefix_lora=False, trace_prefix="off"
+)  # pre-issue-18 step
 
 
 def run_ours(args) -> dict:
