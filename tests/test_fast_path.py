@@ -105,6 +105,26 @@ def test_traced_prefix_follows_every_lora_update_and_matches_the_eager_prefix():
     assert not any("_traces" in k for k in fast.state_dict())
 
 
+def test_a_train_mode_unet_with_dropout_traces_and_its_trace_draws_the_same_masks():
+    from craft.train.reward import trace_unet_call
+
+    comp = tiny()
+    drops = [m for m in comp.unet.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops
+    for m in drops:
+        m.p = 0.3
+    comp.unet.train()
+    x, t, s = torch.randn(4, 4, 16, 16), torch.tensor(7), torch.randn(4, 8, comp.unet.config.cross_attention_dim)
+    traced = trace_unet_call(comp.unet, x, t, s)  # checked against the eager call under one seed: no refusal
+    with torch.no_grad():
+        torch.manual_seed(5)
+        a = traced(x, t, s)
+        torch.manual_seed(5)
+        b = comp.unet(x, t, encoder_hidden_states=s).sample
+        c = traced(x, t, s)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6) and not torch.allclose(a, c)  # dropout is live, same masks
+
+
 def test_merged_prefix_folds_the_lora_and_puts_the_base_weights_back_bit_for_bit():
     from peft.tuners.lora import LoraLayer
 

@@ -449,7 +449,12 @@ def trace_unet_call(unet, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(call, (x, t, states), check_trace=False)
-    want, got = call(x, t, states), traced(x, t, states)
+    outs = []
+    for net in (call, traced):  # the same random numbers for both (dropout in a train-mode UNet draws from them)
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            outs.append(net(x, t, states))
+    want, got = outs
     if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
         raise RuntimeError(f"the traced prefix UNet differs from the eager one (max |diff| "
                            f"{float((got - want).abs().max()):.3g}); set reward.trace_prefix=off")  # fmt: skip
