@@ -99,18 +99,19 @@ def generate(pipe, prompts: list[str], steps: int = 20, guidance: float = 4.0, s
     res = model_resolution(pipe.unet, pipe.vae)
     side = res // vae_factor(pipe.vae)
     images = []
-    for i in range(0, len(prompts), batch):
-        chunk = list(prompts[i : i + batch])
-        kwargs = {"eta": eta} if scheduler == "ddim" else {}
-        # draw the initial noise on CPU with our generator so results do not depend on the device
-        shape = (len(chunk), pipe.unet.config.in_channels, side, side)
-        latents = torch.randn(shape, generator=gen).to(pipe.device, pipe.unet.dtype)
-        with autocast(pipe.device, precision), merged_lora(pipe.unet):  # a loaded LoRA: one matmul per projection
-            out = pipe(
-                chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gen, latents=latents,
-                height=res, width=res, output_type="pil", **kwargs,
-            )  # fmt: skip
-        images.extend(out.images)
+    with merged_lora(pipe.unet):  # a loaded LoRA folded into its base weights once for the call: one matmul each
+        for i in range(0, len(prompts), batch):
+            chunk = list(prompts[i : i + batch])
+            kwargs = {"eta": eta} if scheduler == "ddim" else {}
+            # draw the initial noise on CPU with our generator so results do not depend on the device
+            shape = (len(chunk), pipe.unet.config.in_channels, side, side)
+            latents = torch.randn(shape, generator=gen).to(pipe.device, pipe.unet.dtype)
+            with autocast(pipe.device, precision):
+                out = pipe(
+                    chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gen, latents=latents,
+                    height=res, width=res, output_type="pil", **kwargs,
+                )  # fmt: skip
+            images.extend(out.images)
     return images
 
 
@@ -126,16 +127,16 @@ def generate_seeded(pipe, prompts: list[str], seeds: list[int], steps: int = 20,
     set_scheduler(pipe, scheduler)
     c = pipe.unet.config
     out = []
-    for s in range(0, len(prompts), batch):
-        chunk, sds = prompts[s : s + batch], seeds[s : s + batch]
-        lat = torch.stack([torch.randn((c.in_channels, c.sample_size, c.sample_size),
-                                       generator=torch.Generator().manual_seed(x)) for x in sds])  # fmt: skip
-        kwargs = {"eta": 0.0} if scheduler == "ddim" else {}
-        with merged_lora(pipe.unet):  # a loaded LoRA folded into its base weights for the call (no drift after)
+    with merged_lora(pipe.unet):  # a loaded LoRA folded into its base weights once for the call (no drift after)
+        for s in range(0, len(prompts), batch):
+            chunk, sds = prompts[s : s + batch], seeds[s : s + batch]
+            lat = torch.stack([torch.randn((c.in_channels, c.sample_size, c.sample_size),
+                                           generator=torch.Generator().manual_seed(x)) for x in sds])  # fmt: skip
+            kwargs = {"eta": 0.0} if scheduler == "ddim" else {}
             res = pipe(list(chunk), num_inference_steps=steps, guidance_scale=guidance, output_type="pil",
                        latents=lat.to(pipe.device, pipe.unet.dtype), generator=torch.Generator().manual_seed(sds[0]),
                        **kwargs)  # fmt: skip
-        out.extend(res.images)
+            out.extend(res.images)
     return out
 
 
