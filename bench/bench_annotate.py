@@ -6,7 +6,8 @@ annotate stage (thread pool, HTTP client with a keep-alive pool sized to the con
 committed part files, final merge) gets to it.
 
 The server (tests/annotate_server.py: it checks every response_format with jsonschema, ~2.5 ms of
-Python per request) runs in its OWN process, as a real server would run on its own machine: in the
+Python per request, inside its latency: each reply leaves ``latency`` seconds after its request arrived, as the
+ideal assumes) runs in its OWN process, as a real server would run on its own machine: in the
 client's process its work would hold the client's GIL and be charged to the client. It still shares
 this machine's cores. The modules a run imports once per process (httpx, httpcore, pyarrow) are imported before
 the clock starts; their import is start-up, not throughput.

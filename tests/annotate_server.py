@@ -264,12 +264,14 @@ class ScriptedServer:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            if self.latency_s:
-                time.sleep(self.latency_s)
             reply = self._structured(req) or self.script(n, req)
             rf = req.response_format
             if self.constrain and reply[0] == 200 and rf and rf["type"] == "json_schema":
                 reply = self._constrained(reply, rf["json_schema"]["schema"])
+            # latency_s is the time from receipt to reply: the server's own work (the schema check, ~2.5 ms of
+            # Python) happens inside it, as a real server's request handling overlaps its model's generation time
+            if self.latency_s:
+                time.sleep(max(0.0, req.t + self.latency_s - time.monotonic()))
         finally:
             with self._lock:
                 self.in_flight -= 1
