@@ -105,6 +105,60 @@ def test_traced_prefix_follows_every_lora_update_and_matches_the_eager_prefix():
     assert not any("_traces" in k for k in fast.state_dict())
 
 
+def test_reward_runs_in_one_process_share_one_trace_rebound_to_each_unets_weights(monkeypatch):
+    """TorchScript never frees a trace's module types (~45 MB for the demo UNet), so every reward run in one process
+    (``craft experiment`` runs dozens) must reuse the first trace of its architecture, computing with its own weights,
+    and a trace must not keep a finished run's weights alive."""
+    import gc
+    import weakref
+
+    import craft.train.reward as R
+
+    monkeypatch.setattr(R, "_SHARED_TRACES", {})
+    made = []
+    real_trace = torch.jit.trace
+    monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: made.append(1) or real_trace(*a, **k))
+    comps = [tiny(), tiny()]
+    with torch.no_grad():  # the second run's LoRA differs: a trace stuck on the first run's weights would show
+        for n, p in comps[1].unet.named_parameters():
+            if "lora" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    batch = {"prompt": PROMPTS, "label": ["a", "b", "c"]}
+
+    def objective(comp, c):
+        return DraftObjective(
+            comp.unet, comp.vae, comp.text_encoder, comp.tokenizer, comp.scheduler, reward, c
+        ).train()
+
+    fast = [objective(c, cfg()) for c in comps]
+    eager = [objective(c, cfg(trace_prefix="off")) for c in comps]
+    got = {}
+    with torch.no_grad():
+        for i in (0, 1, 0, 1):  # alternating: each call rebinds the shared trace to its own UNet
+            r = fast[i](batch, torch.Generator().manual_seed(7))["reward"]
+            want = eager[i](batch, torch.Generator().manual_seed(7))["reward"]
+            assert torch.allclose(r, want, rtol=1e-5, atol=1e-6), (i, float(r), float(want))
+            got[i] = float(r)
+    assert abs(got[0] - got[1]) > 1e-4  # the two runs' rewards differ, so rebinding was tested
+    assert len(made) == 1 and len(R._SHARED_TRACES) == 1  # traced once, for both runs
+    assert list(fast[0]._traces.values()) == list(fast[1]._traces.values())
+
+    # a finished run's weights are not kept alive by the trace it was last bound to
+    last = weakref.ref(next(p for n, p in comps[1].unet.named_parameters() if "lora_A" in n))
+    del fast[1], eager[1], comps[1]
+    gc.collect()
+    assert last() is None
+
+    # another architecture (LoRA rank 8: other shapes) gets its own trace
+    mc = ModelConfig(preset="tiny", resolution=32, unet_channels=[8, 16], vae_channels=[8, 8], text_hidden=16,
+                     text_layers=1)  # fmt: skip
+    other = build_components(mc, ["adenocarcinoma", "adenoma"], seed=0)
+    add_lora(other.unet, LoraSettings(rank=8))
+    with torch.no_grad():
+        objective(other, cfg())(batch, torch.Generator().manual_seed(7))
+    assert len(made) == 2 and len(R._SHARED_TRACES) == 2
+
+
 def test_a_train_mode_unet_with_dropout_traces_and_its_trace_draws_the_same_masks():
     from craft.train.reward import trace_unet_call
 

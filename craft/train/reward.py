@@ -168,8 +168,9 @@ class RewardConfig:
     # the prefix's UNet call run as a TorchScript trace (torch.jit.trace, ~1-2 s once per input shape): the same ATen
     # kernels in the same order without Python's per-op dispatch, which dominates at small sizes on a CPU (1.38x per
     # prefix call at the demo size, bit-identical outputs). The trace shares the UNet's parameters, so LoRA updates
-    # and the LoRA fold reach it; forward hooks on the UNet do not see its calls. auto = on when the prefix is not
-    # compiled and no autocast is active
+    # and the LoRA fold reach it; forward hooks on the UNet do not see its calls. One trace per architecture and shape
+    # serves every run in a process, rebound to each run's weights (SharedTrace: TorchScript never frees a trace's
+    # module types, ~45 MB each at the demo size). auto = on when the prefix is not compiled and no autocast is active
     trace_prefix: Literal["auto", "on", "off"] = "auto"
     # ---- harder-to-game rewards (issue 21): the critic reads augmented views of each image and the reward is their mean
     augment: RewardAugment = field(default_factory=RewardAugment)
@@ -434,6 +435,19 @@ class _UNetCall(torch.nn.Module):
         return self.unet(x, t, encoder_hidden_states=states, return_dict=False)[0]
 
 
+def _trace_matches(call, traced, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> str | None:
+    """Why ``traced`` does not compute ``call`` on these inputs (None when it does), both under one seed."""
+    outs = []
+    for net in (call, traced):  # the same random numbers for both (dropout in a train-mode UNet draws from them)
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            outs.append(net(x, t, states))
+    want, got = outs
+    if torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+        return None
+    return f"max |diff| {float((got - want).abs().max()):.3g}"
+
+
 @torch.no_grad()
 def trace_unet_call(unet, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor):
     """A TorchScript trace of one no-graph UNet call at these input shapes, checked against the eager call.
@@ -449,16 +463,85 @@ def trace_unet_call(unet, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(call, (x, t, states), check_trace=False)
-    outs = []
-    for net in (call, traced):  # the same random numbers for both (dropout in a train-mode UNet draws from them)
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            torch.manual_seed(0)
-            outs.append(net(x, t, states))
-    want, got = outs
-    if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
-        raise RuntimeError(f"the traced prefix UNet differs from the eager one (max |diff| "
-                           f"{float((got - want).abs().max()):.3g}); set reward.trace_prefix=off")  # fmt: skip
+    problem = _trace_matches(call, traced, x, t, states)
+    if problem:
+        raise RuntimeError(f"the traced prefix UNet differs from the eager one ({problem}); "
+                           "set reward.trace_prefix=off")  # fmt: skip
     return traced
+
+
+def unet_signature(unet) -> str:
+    """What a trace of ``unet`` bakes in besides its tensors' values: module tree and hyperparameters (extra_repr),
+    peft's scalings and adapter state, attention processors, config, and every parameter / buffer's shape and dtype."""
+    import hashlib
+
+    parts = [type(unet).__qualname__, json.dumps(dict(getattr(unet, "config", {})), sort_keys=True, default=str)]
+    for name, m in unet.named_modules():
+        extra = [getattr(m, k, None) for k in ("scaling", "active_adapters", "disable_adapters", "merged_adapters")]
+        parts.append(f"{name}|{type(m).__qualname__}|{m.extra_repr()}|{extra!r}|{m.training}")
+    procs = getattr(unet, "attn_processors", {})
+    parts += [f"{k}={type(v).__qualname__}" for k, v in sorted(procs.items())]
+    tensors = [*unet.named_parameters(remove_duplicate=False), *unet.named_buffers(remove_duplicate=False)]
+    parts += [f"{n}:{tuple(v.shape)}:{v.dtype}:{v.device}" for n, v in tensors]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+class SharedTrace:
+    """A traced UNet call shared by every UNet of one architecture in this process, rebound to the one that calls it.
+
+    TorchScript keeps the module types a trace creates for the life of the process, whether the trace is deleted or
+    not (pytorch/pytorch#35600; about 45 MB for the demo UNet's 900 submodules). A new trace per reward run would so
+    grow a process that runs many (``craft experiment`` runs dozens) without bound. One trace per signature and input
+    shapes is made instead, and ``bind`` points its parameter and buffer slots at the calling UNet's tensors
+    (milliseconds); the first call with each UNet is checked against that UNet's eager call, as a new trace is. When
+    the bound UNet is garbage-collected its slots are emptied, so the trace does not keep its weights alive.
+    """
+
+    def __init__(self, traced, unet):
+        import weakref
+
+        self.traced = traced
+        self.names = [n for n, _ in (*unet.named_parameters(remove_duplicate=False),
+                                     *unet.named_buffers(remove_duplicate=False))]  # fmt: skip
+        self.bound = weakref.ref(unet)
+        self.checked = weakref.WeakSet([unet])
+        weakref.finalize(unet, SharedTrace._release, weakref.ref(self))
+
+    def _set(self, tensors) -> None:
+        root = self.traced._c.getattr("unet")
+        for name, tensor in zip(self.names, tensors):
+            *path, leaf = name.split(".")
+            mod = root
+            for part in path:
+                mod = mod.getattr(part)
+            mod.setattr(leaf, tensor)
+
+    @staticmethod
+    def _release(ref) -> None:
+        self = ref()
+        if self is not None and self.bound() is None:  # the UNet it was bound to is gone: drop its tensors
+            self._set([torch.empty(0)] * len(self.names))
+
+    def bind(self, unet, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> str | None:
+        """Point the trace at ``unet``; why it does not compute ``unet``'s call (None when it does, or was checked)."""
+        import weakref
+
+        if self.bound() is not unet:
+            self._set([v for _, v in (*unet.named_parameters(remove_duplicate=False),
+                                      *unet.named_buffers(remove_duplicate=False))])  # fmt: skip
+            self.bound = weakref.ref(unet)
+            if unet not in self.checked:  # once per UNet
+                weakref.finalize(unet, SharedTrace._release, weakref.ref(self))
+        if unet in self.checked:
+            return None
+        with torch.no_grad():
+            problem = _trace_matches(_UNetCall(unet), self.traced, x, t, states)
+        if problem is None:
+            self.checked.add(unet)
+        return problem
+
+
+_SHARED_TRACES: dict[tuple, SharedTrace] = {}  # (unet_signature, DraftObjective's trace key) -> the trace
 
 
 class TrainableOnly(torch.nn.Module):
@@ -567,7 +650,7 @@ class DraftObjective(TrainableOnly):
         # not a submodule (the compiled wrapper shares the UNet's parameters; state_dict and the optimizer see them once)
         self.__dict__["prefix_unet"] = torch.compile(unet, dynamic=False) if compiled else unet
         self.trace_prefix = cfg.trace_prefix == "on" or (cfg.trace_prefix == "auto" and not compiled)
-        self.__dict__["_traces"] = {}  # (shapes, dtype, mode, fold) -> traced UNet call; not submodules
+        self.__dict__["_traces"] = {}  # (shapes, dtype, mode, fold) -> SharedTrace; not submodules
 
     def enable_gradient_checkpointing(self) -> None:
         self.checkpointing = True
@@ -647,10 +730,19 @@ class DraftObjective(TrainableOnly):
         dtype = next(self.unet.parameters()).dtype
         key = (tuple(x.shape), tuple(t.shape), tuple(states.shape), dtype, x.device, self.unet.training,
                self.cfg.merge_prefix_lora)  # fmt: skip
-        net = self._traces.get(key)
-        if net is None:
-            net = self._traces[key] = trace_unet_call(self.unet, x.to(dtype), t, states.to(dtype))
-        return net
+        x, states = x.to(dtype), states.to(dtype)
+        shared = self._traces.get(key)
+        if shared is None:  # first call at these shapes: the process's trace for this architecture, or a new one
+            skey = (unet_signature(self.unet), *key)
+            shared = _SHARED_TRACES.get(skey)
+            if shared is not None and shared.bind(self.unet, x, t, states) is not None:
+                shared = None  # the signature missed something the trace baked in: trace this UNet afresh
+            if shared is None:
+                shared = _SHARED_TRACES[skey] = SharedTrace(trace_unet_call(self.unet, x, t, states), self.unet)
+            self._traces[key] = shared
+        elif shared.bind(self.unet, x, t, states) is not None:  # checked at first bind: cannot differ now
+            raise RuntimeError("a shared prefix trace stopped matching its UNet; set reward.trace_prefix=off")
+        return shared.traced
 
     def _guided(self, out: torch.Tensor) -> torch.Tensor:
         """Classifier-free guidance on the doubled batch (uncond rows first), as ``Denoiser``."""
