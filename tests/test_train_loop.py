@@ -177,6 +177,42 @@ def test_pretrain_then_finetune_writes_loadable_models(tmp_path):
     assert pipe.unet.config.block_out_channels == [8, 16] or tuple(pipe.unet.config.block_out_channels) == (8, 16)
 
 
+def test_autoencoder_trains_on_random_crops_and_still_reads_whole_images(tmp_path):
+    from craft.models.diffusion import build_components
+
+    vae = build_components(tiny_model_config(), ["normal", "tumor"], seed=0).vae
+    seen = []
+    vae.encoder.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    x = torch.randn(3, 3, 32, 32)
+    objective = crafts.AutoencoderObjective(vae, 1e-6, crop=16)
+    objective({"pixels": x}, torch.Generator().manual_seed(0))
+    objective({"pixels": x}, torch.Generator().manual_seed(0))
+    assert seen[0].shape == (3, 3, 16, 16) and torch.equal(seen[0], seen[1])  # reproducible from the generator
+    where = []  # each patch is a 16 x 16 window of its own image, at its own place
+    for i in range(3):
+        hits = [
+            (r, c) for r in range(17) for c in range(17) if torch.equal(x[i, :, r : r + 16, c : c + 16], seen[0][i])
+        ]
+        assert len(hits) == 1, i
+        where.append(hits[0])
+    assert len(set(where)) > 1
+    crafts.AutoencoderObjective(vae, 1e-6)({"pixels": x}, torch.Generator().manual_seed(0))
+    assert seen[-1].shape == (3, 3, 32, 32)  # crop 0: whole images
+
+    data = make_dataset(tmp_path / "data")
+    loop = LoopConfig(steps=1, batch_size=4, progress=False)
+    pre = crafts.PretrainConfig(model=tiny_model_config(), loop=loop, sample_per_class=0)
+    pre.autoencoder.steps, pre.autoencoder.batch_size, pre.autoencoder.crop = 2, 4, 16
+    m = crafts.pretrain(pre, data, tmp_path / "pre")
+    assert 0 < m["ae_recon_mse"] < 1  # read on whole 32 px images through the crop-trained VAE
+    assert read_lineage(tmp_path / "pre")["config"]["autoencoder"]["crop"] == 16
+    for bad in (5, 48):  # not a multiple of the VAE's factor 2; larger than the 32 px images
+        pre.autoencoder.crop = bad
+        with pytest.raises(ValueError, match=f"autoencoder.crop={bad}: must be a multiple"):
+            crafts.pretrain(pre, data, tmp_path / f"bad{bad}")
+        assert not (tmp_path / f"bad{bad}").exists()
+
+
 def test_weak_captions_required_for_stage_one(tmp_path):
     import pandas as pd
 

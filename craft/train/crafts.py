@@ -82,6 +82,11 @@ class AutoencoderConfig:
     batch_size: int = 32  # images per step
     lr: float = 2e-3  # AdamW learning rate
     kl_weight: float = 1e-6  # weight of the KL term (small: we want a near-deterministic code)
+    # train on a random crop x crop patch of each image (0 = whole images). The autoencoder is convolutional: it
+    # learns the same local code from patches at a fraction of the pixels, as first-stage models are trained on crops
+    # smaller than the images they encode (LDM's autoencoders: 256 px crops). A multiple of the VAE's downsampling
+    # factor, at most the resolution; the reconstruction metric is still read on whole images
+    crop: int = 0
 
 
 @dataclass
@@ -114,6 +119,8 @@ class CraftsConfig:
             raise ValueError(f"aux_min_abar must be in [0, 1), got {self.aux_min_abar}")
         if "{phrase}" not in self.class_prompt:
             raise ValueError(f"class_prompt must contain {{phrase}}, got {self.class_prompt!r}")
+        if self.autoencoder.crop < 0:
+            raise ValueError(f"autoencoder.crop must be >= 0 (0 = whole images), got {self.autoencoder.crop}")
 
 
 @dataclass
@@ -177,13 +184,19 @@ def training_table(dataset_dir, cfg: CraftsConfig):
 class AutoencoderObjective(torch.nn.Module):
     """L1 reconstruction + small KL: the first-stage model of the latent diffusion backbone (CRAFTS eqs. 1-6)."""
 
-    def __init__(self, vae, kl_weight: float):
+    def __init__(self, vae, kl_weight: float, crop: int = 0):
         super().__init__()
         self.vae = vae
         self.kl_weight = kl_weight
+        self.crop = crop  # a random crop x crop patch of each image (0 = the whole image)
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
         x = batch["pixels"]
+        if 0 < self.crop < min(x.shape[-2:]):
+            h, w = x.shape[-2] - self.crop + 1, x.shape[-1] - self.crop + 1
+            rows = torch.randint(0, h, (len(x),), generator=generator).tolist()
+            cols = torch.randint(0, w, (len(x),), generator=generator).tolist()
+            x = torch.stack([im[:, r : r + self.crop, c : c + self.crop] for im, r, c in zip(x, rows, cols)])
         post = self.vae.encode(x).latent_dist
         eps = torch.randn(post.mean.shape, generator=generator).to(x.device, post.mean.dtype)
         z = post.mean + post.std * eps
@@ -313,6 +326,10 @@ def train_autoencoder(vae, dataset_dir, df, resolution: int, cfg: CraftsConfig, 
     scaling factor from the trained VAE's latents, which go to the latent cache where the stage reads them next."""
     pixels = image_column(dataset_dir, df, resolution, "signed")
     ae = cfg.autoencoder
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if ae.crop and (ae.crop > resolution or ae.crop % factor):
+        raise ValueError(f"autoencoder.crop={ae.crop}: must be a multiple of the VAE's downsampling factor {factor} "
+                         f"and at most the resolution {resolution} (0 = whole images)")  # fmt: skip
     if ae.steps > 0:
         loop = LoopConfig(
             steps=ae.steps, batch_size=min(ae.batch_size, len(pixels)), lr=ae.lr, seed=cfg.loop.seed,
@@ -321,7 +338,9 @@ def train_autoencoder(vae, dataset_dir, df, resolution: int, cfg: CraftsConfig, 
             warmup_steps=min(20, ae.steps // 10), lr_schedule="cosine", data_workers=cfg.loop.data_workers,
         )  # fmt: skip
         vae.requires_grad_(True)
-        res = train(AutoencoderObjective(vae, ae.kl_weight), {"pixels": pixels}, loop, work_dir / "autoencoder")
+        res = train(
+            AutoencoderObjective(vae, ae.kl_weight, ae.crop), {"pixels": pixels}, loop, work_dir / "autoencoder"
+        )
         logs = {f"ae_{k}": v for k, v in res.logs.items() if k in ("l1", "kl")}
     else:
         logs = {}
