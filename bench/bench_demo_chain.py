@@ -36,8 +36,11 @@ def run_paths(run: Path) -> dict[str, Path | None]:
     """Inputs of the chain in a kfp.local demo run folder (one subfolder per task)."""
     encoders = {d.name: d / "encoder" for d in run.glob("encoder-op*") if (d / "encoder" / "lineage.json").is_file()}
     critic = next((e for e in encoders.values() if _json(e / "lineage.json").get("role") == "critic"), None)
-    probe = next((d / "probe" for d in run.glob("probe-op*")
-                  if critic is not None and _json(d / "probe" / "probe.json").get("encoder") == str(critic)), None)  # fmt: skip
+    # the probe trained on the critic (paths compared resolved: a run folder may link its tasks' folders)
+    probes = [d / "probe" for d in run.glob("probe-op*")]
+    probe = next(
+        (q for q in probes if critic is not None and _same(_json(q / "probe.json").get("encoder"), critic)), None
+    )
     if critic is None or probe is None:
         raise SystemExit(f"{run}: no encoder task with role 'critic' and a probe trained on it (is it a demo run?)")
     return {
@@ -48,6 +51,10 @@ def run_paths(run: Path) -> dict[str, Path | None]:
         "probe": probe,
         "oracle": run.parent / ".model-cache" / "oracle",  # a local run's cache (pipelines.local.local_env)
     }
+
+
+def _same(a, b) -> bool:
+    return a is not None and Path(a).resolve() == Path(b).resolve()
 
 
 def paper_table_paths(root: Path) -> dict[str, Path | None]:
