@@ -149,6 +149,14 @@ def test_reward_runs_in_one_process_share_one_trace_rebound_to_each_unets_weight
     gc.collect()
     assert last() is None
 
+    # another thread gets its own trace: a trace rebound under a running call would compute with the wrong weights
+    import threading
+
+    worker = threading.Thread(target=lambda: torch.no_grad()(fast[0])(batch, torch.Generator().manual_seed(7)))
+    worker.start()
+    worker.join()
+    assert len(made) == 2 and len(R._SHARED_TRACES) == 2
+
     # another architecture (LoRA rank 8: other shapes) gets its own trace
     mc = ModelConfig(preset="tiny", resolution=32, unet_channels=[8, 16], vae_channels=[8, 8], text_hidden=16,
                      text_layers=1)  # fmt: skip
@@ -156,7 +164,7 @@ def test_reward_runs_in_one_process_share_one_trace_rebound_to_each_unets_weight
     add_lora(other.unet, LoraSettings(rank=8))
     with torch.no_grad():
         objective(other, cfg())(batch, torch.Generator().manual_seed(7))
-    assert len(made) == 2 and len(R._SHARED_TRACES) == 2
+    assert len(made) == 3 and len(R._SHARED_TRACES) == 3
 
 
 def test_a_train_mode_unet_with_dropout_traces_and_its_trace_draws_the_same_masks():

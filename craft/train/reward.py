@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -541,7 +542,7 @@ class SharedTrace:
         return problem
 
 
-_SHARED_TRACES: dict[tuple, SharedTrace] = {}  # (unet_signature, DraftObjective's trace key) -> the trace
+_SHARED_TRACES: dict[tuple, SharedTrace] = {}  # (unet_signature, DraftObjective's trace key incl. thread)
 
 
 class TrainableOnly(torch.nn.Module):
@@ -728,8 +729,9 @@ class DraftObjective(TrainableOnly):
         if not self.trace_prefix or self.prefix_unet is not self.unet or torch.is_autocast_enabled(x.device.type):
             return self.prefix_unet
         dtype = next(self.unet.parameters()).dtype
+        # per thread: a shared trace is rebound to the UNet calling it, so two threads must not share one
         key = (tuple(x.shape), tuple(t.shape), tuple(states.shape), dtype, x.device, self.unet.training,
-               self.cfg.merge_prefix_lora)  # fmt: skip
+               self.cfg.merge_prefix_lora, threading.get_ident())  # fmt: skip
         x, states = x.to(dtype), states.to(dtype)
         shared = self._traces.get(key)
         if shared is None:  # first call at these shapes: the process's trace for this architecture, or a new one
