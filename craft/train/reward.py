@@ -493,9 +493,10 @@ class SharedTrace:
     TorchScript keeps the module types a trace creates for the life of the process, whether the trace is deleted or
     not (pytorch/pytorch#35600; about 45 MB for the demo UNet's 900 submodules). A new trace per reward run would so
     grow a process that runs many (``craft experiment`` runs dozens) without bound. One trace per signature, input
-    shapes and thread is made instead (one thread's rebinding must not land under another's call), and ``bind`` points its parameter and buffer slots at the calling UNet's tensors
-    (milliseconds); the first call with each UNet is checked against that UNet's eager call, as a new trace is. When
-    the bound UNet is garbage-collected its slots are emptied, so the trace does not keep its weights alive.
+    shapes and thread is made instead (one thread's rebinding must not land under another's call), and ``bind``
+    points its parameter and buffer slots at the calling UNet's tensors (milliseconds); the first call with each UNet
+    is checked against that UNet's eager call, as a new trace is. When the bound UNet is garbage-collected its slots
+    are emptied, so the trace does not keep its weights alive.
     """
 
     def __init__(self, traced, unet):
