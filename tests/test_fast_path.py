@@ -17,11 +17,11 @@ torch.set_num_threads(2)
 PROMPTS = ["normal colon mucosa", "adenocarcinoma with crowded glands", "adenoma"]
 
 
-def tiny():
+def tiny(lora: LoraSettings | None = None):
     mc = ModelConfig(preset="tiny", resolution=32, unet_channels=[8, 16], vae_channels=[8, 8], text_hidden=16,
                      text_layers=1)  # fmt: skip
     comp = build_components(mc, ["adenocarcinoma", "adenoma"], seed=0)
-    add_lora(comp.unet, LoraSettings())
+    add_lora(comp.unet, lora or LoraSettings())
     torch.manual_seed(3)
     with torch.no_grad():  # move the LoRA off its zero init so lora_A gets a gradient too
         for n, p in comp.unet.named_parameters():
@@ -158,10 +158,7 @@ def test_reward_runs_in_one_process_share_one_trace_rebound_to_each_unets_weight
     assert len(made) == 2 and len(R._SHARED_TRACES) == 2
 
     # another architecture (LoRA rank 8: other shapes) gets its own trace
-    mc = ModelConfig(preset="tiny", resolution=32, unet_channels=[8, 16], vae_channels=[8, 8], text_hidden=16,
-                     text_layers=1)  # fmt: skip
-    other = build_components(mc, ["adenocarcinoma", "adenoma"], seed=0)
-    add_lora(other.unet, LoraSettings(rank=8))
+    other = tiny(LoraSettings(rank=8))
     with torch.no_grad():
         objective(other, cfg())(batch, torch.Generator().manual_seed(7))
     assert len(made) == 3 and len(R._SHARED_TRACES) == 3

@@ -471,6 +471,11 @@ def trace_unet_call(unet, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor
     return traced
 
 
+def _unet_tensors(unet) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer slot of ``unet`` by name, shared tensors once per slot (what a trace's slots hold)."""
+    return [*unet.named_parameters(remove_duplicate=False), *unet.named_buffers(remove_duplicate=False)]
+
+
 def unet_signature(unet) -> str:
     """What a trace of ``unet`` bakes in besides its tensors' values: module tree and hyperparameters (extra_repr),
     peft's scalings and adapter state, attention processors, config, and every parameter / buffer's shape and dtype."""
@@ -482,8 +487,7 @@ def unet_signature(unet) -> str:
         parts.append(f"{name}|{type(m).__qualname__}|{m.extra_repr()}|{extra!r}|{m.training}")
     procs = getattr(unet, "attn_processors", {})
     parts += [f"{k}={type(v).__qualname__}" for k, v in sorted(procs.items())]
-    tensors = [*unet.named_parameters(remove_duplicate=False), *unet.named_buffers(remove_duplicate=False)]
-    parts += [f"{n}:{tuple(v.shape)}:{v.dtype}:{v.device}" for n, v in tensors]
+    parts += [f"{n}:{tuple(v.shape)}:{v.dtype}:{v.device}" for n, v in _unet_tensors(unet)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -503,8 +507,7 @@ class SharedTrace:
         import weakref
 
         self.traced = traced
-        self.names = [n for n, _ in (*unet.named_parameters(remove_duplicate=False),
-                                     *unet.named_buffers(remove_duplicate=False))]  # fmt: skip
+        self.names = [n for n, _ in _unet_tensors(unet)]
         self.bound = weakref.ref(unet)
         self.checked = weakref.WeakSet([unet])
         weakref.finalize(unet, SharedTrace._release, weakref.ref(self))
@@ -529,8 +532,7 @@ class SharedTrace:
         import weakref
 
         if self.bound() is not unet:
-            self._set([v for _, v in (*unet.named_parameters(remove_duplicate=False),
-                                      *unet.named_buffers(remove_duplicate=False))])  # fmt: skip
+            self._set([v for _, v in _unet_tensors(unet)])
             self.bound = weakref.ref(unet)
             if unet not in self.checked:  # once per UNet
                 weakref.finalize(unet, SharedTrace._release, weakref.ref(self))
