@@ -106,7 +106,7 @@ def test_traced_prefix_follows_every_lora_update_and_matches_the_eager_prefix():
 
 
 def test_reward_runs_in_one_process_share_one_trace_rebound_to_each_unets_weights(monkeypatch):
-    """TorchScript never frees a trace's module types (~45 MB for the demo UNet), so every reward run in one process
+    """TorchScript never frees a trace's types and graph (~23 MB for the demo UNet), so every reward run in one process
     (``craft experiment`` runs dozens) must reuse the first trace of its architecture, computing with its own weights,
     and a trace must not keep a finished run's weights alive."""
     import gc
@@ -175,6 +175,11 @@ def test_a_train_mode_unet_with_dropout_traces_and_its_trace_draws_the_same_mask
     comp.unet.train()
     x, t, s = torch.randn(4, 4, 16, 16), torch.tensor(7), torch.randn(4, 8, comp.unet.config.cross_attention_dim)
     traced = trace_unet_call(comp.unet, x, t, s)  # checked against the eager call under one seed: no refusal
+    # one flat graph over the UNet's own tensors: no TorchScript module per UNet submodule (which would stay in memory
+    # for the life of the process), and no copies of the weights
+    assert not list(traced.children())
+    own = {v.data_ptr() for v in comp.unet.state_dict(keep_vars=True).values()}
+    assert {b.data_ptr() for b in traced.buffers()} <= own
     with torch.no_grad():
         torch.manual_seed(5)
         a = traced(x, t, s)

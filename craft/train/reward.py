@@ -171,7 +171,7 @@ class RewardConfig:
     # prefix call at the demo size, bit-identical outputs). The trace shares the UNet's parameters, so LoRA updates
     # and the LoRA fold reach it; forward hooks on the UNet do not see its calls. One trace per architecture and shape
     # serves every run in a process, rebound to each run's weights (SharedTrace: TorchScript never frees a trace's
-    # module types, ~45 MB each at the demo size). auto = on when the prefix is not compiled and no autocast is active
+    # types and graph, ~23 MB each at the demo size). auto = on when the prefix is not compiled and no autocast is active
     trace_prefix: Literal["auto", "on", "off"] = "auto"
     # ---- harder-to-game rewards (issue 21): the critic reads augmented views of each image and the reward is their mean
     augment: RewardAugment = field(default_factory=RewardAugment)
@@ -436,6 +436,27 @@ class _UNetCall(torch.nn.Module):
         return self.unet(x, t, encoder_hidden_states=states, return_dict=False)[0]
 
 
+class _FlatUNetCall(torch.nn.Module):
+    """``_UNetCall`` with every UNet tensor as its own attribute and no submodules: what ``trace_unet_call`` traces.
+
+    Its slots ``t0 .. tN`` hold the UNet's own parameter and buffer tensors (``_unet_tensors`` order; the same tensor
+    objects, so in-place updates and ``merged_lora``'s swaps reach the trace), and the UNet is called through a plain
+    reference, so the trace records one flat graph reading those slots. A trace of ``_UNetCall`` would instead build a
+    TorchScript module type and graph per submodule (the demo UNet has ~900), which TorchScript keeps for the life of
+    the process: 68 MB of RSS against 26-28 MB for the flat trace at the demo size, the same speed
+    (BENCHMARKS.md, 2026-12-07).
+    """
+
+    def __init__(self, unet):
+        super().__init__()
+        object.__setattr__(self, "unet", unet)  # not a submodule: its modules must not become TorchScript types
+        for i, (_, v) in enumerate(_unet_tensors(unet)):
+            self._buffers[f"t{i}"] = v  # the tensor itself (a Parameter too), not a copy; never saved
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, encoder_hidden_states=states, return_dict=False)[0]
+
+
 def _trace_matches(call, traced, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> str | None:
     """Why ``traced`` does not compute ``call`` on these inputs (None when it does), both under one seed."""
     outs = []
@@ -460,11 +481,10 @@ def trace_unet_call(unet, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor
     """
     import warnings
 
-    call = _UNetCall(unet)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(call, (x, t, states), check_trace=False)
-    problem = _trace_matches(call, traced, x, t, states)
+        traced = torch.jit.trace(_FlatUNetCall(unet), (x, t, states), check_trace=False)
+    problem = _trace_matches(_UNetCall(unet), traced, x, t, states)
     if problem:
         raise RuntimeError(f"the traced prefix UNet differs from the eager one ({problem}); "
                            "set reward.trace_prefix=off")  # fmt: skip
@@ -494,13 +514,13 @@ def unet_signature(unet) -> str:
 class SharedTrace:
     """A traced UNet call shared by every UNet of one architecture in this process, rebound to the one that calls it.
 
-    TorchScript keeps the module types a trace creates for the life of the process, whether the trace is deleted or
-    not (pytorch/pytorch#35600; about 45 MB for the demo UNet's 900 submodules). A new trace per reward run would so
-    grow a process that runs many (``craft experiment`` runs dozens) without bound. One trace per signature, input
-    shapes and thread is made instead (one thread's rebinding must not land under another's call), and ``bind``
-    points its parameter and buffer slots at the calling UNet's tensors (milliseconds); the first call with each UNet
-    is checked against that UNet's eager call, as a new trace is. When the bound UNet is garbage-collected its slots
-    are emptied, so the trace does not keep its weights alive.
+    TorchScript keeps the types and graph a trace creates for the life of the process, whether the trace is deleted or
+    not (pytorch/pytorch#35600; about 23 MB per flat trace of the demo UNet, 45 MB when it was traced as a module
+    tree). A new trace per reward run would so grow a process that runs many (``craft experiment`` runs dozens)
+    without bound. One trace per signature, input shapes and thread is made instead (one thread's rebinding must not
+    land under another's call), and ``bind`` points its parameter and buffer slots at the calling UNet's tensors
+    (milliseconds); the first call with each UNet is checked against that UNet's eager call, as a new trace is. When
+    the bound UNet is garbage-collected its slots are emptied, so the trace does not keep its weights alive.
     """
 
     def __init__(self, traced, unet):
@@ -513,13 +533,8 @@ class SharedTrace:
         weakref.finalize(unet, SharedTrace._release, weakref.ref(self))
 
     def _set(self, tensors) -> None:
-        root = self.traced._c.getattr("unet")
-        for name, tensor in zip(self.names, tensors):
-            *path, leaf = name.split(".")
-            mod = root
-            for part in path:
-                mod = mod.getattr(part)
-            mod.setattr(leaf, tensor)
+        for i, tensor in enumerate(tensors):  # _FlatUNetCall's slots, in _unet_tensors order
+            self.traced._c.setattr(f"t{i}", tensor)
 
     @staticmethod
     def _release(ref) -> None:
