@@ -187,6 +187,13 @@ def test_a_train_mode_unet_with_dropout_traces_and_its_trace_draws_the_same_mask
         b = comp.unet(x, t, encoder_hidden_states=s).sample
         c = traced(x, t, s)
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6) and not torch.allclose(a, c)  # dropout is live, same masks
+    with torch.no_grad():  # a base weight changed in place (not a LoRA weight): the trace reads the slot, no copy
+        comp.unet.conv_in.weight.mul_(1.5)
+        torch.manual_seed(5)
+        a = traced(x, t, s)
+        torch.manual_seed(5)
+        b = comp.unet(x, t, encoder_hidden_states=s).sample
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_merged_prefix_folds_the_lora_and_puts_the_base_weights_back_bit_for_bit():
