@@ -48,6 +48,7 @@ from craft.models.adapters import (  # noqa: F401  (re-exported: the adapter fil
     load_adapters,
     merged_lora,
 )
+from craft.models.lean_graph import lean_saves
 from craft.train.loop import LoopConfig, list_checkpoints, train
 from craft.train.monitor import MonitorConfig
 
@@ -173,6 +174,11 @@ class RewardConfig:
     # serves every run in a process, rebound to each run's weights (SharedTrace: TorchScript never frees a trace's
     # types and graph, ~23 MB each at the demo size). auto = on when the prefix is not compiled and no autocast is active
     trace_prefix: Literal["auto", "on", "off"] = "auto"
+    # autograd keeps only what backward reads in the graph steps and the decode (craft.models.lean_graph): frozen
+    # convolutions save no input, SiLU after GroupNorm saves no GroupNorm output. The same gradients (bit for bit at
+    # K=1) and no extra matrix work; at the demo size the graph holds 64 MB instead of 130 MB. Parts that are checkpointed
+    # keep autograd's own saving (their recomputation runs outside this switch)
+    lean_saves: bool = True
     # ---- harder-to-game rewards (issue 21): the critic reads augmented views of each image and the reward is their mean
     augment: RewardAugment = field(default_factory=RewardAugment)
     # extra critics (encoder roles critic-1..critic-E: the critic's architecture, other seeds) whose CAMs score every
@@ -811,41 +817,50 @@ class DraftObjective(TrainableOnly):
         z = z.clone() if cfg.prefix_inference_mode else z.detach()  # clone: a normal tensor autograd may save
         fuse = diff is not None and cfg.fuse_diffusion_loss
         pred_d = None
-        with record_function("draft/graph_steps"):
-            for i, t in enumerate(ts[split:]):  # the last K steps keep the graph into the LoRA weights
-                zin = self.sched.scale_model_input(z, t)
-                x = torch.cat([zin, zin]) if guided else zin
-                tt, st = t, states
-                if fuse and i == cfg.k - 1:  # the L_diff rows ride along in the last graph step's UNet batch
-                    tt = torch.cat([t.to(dev).expand(x.shape[0]), diff[1]])
-                    x, st = torch.cat([x, diff[0]]), torch.cat([states, cond_b])
-                out = self._maybe_ckpt(lambda a, tt=tt, st=st: self._unet(a, tt, st), x)
-                if fuse and i == cfg.k - 1:
-                    out, pred_d = out[:-b], out[-b:]
-                z = _sched_step(self.sched, self._guided(out), t, z, generator, cfg.eta)
-        with record_function("draft/decode"):
-            images = self.decode(z)
-        with record_function("draft/reward"):
-            meta = {k: _repeat(v, n) for k, v in batch.items() if k not in ("latents", "gen_prompt")}
-            meta["repeat"] = torch.arange(n, device=dev).repeat_interleave(b)
-            rewards = self.reward_fn(images, meta)
-        if "total" not in rewards or rewards["total"].shape != (n * b,):
-            raise ValueError(f"reward callable must return 'total' of shape [{n * b}], got "
-                             f"{ {k: tuple(v.shape) for k, v in rewards.items()} }")  # fmt: skip
-        per_prompt = rewards["total"].float().view(n, b).mean(0)  # eq. 6: average over the n repeats
-        reward = per_prompt.mean()
-        out = {f"reward_{k}": v.detach().float() for k, v in rewards.items() if k != "total"}
-        out["reward"] = reward.detach()
-        loss = -cfg.reward_scale * reward
-        if diff is not None:
-            with record_function("draft/l_diff"):
-                if pred_d is None:  # separate UNet call (fuse_diffusion_loss=False)
-                    pred_d = self._maybe_ckpt(lambda a: self._unet(a, diff[1], cond_b), diff[0])
-                l_diff = F.mse_loss(pred_d, diff[2])  # the standard diffusion loss (eq. 1; CRAFTS eq. 5)
-            loss = loss + cfg.diffusion_weight * l_diff
-            out["l_diff"] = l_diff.detach()
-        out["loss"] = loss
-        return out
+        with self._lean():  # what autograd records: keep only what backward reads
+            with record_function("draft/graph_steps"):
+                for i, t in enumerate(ts[split:]):  # the last K steps keep the graph into the LoRA weights
+                    zin = self.sched.scale_model_input(z, t)
+                    x = torch.cat([zin, zin]) if guided else zin
+                    tt, st = t, states
+                    if fuse and i == cfg.k - 1:  # the L_diff rows ride along in the last graph step's UNet batch
+                        tt = torch.cat([t.to(dev).expand(x.shape[0]), diff[1]])
+                        x, st = torch.cat([x, diff[0]]), torch.cat([states, cond_b])
+                    out = self._maybe_ckpt(lambda a, tt=tt, st=st: self._unet(a, tt, st), x)
+                    if fuse and i == cfg.k - 1:
+                        out, pred_d = out[:-b], out[-b:]
+                    z = _sched_step(self.sched, self._guided(out), t, z, generator, cfg.eta)
+            with record_function("draft/decode"):
+                images = self.decode(z)
+            with record_function("draft/reward"):
+                meta = {k: _repeat(v, n) for k, v in batch.items() if k not in ("latents", "gen_prompt")}
+                meta["repeat"] = torch.arange(n, device=dev).repeat_interleave(b)
+                rewards = self.reward_fn(images, meta)
+            if "total" not in rewards or rewards["total"].shape != (n * b,):
+                raise ValueError(f"reward callable must return 'total' of shape [{n * b}], got "
+                                 f"{ {k: tuple(v.shape) for k, v in rewards.items()} }")  # fmt: skip
+            per_prompt = rewards["total"].float().view(n, b).mean(0)  # eq. 6: average over the n repeats
+            reward = per_prompt.mean()
+            out = {f"reward_{k}": v.detach().float() for k, v in rewards.items() if k != "total"}
+            out["reward"] = reward.detach()
+            loss = -cfg.reward_scale * reward
+            if diff is not None:
+                with record_function("draft/l_diff"):
+                    if pred_d is None:  # separate UNet call (fuse_diffusion_loss=False)
+                        pred_d = self._maybe_ckpt(lambda a: self._unet(a, diff[1], cond_b), diff[0])
+                    l_diff = F.mse_loss(pred_d, diff[2])  # the standard diffusion loss (eq. 1; CRAFTS eq. 5)
+                loss = loss + cfg.diffusion_weight * l_diff
+                out["l_diff"] = l_diff.detach()
+            out["loss"] = loss
+            return out
+
+    def _lean(self):
+        """``lean_saves`` over the graph's UNet and VAE, each unless gradient-checkpointed (``cfg.lean_saves``)."""
+        if not self.cfg.lean_saves:
+            return nullcontext()
+        vae_mode = self.cfg.vae_checkpointing
+        vae_ckpt = vae_mode in ("blocks", "whole") or (vae_mode == "auto" and self.checkpointing)
+        return lean_saves(*([] if self.checkpointing else [self.unet]), *([] if vae_ckpt else [self.vae]))
 
     def _check_budget(self, batch: dict[str, Any], prompts: list[str], seed: int, dev) -> None:
         """Switch checkpointing on when the graph of a full step would hold more than ``cfg.memory_budget_gb``.
@@ -875,7 +890,8 @@ class DraftObjective(TrainableOnly):
         states = torch.cat([self.uncond(dev), cond]) if guided else cond
         z = torch.randn((1, c.in_channels, c.sample_size, c.sample_size), generator=gen).to(dev)
         sub = {k: (v[:1] if isinstance(v, torch.Tensor | list) else v) for k, v in batch.items()}
-        with saved_tensors_hooks(pack, lambda x: x):
+        lean = lean_saves(self.unet, self.vae) if cfg.lean_saves else nullcontext()  # as an unchecked step runs
+        with saved_tensors_hooks(pack, lambda x: x), lean:
             for t in self.sched.timesteps[-cfg.k :]:
                 zin = self.sched.scale_model_input(z, t)
                 out = self._unet(torch.cat([zin, zin]) if guided else zin, t, states)
