@@ -303,8 +303,8 @@ def test_fused_adamw_takes_the_same_steps_as_the_per_tensor_loop(tmp_path):
 
 def test_lean_saves_keeps_less_for_backward_and_the_same_lora_gradient():
     """craft.models.lean_graph in the DRaFT step: frozen convolutions (every conv of the UNet and the VAE decoder)
-    save no input and SiLU keeps no GroupNorm output; the budget probe sees the smaller graph, the gradient is the
-    same (bit for bit at K=1; at K=2 autograd sums a few multi-path gradients in another order: ~1e-11 relative)."""
+    save no input; the budget probe sees the smaller graph, the gradient is the same (bit for bit at K=1; at K=2
+    autograd sums a few multi-path gradients in another order: ~1e-11 relative)."""
     comp = tiny()
     plain, r_plain, m_plain = step_grads(comp, cfg(lean_saves=False, memory_budget_gb=100.0), False, steps=1)
     lean, r_lean, m_lean = step_grads(comp, cfg(memory_budget_gb=100.0), False, steps=1)

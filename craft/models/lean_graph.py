@@ -1,28 +1,29 @@
-"""Keep out of the autograd graph what backward does not read: frozen convolutions' inputs, SiLU's GroupNorm output.
+"""Keep out of the autograd graph what backward does not read: the inputs of frozen convolutions.
 
 When only adapters train (DRaFT's LoRA on the attention projections, through a frozen UNet and a frozen VAE
-decoder), most of what autograd saves for backward is never read:
+decoder; textual inversion, TI+LoRA and Diffusion-DPO through a frozen UNet; a ControlNet's residuals through its
+frozen UNet), autograd still saves every convolution's input: PyTorch's derivative formula for ``convolution`` covers
+input, weight and bias at once, so the input is kept for a weight gradient nobody asks for. The input's gradient
+needs only the weight (a linear layer with a frozen weight already saves nothing else). ``_FrozenConv2d`` saves the
+weight alone and computes the input's gradient as the transposed convolution of the output's gradient, the kernel
+autograd's own backward runs.
 
-- A convolution saves its input whether or not its weight takes a gradient (PyTorch's derivative formula for
-  ``convolution`` covers input, weight and bias at once), but the gradient of its input needs only the weight. A
-  linear layer with a frozen weight already saves nothing but the weight; a convolution does not.
-  ``_FrozenConv2d`` saves the weight alone and computes the input's gradient with the transposed convolution.
-- ``SiLU(GroupNorm(x))``, the head of every diffusers ResNet block and of both output heads: GroupNorm saves ``x``
-  (and its statistics), SiLU saves its own input, GroupNorm's output, a second activation of the same size.
-  ``_SiLUOfGroupNorm`` saves ``x`` instead (already held by GroupNorm, so no new bytes) and recomputes the
-  normalisation in backward, one elementwise pass.
+Same forward values and the same gradients (``tests/test_lean_graph.py``, ``tests/test_fast_path.py``): bit for bit
+through one DRaFT graph step; through several, autograd may sum a tensor's multi-path gradients in another order
+(~1e-11 relative). No extra work: the transposed convolution is as fast as autograd's input gradient (0.9-1.0x its
+time at the demo's shapes). At the demo size the DRaFT graph step keeps 92 MB for backward instead of 130 MB, and the
+step's peak RSS falls by 30-36 MB (BENCHMARKS.md, 2026-12-07).
 
-Same forward values and the same gradients (``tests/test_lean_graph.py``, ``tests/test_fast_path.py``): the same
-kernels on the same tensors, bit for bit through one graph step; through several, autograd may sum a tensor's
-multi-path gradients in another order (~1e-11 relative). No extra matrix work. At the demo size the DRaFT graph step
-keeps 130 MB for backward with autograd's defaults and ~64 MB with these (BENCHMARKS.md, 2026-12-07).
+``lean_saves(*models)`` switches it on for the frozen zero-padded ``Conv2d`` layers of ``models`` while inside
+(instance-level ``forward`` wrappers that take the lean path only when autograd is recording, the input takes a
+gradient and the layer's own weights do not; everything else runs the layer's own forward). Layers whose ``forward``
+is already replaced on the instance (accelerate's offload hooks, another ``lean_saves``) are left alone, and so is a
+model that checkpoints its own blocks (diffusers' ``is_gradient_checkpointing``). Not for modules inside a
+``torch.utils.checkpoint`` region either: its recomputation in backward runs outside the context and would save
+another set of tensors than the forward did (``DraftObjective`` leaves its checkpointed UNet or decode out).
 
-``lean_saves(*models)`` switches both on for the modules of ``models`` while inside (instance-level ``forward``
-wrappers that take the lean path only when autograd is recording, the input takes a gradient and the layer's own
-weights do not; everything else runs the module's own forward). Modules whose ``forward`` is already replaced on the
-instance (accelerate's offload hooks, another ``lean_saves``) are left alone. Not for modules inside a
-``torch.utils.checkpoint`` region: its recomputation in backward runs outside the context and would save another set
-of tensors than the forward did.
+Tried and left out: SiLU after GroupNorm recomputing GroupNorm's output from GroupNorm's own saved input (another
+36 MB of saved tensors at the demo size) moved the step's peak RSS by only 4 MB for 2% of its time.
 """
 
 from __future__ import annotations
@@ -32,10 +33,6 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-
-
-def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
-    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
 class _FrozenConv2d(torch.autograd.Function):
@@ -52,30 +49,13 @@ class _FrozenConv2d(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         shape, stride, padding, dilation, groups = ctx.conf
         # the input's gradient is the transposed convolution of the output's; output_padding restores the rows and
-        # columns a strided convolution dropped (the same call autograd's own ConvolutionBackward makes)
-        return (
-            torch.nn.grad.conv2d_input(shape, weight.to(grad.dtype), grad, stride, padding, dilation, groups),
-            *[None] * 6,
-        )
-
-
-class _SiLUOfGroupNorm(torch.autograd.Function):
-    """``silu(h)`` for ``h = group_norm(x)``: saves ``x`` (GroupNorm holds it already) instead of ``h``."""
-
-    @staticmethod
-    def forward(ctx, h, x, weight, bias, groups, eps):
-        ctx.save_for_backward(x, weight, bias)
-        ctx.conf = (groups, eps, x.device.type, _autocast_state(x.device.type))
-        return F.silu(h)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, bias = ctx.saved_tensors
-        groups, eps, device_type, (enabled, dtype) = ctx.conf
-        with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):  # h as the forward made it
-            h = F.group_norm(x, groups, weight, bias, eps)
-        # the kernel autograd's SiluBackward runs, on the same h: the same bits
-        return torch.ops.aten.silu_backward(grad, h), *[None] * 5
+        # columns a strided convolution dropped. (torch.nn.grad.conv2d_input computes the same through an expanded
+        # dummy input, which sends this CPU build down a path 15% slower than autograd's.)
+        size = [(g - 1) * s - 2 * p + d * (k - 1) + 1 for g, s, p, d, k in
+                zip(grad.shape[2:], stride, padding, dilation, weight.shape[2:])]  # fmt: skip
+        extra = tuple(want - got for want, got in zip(shape[2:], size))
+        gx = F.conv_transpose2d(grad, weight.to(grad.dtype), None, stride, padding, extra, groups, dilation)
+        return (gx, *[None] * 6)
 
 
 def _frozen(module: torch.nn.Module) -> bool:
@@ -95,49 +75,21 @@ def _conv_forward(conv: torch.nn.Conv2d):
     return forward
 
 
-_GN_INPUT = "_craft_group_norm_input"  # on a GroupNorm output inside lean_saves: (its input, the GroupNorm)
-
-
-def _group_norm_forward(gn: torch.nn.GroupNorm):
-    own = gn.forward
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        h = own(x)
-        if torch.is_grad_enabled() and h.requires_grad and h is not x:
-            setattr(h, _GN_INPUT, (x, gn))
-        return h
-
-    return forward
-
-
-def _silu_forward(act: torch.nn.SiLU):
-    own = act.forward
-
-    def forward(h: torch.Tensor) -> torch.Tensor:
-        src = getattr(h, _GN_INPUT, None)
-        if src is not None and torch.is_grad_enabled() and not act.inplace:
-            x, gn = src
-            return _SiLUOfGroupNorm.apply(h, x, gn.weight, gn.bias, gn.num_groups, gn.eps)
-        return own(h)
-
-    return forward
-
-
 @contextlib.contextmanager
 def lean_saves(*models: torch.nn.Module) -> Iterator[int]:
-    """Inside: frozen zero-padded ``Conv2d`` layers save no input, ``SiLU`` after ``GroupNorm`` saves no GroupNorm
-    output (module doc). Yields how many modules were switched; every one is put back on exit."""
-    wrap = {torch.nn.Conv2d: _conv_forward, torch.nn.GroupNorm: _group_norm_forward, torch.nn.SiLU: _silu_forward}
+    """Inside: frozen zero-padded ``Conv2d`` layers of ``models`` save no input (module doc). Yields how many layers
+    were switched; every one is put back on exit."""
     switched = []
     try:
         for model in models:
+            if getattr(model, "is_gradient_checkpointing", False):
+                continue  # its blocks are recomputed in backward, outside this context
             for m in model.modules():
-                make = wrap.get(type(m))
-                if make is None or "forward" in m.__dict__:
+                if type(m) is not torch.nn.Conv2d or "forward" in m.__dict__:
                     continue
-                if isinstance(m, torch.nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
+                if m.padding_mode != "zeros" or isinstance(m.padding, str):
                     continue  # padded by F.pad first, or padding given by name: autograd's own path
-                m.forward = make(m)
+                m.forward = _conv_forward(m)
                 switched.append(m)
         yield len(switched)
     finally:

@@ -34,6 +34,7 @@ from craft.config import to_dict
 from craft.data.loader import cached_text_states
 from craft.io import atomic_dir, atomic_write_json
 from craft.models.diffusion import add_noise, alpha_bar, prediction_type, training_target
+from craft.models.lean_graph import lean_saves
 from craft.train.loop import LoopConfig, train
 from craft.train.reward import (
     EMBEDS_FILE,
@@ -212,7 +213,8 @@ class TIObjective(TrainableOnly):
             truncation=True, return_tensors="pt",
         ).input_ids.to(batch["latents"].device)  # fmt: skip
         cond = self.text_encoder(ids).last_hidden_state
-        loss = denoising_loss(self.unet, self.train_sched, batch["latents"], cond, generator)
+        with lean_saves(self.unet):  # the frozen UNet keeps only what the token rows' gradient needs
+            loss = denoising_loss(self.unet, self.train_sched, batch["latents"], cond, generator)
         return {"loss": loss, "l_diff": loss.detach()}
 
     def embeddings(self, tokens: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -267,7 +269,10 @@ class LoRADiffusionObjective(TrainableOnly):
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
         cond = _text_states(self, batch)
-        loss = denoising_loss(self.unet, self.train_sched, batch["latents"], cond, generator)
+        with lean_saves(
+            self.unet
+        ):  # only the LoRA trains: frozen convolutions keep no input (craft.models.lean_graph)
+            loss = denoising_loss(self.unet, self.train_sched, batch["latents"], cond, generator)
         return {"loss": loss, "l_diff": loss.detach()}
 
 
@@ -331,7 +336,10 @@ class DPOObjective(TrainableOnly):
         # differ) for a v-prediction base (Salimans & Ho 2022, app. D)
         target = training_target(self.kind, z0, nn_, abar)
         dtype = next(self.unet.parameters()).dtype
-        pred = self.unet(zt.to(dtype), tt, encoder_hidden_states=cc.to(dtype)).sample.float()
+        with lean_saves(
+            self.unet
+        ):  # only the LoRA trains: frozen convolutions keep no input (craft.models.lean_graph)
+            pred = self.unet(zt.to(dtype), tt, encoder_hidden_states=cc.to(dtype)).sample.float()
         with torch.no_grad():
             ref = self.ref_unet(zt.to(dtype), tt, encoder_hidden_states=cc.to(dtype)).sample.float()
         err = (pred - target).pow(2).mean(dim=(1, 2, 3))

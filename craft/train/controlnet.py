@@ -57,6 +57,7 @@ from craft.models.diffusion import (
     training_target,
     vae_factor,
 )
+from craft.models.lean_graph import lean_saves
 from craft.sample import controlnet_pipeline, generate_controlnet
 from craft.train.loop import LoopConfig, train
 
@@ -188,9 +189,12 @@ class ControlNetObjective(torch.nn.Module):
         t = torch.randint(0, self.num_t, (b,), generator=generator).to(dev)
         abar = self.abar.to(dev)[t].view(b, 1, 1, 1)
         zt = add_noise(z0, noise, abar)  # eq. 3
-        down, mid = self.controlnet(zt, t, encoder_hidden_states=states, controlnet_cond=cond, return_dict=False)
-        pred = self.unet(zt, t, encoder_hidden_states=states, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid).sample  # fmt: skip
+        # the frozen UNet's convolutions keep no input (craft.models.lean_graph): the residuals' gradient does not
+        # need it; the ControlNet's own convolutions train and keep autograd's saving
+        with lean_saves(self.controlnet, self.unet):
+            down, mid = self.controlnet(zt, t, encoder_hidden_states=states, controlnet_cond=cond, return_dict=False)
+            pred = self.unet(zt, t, encoder_hidden_states=states, down_block_additional_residuals=down,
+                             mid_block_additional_residual=mid).sample  # fmt: skip
         # eq. 5 against the base's own target (noise, or v: Salimans & Ho 2022), else the ControlNet would fight it
         loss = F.mse_loss(pred.float(), training_target(self.kind, z0.float(), noise.float(), abar))
         return {"loss": loss, "l_diff": loss.detach()}

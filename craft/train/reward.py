@@ -175,8 +175,8 @@ class RewardConfig:
     # types and graph, ~23 MB each at the demo size). auto = on when the prefix is not compiled and no autocast is active
     trace_prefix: Literal["auto", "on", "off"] = "auto"
     # autograd keeps only what backward reads in the graph steps and the decode (craft.models.lean_graph): frozen
-    # convolutions save no input, SiLU after GroupNorm saves no GroupNorm output. The same gradients (bit for bit at
-    # K=1) and no extra matrix work; at the demo size the graph holds 64 MB instead of 130 MB. Parts that are checkpointed
+    # convolutions save no input (the input's gradient needs only the weight). The same gradients (bit for bit at
+    # K=1), no extra work; at the demo size the graph holds 92 MB instead of 130 MB. Parts that are checkpointed
     # keep autograd's own saving (their recomputation runs outside this switch)
     lean_saves: bool = True
     # ---- harder-to-game rewards (issue 21): the critic reads augmented views of each image and the reward is their mean
