@@ -47,11 +47,17 @@ def grads(model, x, lean: bool):
     return nbytes, y, got
 
 
-def test_frozen_convs_save_no_input_with_the_same_gradients_bit_for_bit():
+def frozen_block() -> Block:
+    """``Block`` as adapters meet it: everything frozen but the head."""
     torch.manual_seed(0)
     model = Block()
     for m in (model.norm, model.conv, model.proj):
         m.requires_grad_(False)
+    return model
+
+
+def test_frozen_convs_save_no_input_with_the_same_gradients_bit_for_bit():
+    model = frozen_block()
     x = torch.randn(3, 4, 11, 10)
     plain_bytes, y0, g0 = grads(model, x, lean=False)
     lean_bytes, y1, g1 = grads(model, x, lean=True)
@@ -86,10 +92,7 @@ def test_modules_are_put_back_after_an_error_and_an_already_replaced_forward_is_
 
 
 def test_bf16_autocast_gradients_match_autograds_own():
-    torch.manual_seed(0)
-    model = Block()
-    for m in (model.norm, model.conv, model.proj):
-        m.requires_grad_(False)
+    model = frozen_block()
     x = torch.randn(2, 4, 9, 9)
     outs = []
     for lean in (False, True):
