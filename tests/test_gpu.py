@@ -4,7 +4,8 @@ bench/gpu_check.sh runs this file on a lent GPU machine. What it checks: TF32 al
 attention and the block-checkpointed VAE decode in the DRaFT step on the tiny models, on a snapshot laid out as
 stabilityai/stable-diffusion-2-1 (v-prediction) and on Stable Diffusion 2.1's real architecture (random weights);
 finite gradients, LoRA parameters change and frozen ones do not; the block-checkpointed decode's peak memory
-below the whole decode in the graph; sampling under bf16 autocast.
+below the whole decode in the graph; sampling under bf16 autocast; frozen convolutions that save no input
+(``craft.models.lean_graph``) under bf16 autocast and channels_last.
 """
 
 from __future__ import annotations
@@ -231,3 +232,31 @@ def test_generate_bf16_on_cuda():
     a32 = to_array(generate(pipe, ["adenoma", "normal"], steps=4, guidance=2.0, seed=0, precision="no"))
     assert a16.shape == a32.shape == (2, 64, 64, 3)
     assert abs(a16.astype(int) - a32.astype(int)).mean() < 4  # the same images up to bf16 rounding (CPU: 0.5)
+
+
+def test_frozen_convolutions_save_no_input_on_cuda_bf16_channels_last():
+    """craft.models.lean_graph on CUDA: under bf16 autocast and channels_last, the input's gradient through frozen
+    convolutions matches autograd's own, and the graph holds less device memory."""
+    from craft.models.lean_graph import lean_saves
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(64, 64, 3, stride=2, padding=1),
+        torch.nn.SiLU(), torch.nn.Conv2d(64, 64, 1),
+    ).cuda().to(memory_format=torch.channels_last).requires_grad_(False)  # fmt: skip
+    x0 = torch.randn(8, 64, 129, 128, device="cuda").to(memory_format=torch.channels_last)
+    runs = []
+    for lean in (False, True):
+        x = x0.clone().requires_grad_(True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16), lean_saves(net) if lean else torch.enable_grad():
+            y = net(x)
+        held = torch.cuda.memory_allocated() - base  # what the graph keeps, the output included
+        (g,) = torch.autograd.grad(y.float().square().mean(), x)
+        runs.append((held, g))
+    (held_plain, g_plain), (held_lean, g_lean) = runs
+    assert torch.isfinite(g_lean).all()
+    assert torch.nn.functional.cosine_similarity(g_lean.flatten(), g_plain.flatten(), dim=0) > 0.999
+    assert held_lean < 0.75 * held_plain, (held_lean, held_plain)
