@@ -431,23 +431,13 @@ def _decode_by_blocks(vae, z: torch.Tensor) -> torch.Tensor:
     return checkpoint(tail, x, use_reentrant=False)
 
 
-class _UNetCall(torch.nn.Module):
-    """``unet(x, t, encoder_hidden_states=states).sample`` as a module with tensor arguments and output (to trace)."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t, encoder_hidden_states=states, return_dict=False)[0]
-
-
 class _FlatUNetCall(torch.nn.Module):
-    """``_UNetCall`` with every UNet tensor as its own attribute and no submodules: what ``trace_unet_call`` traces.
+    """``unet(x, t, encoder_hidden_states=states).sample`` as a module with tensor arguments and output, every UNet
+    tensor as its own attribute and no submodules: what ``trace_unet_call`` traces.
 
     Its slots ``t0 .. tN`` hold the UNet's own parameter and buffer tensors (``_unet_tensors`` order; the same tensor
     objects, so in-place updates and ``merged_lora``'s swaps reach the trace), and the UNet is called through a plain
-    reference, so the trace records one flat graph reading those slots. A trace of ``_UNetCall`` would instead build a
+    reference, so the trace records one flat graph reading those slots. A trace of a module holding the UNet builds a
     TorchScript module type and graph per submodule (the demo UNet has ~900), which TorchScript keeps for the life of
     the process: 68 MB of RSS against 26-28 MB for the flat trace at the demo size, the same speed
     (BENCHMARKS.md, 2026-12-07).
@@ -463,8 +453,12 @@ class _FlatUNetCall(torch.nn.Module):
         return self.unet(x, t, encoder_hidden_states=states, return_dict=False)[0]
 
 
-def _trace_matches(call, traced, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> str | None:
-    """Why ``traced`` does not compute ``call`` on these inputs (None when it does), both under one seed."""
+def _trace_matches(unet, traced, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> str | None:
+    """Why ``traced`` does not compute ``unet``'s eager call on these inputs (None when it does), both under one seed."""
+
+    def call(x, t, states):
+        return unet(x, t, encoder_hidden_states=states, return_dict=False)[0]
+
     outs = []
     for net in (call, traced):  # the same random numbers for both (dropout in a train-mode UNet draws from them)
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
@@ -490,7 +484,7 @@ def trace_unet_call(unet, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(_FlatUNetCall(unet), (x, t, states), check_trace=False)
-    problem = _trace_matches(_UNetCall(unet), traced, x, t, states)
+    problem = _trace_matches(unet, traced, x, t, states)
     if problem:
         raise RuntimeError(f"the traced prefix UNet differs from the eager one ({problem}); "
                            "set reward.trace_prefix=off")  # fmt: skip
@@ -533,7 +527,7 @@ class SharedTrace:
         import weakref
 
         self.traced = traced
-        self.names = [n for n, _ in _unet_tensors(unet)]
+        self.slots = len(_unet_tensors(unet))
         self.bound = weakref.ref(unet)
         self.checked = weakref.WeakSet([unet])
         weakref.finalize(unet, SharedTrace._release, weakref.ref(self))
@@ -546,7 +540,7 @@ class SharedTrace:
     def _release(ref) -> None:
         self = ref()
         if self is not None and self.bound() is None:  # the UNet it was bound to is gone: drop its tensors
-            self._set([torch.empty(0)] * len(self.names))
+            self._set([torch.empty(0)] * self.slots)
 
     def bind(self, unet, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> str | None:
         """Point the trace at ``unet``; why it does not compute ``unet``'s call (None when it does, or was checked)."""
@@ -560,7 +554,7 @@ class SharedTrace:
         if unet in self.checked:
             return None
         with torch.no_grad():
-            problem = _trace_matches(_UNetCall(unet), self.traced, x, t, states)
+            problem = _trace_matches(unet, self.traced, x, t, states)
         if problem is None:
             self.checked.add(unet)
         return problem
@@ -732,9 +726,7 @@ class DraftObjective(TrainableOnly):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The graph's VAE decode, checkpointed as ``cfg.vae_checkpointing`` says."""
-        mode = self.cfg.vae_checkpointing
-        if mode == "auto":
-            mode = "blocks" if self.checkpointing else "off"
+        mode = self._decode_mode()
         if mode == "whole" and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
@@ -854,13 +846,17 @@ class DraftObjective(TrainableOnly):
             out["loss"] = loss
             return out
 
+    def _decode_mode(self) -> str:
+        """``cfg.vae_checkpointing`` resolved: ``auto`` checkpoints the decode by blocks when the step checkpoints."""
+        mode = self.cfg.vae_checkpointing
+        return ("blocks" if self.checkpointing else "off") if mode == "auto" else mode
+
     def _lean(self):
         """``lean_saves`` over the graph's UNet and VAE, each unless gradient-checkpointed (``cfg.lean_saves``)."""
         if not self.cfg.lean_saves:
             return nullcontext()
-        vae_mode = self.cfg.vae_checkpointing
-        vae_ckpt = vae_mode in ("blocks", "whole") or (vae_mode == "auto" and self.checkpointing)
-        return lean_saves(*([] if self.checkpointing else [self.unet]), *([] if vae_ckpt else [self.vae]))
+        vae = [self.vae] if self._decode_mode() == "off" else []
+        return lean_saves(*([] if self.checkpointing else [self.unet]), *vae)
 
     def _check_budget(self, batch: dict[str, Any], prompts: list[str], seed: int, dev) -> None:
         """Switch checkpointing on when the graph of a full step would hold more than ``cfg.memory_budget_gb``.
