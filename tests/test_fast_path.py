@@ -112,6 +112,31 @@ def test_traced_prefix_follows_every_lora_update_and_matches_the_eager_prefix():
     assert not any("_traces" in k for k in fast.state_dict())
 
 
+def test_the_prefix_trace_runs_without_torchscripts_optimising_passes(monkeypatch):
+    """The trace's optimised plan is no faster here and keeps more graph copies alive (craft.train.reward.run_trace):
+    every traced call, the check against the eager call included, runs with the thread's optimise switch off, and the
+    switch is back on after."""
+    import craft.train.reward as R
+
+    seen = []
+    inner = torch.jit.optimized_execution
+
+    def spy(flag):
+        seen.append(flag)
+        return inner(flag)
+
+    monkeypatch.setattr(torch.jit, "optimized_execution", spy)
+    monkeypatch.setattr(R, "_SHARED_TRACES", {})
+    comp = tiny()
+    fast = DraftObjective(comp.unet, comp.vae, comp.text_encoder, comp.tokenizer, comp.scheduler, reward, cfg())
+    fast.train()
+    with torch.no_grad():
+        fast({"prompt": PROMPTS, "label": ["a", "b", "c"]}, torch.Generator().manual_seed(0))
+    assert len(fast._traces) == 1 and seen and set(seen) == {False}
+    assert len(seen) >= cfg().sample_steps - cfg().k  # every prefix step, not only the first
+    assert torch._C._get_graph_executor_optimize()
+
+
 def test_reward_runs_in_one_process_share_one_trace_rebound_to_each_unets_weights(monkeypatch):
     """TorchScript never frees a trace's types and graph (~23 MB for the demo UNet), so every reward run in one process
     (``craft experiment`` runs dozens) must reuse the first trace of its architecture, computing with its own weights,

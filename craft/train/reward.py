@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -460,7 +461,7 @@ def _trace_matches(unet, traced, x: torch.Tensor, t: torch.Tensor, states: torch
         return unet(x, t, encoder_hidden_states=states, return_dict=False)[0]
 
     outs = []
-    for net in (call, traced):  # the same random numbers for both (dropout in a train-mode UNet draws from them)
+    for net in (call, partial(run_trace, traced)):  # the same random numbers for both (dropout draws from them)
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
             torch.manual_seed(0)
             outs.append(net(x, t, states))
@@ -468,6 +469,18 @@ def _trace_matches(unet, traced, x: torch.Tensor, t: torch.Tensor, states: torch
     if torch.allclose(got, want, rtol=1e-4, atol=1e-5):
         return None
     return f"max |diff| {float((got - want).abs().max()):.3g}"
+
+
+def run_trace(traced, *args: torch.Tensor) -> torch.Tensor:
+    """Call a trace from ``trace_unet_call`` with TorchScript's optimising passes off (a thread-local switch).
+
+    On this graph (ATen convolutions, GEMMs and SDPA, no fusible chains the CPU fuser takes) the optimised plan runs
+    no faster than the plain interpreted one (1 thread 0.0837 vs 0.0854 s a call, 2 threads 0.0551 vs 0.0555 s,
+    outputs equal), but the profiling executor keeps its profiled and optimised copies of the graph for the life of
+    the process: 47 MB of RSS a trace against 33 MB (BENCHMARKS.md, 2026-12-07 late).
+    """
+    with torch.jit.optimized_execution(False):
+        return traced(*args)
 
 
 @torch.no_grad()
@@ -737,7 +750,7 @@ class DraftObjective(TrainableOnly):
         dtype = next(self.unet.parameters()).dtype
         net = self.unet if model is None else model
         if isinstance(net, torch.jit.ScriptModule):  # a traced call (trace_unet_call): tensors in, the sample out
-            return net(x.to(dtype), t, states.to(dtype)).float()
+            return run_trace(net, x.to(dtype), t, states.to(dtype)).float()
         return net(x.to(dtype), t, encoder_hidden_states=states.to(dtype)).sample.float()
 
     def _prefix_net(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor):
