@@ -477,7 +477,7 @@ def run_trace(traced, *args: torch.Tensor) -> torch.Tensor:
     On this graph (ATen convolutions, GEMMs and SDPA, no fusible chains the CPU fuser takes) the optimised plan runs
     no faster than the plain interpreted one (1 thread 0.0837 vs 0.0854 s a call, 2 threads 0.0551 vs 0.0555 s,
     outputs equal), but the profiling executor keeps its profiled and optimised copies of the graph for the life of
-    the process: 47 MB of RSS a trace against 33 MB (BENCHMARKS.md, 2026-12-07 late).
+    the process: 47 MB of RSS a trace against 33 MB (BENCHMARKS.md, 2026-12-07 04:15 UTC).
     """
     with torch.jit.optimized_execution(False):
         return traced(*args)
