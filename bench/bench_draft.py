@@ -14,8 +14,8 @@ What each step does (why the numbers differ beyond implementation quality):
   stage's defaults (RewardConfig): frozen text states cached across steps, the no-graph prefix under
   inference_mode with the LoRA folded into its base weights and the UNet call traced (TorchScript, once per
   shape, in the warm-up step), no gradient checkpointing (no memory budget set), the last step and the VAE decode in the
-  graph with autograd keeping no frozen convolution's input (``lean_saves``); "full" adds the eq. 1 diffusion loss on 4 paired real latents as 4 more rows of the last graph step's
-  UNet batch;
+  graph with autograd keeping no frozen convolution's input (``lean_saves``); "full" adds the eq. 1 diffusion
+  loss on 4 paired real latents as 4 more rows of the last graph step's UNet batch;
 - AlignProp: train_batch_size = 8 trajectories (the same number of images per step; it has no
   repeats), DDIM (eta 1), the text encoder every step, every UNet call wrapped in checkpointing,
   only the last step's prediction with gradient, VAE decode in the graph, not checkpointed.

@@ -269,9 +269,8 @@ class LoRADiffusionObjective(TrainableOnly):
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
         cond = _text_states(self, batch)
-        with lean_saves(
-            self.unet
-        ):  # only the LoRA trains: frozen convolutions keep no input (craft.models.lean_graph)
+        # only the LoRA trains: frozen convolutions keep no input (craft.models.lean_graph)
+        with lean_saves(self.unet):
             loss = denoising_loss(self.unet, self.train_sched, batch["latents"], cond, generator)
         return {"loss": loss, "l_diff": loss.detach()}
 
@@ -336,9 +335,8 @@ class DPOObjective(TrainableOnly):
         # differ) for a v-prediction base (Salimans & Ho 2022, app. D)
         target = training_target(self.kind, z0, nn_, abar)
         dtype = next(self.unet.parameters()).dtype
-        with lean_saves(
-            self.unet
-        ):  # only the LoRA trains: frozen convolutions keep no input (craft.models.lean_graph)
+        # only the LoRA trains: frozen convolutions keep no input (craft.models.lean_graph)
+        with lean_saves(self.unet):
             pred = self.unet(zt.to(dtype), tt, encoder_hidden_states=cc.to(dtype)).sample.float()
         with torch.no_grad():
             ref = self.ref_unet(zt.to(dtype), tt, encoder_hidden_states=cc.to(dtype)).sample.float()
