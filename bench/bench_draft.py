@@ -25,7 +25,9 @@ machine's drift hits every side alike): ours reward-only, AlignProp, ours full (
 step with every speed switch off, as it ran before issue 18). Prints
 ``ratio: draft_speedup_vs_alignprop`` (AlignProp's step time / ours, same reward-only objective; > 1 = faster),
 ``ratio: draft_full_speedup_vs_alignprop`` (AlignProp's reward-only step / our full step) and
-``ratio: draft_peak_mem_vs_alignprop`` (ours / theirs, same objective).
+``ratio: draft_peak_mem_vs_alignprop`` (ours / theirs, same objective); the "pieces" side (our reward-only step
+with the graph's decode and reward in two pieces, ``reward.decode_chunk``: each piece's backward runs before the
+next piece is decoded) prints ``draft_pieces_speedup_vs_alignprop`` and ``draft_pieces_peak_mem_vs_alignprop``.
 """
 
 from __future__ import annotations
@@ -105,12 +107,15 @@ def run_ours(args) -> dict:
     cfg = RewardConfig(k=1, n_repeats=2, sample_steps=args.sample_steps, guidance=args.guidance,
                        diffusion_weight=0.0 if args.no_diffusion_loss else 1.0,
                        lora=LoraSettings(rank=4, alpha=4.0), **(REFERENCE if args.reference else {}),
-                       **({"compile_prefix": "on"} if args.compile else {}))  # fmt: skip
+                       **({"compile_prefix": "on"} if args.compile else {}),
+                       **({"decode_chunk": args.decode_chunk} if args.decode_chunk >= 0 else {}))  # fmt: skip
     cfg.validate()
     add_lora(unet, cfg.lora)
 
     def reward(images, meta):
         return {"total": toy_reward(images)}
+
+    reward.rowwise = True  # each image's reward reads that image alone (RewardConfig.decode_chunk may split the batch)
 
     model = DraftObjective(unet, vae, te, pipe.tokenizer, pipe.scheduler, reward, cfg)
     if args.reference or args.checkpointing:
@@ -219,7 +224,9 @@ def main() -> None:
     ap.add_argument("--no-diffusion-loss", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--decode-chunk", type=int, default=-1, help=argparse.SUPPRESS)  # -1: RewardConfig's default
     ap.add_argument("--no-compiled", action="store_true", help="skip the compiled-prefix side (reward.compile_prefix)")
+    ap.add_argument("--no-pieces", action="store_true", help="skip the decode-in-pieces side (reward.decode_chunk)")
     args = ap.parse_args()
     if args.side == "ours":
         print("RESULT " + json.dumps(run_ours(args)))
@@ -245,11 +252,14 @@ def main() -> None:
         return _result(subprocess.run([str(py), str(script), json.dumps(payload)], capture_output=True, text=True,
                                       env=env, cwd=str(work)), "alignprop")  # fmt: skip
 
-    sides: dict[str, list[dict]] = {"reward": [], "alignprop": [], "full": [], "compiled": [], "reference": []}
+    sides: dict[str, list[dict]] = {"reward": [], "alignprop": [], "full": [], "compiled": [], "pieces": [],
+                                    "reference": []}  # fmt: skip
     load = [os.getloadavg()[0]]
     runs = {"reward": lambda: ours("--no-diffusion-loss"), "alignprop": theirs, "full": ours}
     if not args.no_compiled:  # reward.compile_prefix=on: the prefix's UNet compiled (its warm-up step compiles)
         runs["compiled"] = lambda: ours("--no-diffusion-loss", "--compile")
+    if not args.no_pieces:  # reward.decode_chunk = batch: the graph's 2 x batch images decoded in two pieces
+        runs["pieces"] = lambda: ours("--no-diffusion-loss", "--decode-chunk", str(args.batch))
     if args.reference:
         runs["reference"] = lambda: ours("--no-diffusion-loss", "--reference")
     order = list(runs)
@@ -267,6 +277,7 @@ def main() -> None:
         "alignprop": "AlignProp (TRL 0.23.1), reward only",
         "reference": "ours, reference path, reward only",
         "compiled": "ours, reward only, compiled prefix (reward.compile_prefix=on)",
+        "pieces": f"ours, reward only, decode in pieces of {args.batch} (reward.decode_chunk={args.batch})",
     }
     for key, r in res.items():
         print(f"{names[key]}: median step {r['median_s']:.3f} s over {len(r['times'])} steps "
@@ -289,6 +300,10 @@ def main() -> None:
         print(
             f"ratio: draft_compiled_peak_mem_vs_alignprop = {c['peak_mem_gb'] / res['alignprop']['peak_mem_gb']:.3f}"
         )
+    if "pieces" in res:
+        pc = res["pieces"]
+        print(f"ratio: draft_pieces_speedup_vs_alignprop = {ap_s / pc['median_s']:.3f}")
+        print(f"ratio: draft_pieces_peak_mem_vs_alignprop = {pc['peak_mem_gb'] / res['alignprop']['peak_mem_gb']:.3f}")
     if "reference" in res:
         print(
             f"ratio: draft_fast_speedup_vs_reference = {res['reference']['median_s'] / res['reward']['median_s']:.3f}"

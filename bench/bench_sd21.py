@@ -12,7 +12,8 @@ not on the vocabulary). One process, every row measured side by side on the same
   to_q/to_k/to_v/to_out.0, K=1, n=2 repeats, batch 1 prompt, guidance 4 (so the UNet batch is 4), T sampler steps,
   the eq. 1 diffusion loss on one paired latent, UNet grad step checkpointed, a toy differentiable reward (the
   critic VLM is not part of this); AdamW. At 512 and 768 px, fp32 (TF32 matmuls) vs bf16 autocast, and the VAE
-  decode in the graph (``off``), checkpointed as one unit (``whole``) or block by block (``blocks``).
+  decode in the graph (``off``), checkpointed as one unit (``whole``) or block by block (``blocks``), or in the
+  graph one image a piece (``pieces``: ``reward.decode_chunk=1``, each piece's decode and reward backward first).
   Median step time and ``torch.cuda.max_memory_allocated`` (total, and above the weights and optimizer state).
 - Evaluation sampling (``craft.sample.generate``): DDIM 20 steps, guidance 4, images/s at fp32 vs bf16.
 
@@ -235,6 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
     def reward(images, meta):  # toy differentiable reward: closeness to mid grey (the critic is not benchmarked)
         return {"total": -((images - 0.5) ** 2).mean(dim=(1, 2, 3))}
 
+    reward.rowwise = True  # image i's reward reads image i alone: the "pieces" rows decode one image at a time
+
     model = DraftObjective(unet, vae, te, tok, sched, reward, cfg)
     model.enable_gradient_checkpointing()  # the UNet grad step checkpointed, as the real profiles run it
     model.train()
@@ -253,13 +256,16 @@ def main(argv: list[str] | None = None) -> dict:
         paired = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(1)).to(dev)
         batch = {"prompt": [PROMPT], "label": ["adenocarcinoma"], "latents": paired}  # latents: the eq. 1 pair
         for precision in precisions:
-            for mode in ("off", "whole", "blocks"):
+            for mode in ("off", "whole", "blocks", "pieces"):
                 row = {"resolution": res, "precision": precision, "vae": mode}
                 if over_budget():
                     rows.append(dict(row, skipped=True))
                     print(f"row {row}: skipped (budget)", flush=True)
                     continue
-                model.cfg.vae_checkpointing = mode
+                # "pieces": the decode in the graph, one image a piece (reward.decode_chunk=1); the others decode
+                # the batch at once (decode_chunk=0: auto would choose pieces here on CUDA)
+                model.cfg.vae_checkpointing = "off" if mode == "pieces" else mode
+                model.cfg.decode_chunk = 1 if mode == "pieces" else 0
                 row.update(time_draft(model, opt, params, batch, dev, precision, args.warmup, iters))
                 rows.append(row)
                 print(f"row {json.dumps(row)}", flush=True)
@@ -316,16 +322,15 @@ def report(info: dict, rows: list[dict], sampling: list[dict], tiny: bool) -> No
                     print(f"ratio: {tag}_{res}_draft_step_mem_bf16_vs_fp32_vae_{mode} = "
                           f"{a['step_gib'] / b['step_gib']:.3f}")  # fmt: skip
         for precision in ("no", "bf16"):
-            blk = got.get((res, precision, "blocks"))
-            for other in ("off", "whole"):
-                o = got.get((res, precision, other))
-                if blk and o:
-                    p = "fp32" if precision == "no" else "bf16"
-                    print(f"ratio: {tag}_{res}_{p}_draft_step_time_vae_blocks_vs_{other} = "
-                          f"{blk['step_s'] / o['step_s']:.3f}")  # fmt: skip
-                    if blk["step_gib"] is not None:
-                        print(f"ratio: {tag}_{res}_{p}_draft_step_mem_vae_blocks_vs_{other} = "
-                              f"{blk['step_gib'] / o['step_gib']:.3f}")  # fmt: skip
+            p = "fp32" if precision == "no" else "bf16"
+            for mode, other in (("blocks", "off"), ("blocks", "whole"), ("pieces", "off")):
+                m, o = got.get((res, precision, mode)), got.get((res, precision, other))
+                if m and o:
+                    print(f"ratio: {tag}_{res}_{p}_draft_step_time_vae_{mode}_vs_{other} = "
+                          f"{m['step_s'] / o['step_s']:.3f}")  # fmt: skip
+                    if m["step_gib"] is not None:
+                        print(f"ratio: {tag}_{res}_{p}_draft_step_mem_vae_{mode}_vs_{other} = "
+                              f"{m['step_gib'] / o['step_gib']:.3f}")  # fmt: skip
     samp = {(r["resolution"], r["precision"]): r for r in sampling if not r.get("skipped")}
     for res in sorted({r["resolution"] for r in sampling}):
         a, b = samp.get((res, "bf16")), samp.get((res, "no"))

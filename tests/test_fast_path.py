@@ -17,9 +17,9 @@ torch.set_num_threads(2)
 PROMPTS = ["normal colon mucosa", "adenocarcinoma with crowded glands", "adenoma"]
 
 
-def tiny(lora: LoraSettings | None = None):
-    mc = ModelConfig(preset="tiny", resolution=32, unet_channels=[8, 16], vae_channels=[8, 8], text_hidden=16,
-                     text_layers=1)  # fmt: skip
+def tiny(lora: LoraSettings | None = None, vae_channels: tuple[int, int] = (8, 8)):
+    mc = ModelConfig(preset="tiny", resolution=32, unet_channels=[8, 16], vae_channels=list(vae_channels),
+                     text_hidden=16, text_layers=1)  # fmt: skip
     comp = build_components(mc, ["adenocarcinoma", "adenoma"], seed=0)
     add_lora(comp.unet, lora or LoraSettings())
     torch.manual_seed(3)
@@ -341,3 +341,131 @@ def test_lean_saves_keeps_less_for_backward_and_the_same_lora_gradient():
     assert all("forward" not in m.__dict__ for m in [*comp.unet.modules(), *comp.vae.modules()])
     one, _, _ = step_grads(comp, cfg(k=1, lean_saves=False), False, steps=1)
     assert torch.equal(step_grads(comp, cfg(k=1), False, steps=1)[0], one)
+
+
+def rowwise_reward(images, meta):
+    return {"total": -((images - 0.4) ** 2).mean(dim=(1, 2, 3)), "mean": images.mean(dim=(1, 2, 3)).detach()}
+
+
+rowwise_reward.rowwise = True
+
+
+def draft(comp, c: RewardConfig, fn=rowwise_reward) -> DraftObjective:
+    model = DraftObjective(comp.unet, comp.vae, comp.text_encoder, comp.tokenizer, comp.scheduler, fn, c)
+    return model.train()
+
+
+def lora_grad_of_step(comp, model, seed: int = 0):
+    batch = {"prompt": PROMPTS, "label": ["a", "b", "c"],
+             "latents": torch.randn(len(PROMPTS), 4, 16, 16, generator=torch.Generator().manual_seed(1))}  # fmt: skip
+    comp.unet.zero_grad(set_to_none=True)
+    res = model(batch, torch.Generator().manual_seed(seed))
+    res["loss"].backward()
+    return torch.cat([p.grad.flatten() for n, p in comp.unet.named_parameters() if "lora" in n]), res
+
+
+class SavedBytes:
+    """Bytes autograd holds for backward at its peak: a saved-tensor hook counts a storage in when a tensor on it is
+    first saved and out when autograd has released the last saved tensor on it (weakref finalizers)."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+        self._views: dict[int, int] = {}  # storage -> saved tensors on it still alive
+
+    def pack(self, x: torch.Tensor):
+        import weakref
+
+        if not isinstance(x, torch.nn.Parameter):
+            key, n = x.untyped_storage().data_ptr(), x.untyped_storage().nbytes()
+            if key not in self._views:
+                self._views[key] = 0
+                self.live += n
+                self.peak = max(self.peak, self.live)
+            self._views[key] += 1
+            weakref.finalize(x, self._release, key, n)
+        return x
+
+    def _release(self, key: int, n: int) -> None:
+        self._views[key] -= 1
+        if not self._views[key]:
+            del self._views[key]
+            self.live -= n
+
+
+def test_decoding_in_pieces_keeps_the_rewards_and_the_lora_gradient():
+    """RewardConfig.decode_chunk: the graph's decode and reward in pieces (3 prompts x 2 repeats = 6 images in pieces
+    of 1, 2 and 4 + 2) give the whole batch's rewards and LoRA gradient, L_diff fused or not."""
+    comp = tiny()
+    whole, r_whole = lora_grad_of_step(comp, draft(comp, cfg(decode_chunk=0)))
+    assert whole.abs().max() > 0
+    sizes = []
+    hook = comp.vae.decoder.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
+    try:
+        for chunk, fuse in ((1, True), (2, True), (4, True), (4, False)):
+            sizes.clear()
+            got, res = lora_grad_of_step(comp, draft(comp, cfg(decode_chunk=chunk, fuse_diffusion_loss=fuse)))
+            assert sizes == [chunk] * (6 // chunk) + ([6 % chunk] if 6 % chunk else []), (chunk, sizes)
+            for k in ("loss", "reward", "reward_mean", "l_diff"):
+                assert torch.allclose(res[k], r_whole[k], rtol=1e-5, atol=1e-7), (chunk, k, res[k], r_whole[k])
+            assert torch.allclose(got, whole, rtol=1e-4, atol=1e-8), (chunk, float((got - whole).abs().max()))
+    finally:
+        hook.remove()
+
+
+def test_decoding_in_pieces_holds_less_for_backward():
+    """Peak bytes autograd holds during a step (forward and every backward), whole decode vs pieces of one image:
+    the pieces save (nearly all of) five of the six images' decoder share the budget probe measures (6 images, K=1)."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    comp = tiny(vae_channels=(32, 32))  # a decoder whose share of the graph is large enough to see
+    peaks = {}
+    for chunk in (0, 1):
+        model = draft(comp, cfg(k=1, decode_chunk=chunk, diffusion_weight=0.0, memory_budget_gb=64.0))
+        count = SavedBytes()
+        lora_grad_of_step(comp, model)  # the probe, the trace and the text cache first: not the step's graph
+        with saved_tensors_hooks(count.pack, lambda x: x):
+            lora_grad_of_step(comp, model)
+        assert count.live == 0, "a saved tensor outlived the step"
+        peaks[chunk] = count.peak
+    decode_bytes = model.graph_gb_parts[1] * 2**30
+    assert peaks[0] - peaks[1] >= 0.8 * decode_bytes * 5 / 6, (peaks, decode_bytes)  # measured: 1.0x
+
+
+def test_a_reward_not_marked_rowwise_sees_the_whole_batch():
+    comp = tiny()
+    seen = []
+
+    def batch_reward(images, meta):  # e.g. a reward comparing the images of a batch: it must see them together
+        seen.append(images.shape[0])
+        return {"total": -((images - images.mean(0)) ** 2).mean(dim=(1, 2, 3))}
+
+    lora_grad_of_step(comp, draft(comp, cfg(decode_chunk=1), batch_reward))
+    assert seen == [6], seen
+    with pytest.raises(ValueError, match="decode_chunk"):
+        cfg(decode_chunk=-2)
+
+
+def test_memory_budget_decodes_in_pieces_before_it_checkpoints():
+    """With a rowwise reward and decode_chunk at auto, a budget the UNet calls fit but the whole decode does not gets
+    the largest piece that fits and no checkpointing; a budget under the UNet calls' share checkpoints."""
+    comp = tiny()
+    probe = draft(comp, cfg(memory_budget_gb=64.0))
+    lora_grad_of_step(comp, probe)
+    unet_gb, decode_gb = probe.graph_gb_parts
+    assert unet_gb > 0 and decode_gb > 0 and probe.decode_pieces is None and not probe.checkpointing
+    per_image = decode_gb / 6
+    model = draft(comp, cfg(memory_budget_gb=unet_gb + 2.5 * per_image))
+    sizes = []
+    hook = comp.vae.decoder.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
+    try:
+        lora_grad_of_step(comp, model)
+    finally:
+        hook.remove()
+    assert model.decode_pieces == 2 and not model.checkpointing, (model.decode_pieces, model.checkpointing)
+    assert sizes[-3:] == [2, 2, 2], sizes  # the probe's one image, then the step's pieces
+    tight = draft(comp, cfg(memory_budget_gb=0.5 * unet_gb))
+    lora_grad_of_step(comp, tight)
+    assert tight.checkpointing and tight.decode_pieces is None
+    fixed = draft(comp, cfg(memory_budget_gb=unet_gb + 2.5 * per_image, decode_chunk=0))
+    lora_grad_of_step(comp, fixed)  # a fixed decode_chunk is the user's: the budget only checkpoints
+    assert fixed.checkpointing and fixed.decode_pieces is None

@@ -5,7 +5,7 @@ attention and the block-checkpointed VAE decode in the DRaFT step on the tiny mo
 stabilityai/stable-diffusion-2-1 (v-prediction) and on Stable Diffusion 2.1's real architecture (random weights);
 finite gradients, LoRA parameters change and frozen ones do not; the block-checkpointed decode's peak memory
 below the whole decode in the graph; sampling under bf16 autocast; frozen convolutions that save no input
-(``craft.models.lean_graph``) under bf16 autocast and channels_last.
+(``craft.models.lean_graph``) under bf16 autocast and channels_last; the DRaFT decode in pieces at 512 px.
 """
 
 from __future__ import annotations
@@ -214,6 +214,45 @@ def test_block_checkpointed_decode_peak_memory_below_whole_decode():
     for mode in ("whole", "blocks"):
         rel = (grads[mode] - grads["off"]).norm() / grads["off"].norm()
         assert rel < 1e-3, (mode, float(rel))
+
+
+def test_draft_step_decodes_in_pieces_on_cuda_at_512_px():
+    """reward.decode_chunk at auto on CUDA: at 512 px each image is decoded, scored and backpropagated to its latents
+    alone (a rowwise reward), so the step's peak memory is below the whole batch's decode in the graph; the LoRA
+    gradient is the same up to TF32 rounding."""
+    configure_kernels("cuda")
+    comp = build_components(ModelConfig(preset="tiny", resolution=512), ["adenocarcinoma"], seed=0)
+    add_lora(comp.unet, LoraSettings())
+    dev = torch.device("cuda")
+    for part in (comp.unet, comp.vae, comp.text_encoder):
+        part.to(dev)
+
+    def reward(images, meta):
+        return {"total": -((images - 0.4) ** 2).mean(dim=(1, 2, 3))}
+
+    reward.rowwise = True
+    sizes: list[int] = []
+    comp.vae.decoder.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
+    peaks, grads = {}, {}
+    for chunk in (0, -1):
+        c = RewardConfig(k=1, n_repeats=2, sample_steps=2, guidance=2.0, diffusion_weight=0.0, decode_chunk=chunk)
+        c.validate()
+        model = DraftObjective(comp.unet, comp.vae, comp.text_encoder, comp.tokenizer, comp.scheduler, reward, c)
+        model.train()
+        comp.unet.zero_grad(set_to_none=True)
+        sizes.clear()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        model({"prompt": PROMPTS, "label": ["x", "x"]}, torch.Generator().manual_seed(0))["loss"].backward()
+        torch.cuda.synchronize()
+        peaks[chunk] = torch.cuda.max_memory_allocated() - base
+        grads[chunk] = torch.cat([p.grad.flatten() for n, p in comp.unet.named_parameters() if "lora" in n])
+        assert sizes == ([4] if chunk == 0 else [1, 1, 1, 1]), (chunk, sizes)
+    print({k: f"{v / 2**20:.0f} MiB" for k, v in peaks.items()})
+    assert peaks[-1] < 0.8 * peaks[0], peaks
+    cos = torch.nn.functional.cosine_similarity(grads[-1], grads[0], dim=0)
+    assert cos > 0.999, float(cos)
 
 
 def test_generate_bf16_on_cuda():

@@ -61,6 +61,19 @@ def test_critic_reward_averages_the_views_and_is_unchanged_without_them():
     assert torch.allclose(flips["total"], clinical_reward({k: flips[k] for k in w}, w))  # eq. 6 on the view means
 
 
+def test_the_critic_reward_is_rowwise_only_without_views():
+    """RewardConfig.decode_chunk scores the graph's images in pieces only for a rowwise reward: the critic's reward
+    of image i reads image i alone (pieces give the batch's numbers), its augmented views draw crops per call."""
+    x, meta = _images(), {"label": ["a", "b", "a", "b"], "prompt": ["p", "q", "r", "s"]}
+    w = {"vdc": 1.0, "ccs": 1.0}
+    fn = critic_reward(_MeanCam(), w)
+    assert fn.rowwise
+    whole = fn(x, meta)["total"]
+    pieces = torch.cat([fn(x[i : i + 2], {k: v[i : i + 2] for k, v in meta.items()})["total"] for i in (0, 2)])
+    assert torch.equal(pieces, whole)
+    assert not critic_reward(_MeanCam(), w, RewardAugment(views=2)).rowwise
+
+
 def test_augment_settings_parse_and_are_checked():
     from craft.config import load_stage_config
 

@@ -8,7 +8,9 @@ One step of ``DraftObjective`` (what the shared loop in ``craft.train.loop`` cal
    guidance): T - K sampler steps without gradient (DDPM by default, as in the paper, app. I);
 3. the last K sampler steps keep the graph (each UNet call optionally checkpointed), then the VAE
    decoder (optionally checkpointed block by block) -> images in [0, 1] -> the reward CALLABLE (the frozen critic
-   in a real run: ``craft.models.encoders.ClinicalAlignmentModule`` + ``craft.losses.clinical_reward``);
+   in a real run: ``craft.models.encoders.ClinicalAlignmentModule`` + ``craft.losses.clinical_reward``); the
+   decode and reward optionally in pieces of images, each backpropagated to its latents first
+   (``RewardConfig.decode_chunk``);
 4. rewards averaged over the n repeats of each prompt (eq. 6), then over the batch;
 5. plus the standard diffusion loss on the paired real latent conditioned on its enriched prompt
    (eq. 1): loss = diffusion_weight * L_diff - reward_scale * mean R.
@@ -180,6 +182,16 @@ class RewardConfig:
     # K=1), no extra work; at the demo size the graph holds 92 MB instead of 130 MB. Parts that are checkpointed
     # keep autograd's own saving (their recomputation runs outside this switch)
     lean_saves: bool = True
+    # images decoded and scored per piece inside the graph. Each piece's decode and reward run forward and backward to
+    # its latents before the next piece is decoded, so autograd holds one piece's decoder activations beside the graph's
+    # UNet call instead of all n*B images'; the UNet call then takes the latents' summed gradient in the loop's
+    # backward. The same LoRA gradient (eq. 6's reward is a mean of per-image rewards) and no recomputation. Only with a
+    # reward callable marked ``rowwise`` (row i reads image i alone: ``critic_reward`` without augmented views);
+    # otherwise the batch is decoded at once. 0 = all at once; N = N images a piece; -1 (auto) = on CUDA pieces of at
+    # least 512x512 pixels (one image at 512 px); on a CPU all at once (pieces cost 0-4% of a step there in page
+    # faults, glibc returning the smaller peak to the OS and taking it again every step; BENCHMARKS.md), unless a
+    # ``memory_budget_gb`` is over: then the largest piece that fits, before checkpointing is considered
+    decode_chunk: int = -1
     # ---- harder-to-game rewards (issue 21): the critic reads augmented views of each image and the reward is their mean
     augment: RewardAugment = field(default_factory=RewardAugment)
     # extra critics (encoder roles critic-1..critic-E: the critic's architecture, other seeds) whose CAMs score every
@@ -218,6 +230,9 @@ class RewardConfig:
             raise ValueError(f"ensemble must be >= 0 (extra critics), got {self.ensemble}")
         self.augment.validate()
         self.monitor.validate()
+        if self.decode_chunk < -1:
+            raise ValueError(f"decode_chunk must be -1 (auto), 0 (the whole batch) or images a piece, got "
+                             f"{self.decode_chunk}")  # fmt: skip
         if self.vae_checkpointing not in ("auto", "blocks", "whole", "off"):
             raise ValueError(f"vae_checkpointing must be auto, blocks, whole or off, got {self.vae_checkpointing!r}")
         self.lora.validate()
@@ -643,7 +658,8 @@ class DraftObjective(TrainableOnly):
     images in [0, 1]).
     ``reward_fn(images, meta)`` gets the n*B decoded images (repeat r of prompt i at row r*B + i) and
     the metadata repeated accordingly plus ``repeat`` (the repeat index per row); it returns per-sample
-    tensors with ``"total"`` the reward to maximise.
+    tensors with ``"total"`` the reward to maximise. A callable whose row i reads image i alone may say so with
+    an attribute ``rowwise = True``; it may then be called on pieces of the batch (``RewardConfig.decode_chunk``).
 
     Speed (``RewardConfig`` fields; each keeps the math, ``tests/test_fast_path.py`` checks the LoRA gradient):
     frozen text states cached across steps, the no-graph prefix under ``inference_mode`` with the LoRA folded into
@@ -651,7 +667,8 @@ class DraftObjective(TrainableOnly):
     instead where ``compile_prefix`` says), the guidance states
     concatenated once per step instead of once per sampler step, eq. 1's UNet call batched into the last graph
     step's UNet call (per-row timesteps; the UNet treats rows independently), checkpointing only when asked or
-    when the graph would exceed ``memory_budget_gb``. The noise and t of L_diff are drawn right after the
+    when the graph would exceed ``memory_budget_gb`` (after decoding in pieces, ``decode_chunk``, which needs no
+    recomputation: on CUDA at 512 px and more it is the default). The noise and t of L_diff are drawn right after the
     initial latents, in every mode, so fused and separate L_diff see the same random numbers.
     """
 
@@ -672,6 +689,8 @@ class DraftObjective(TrainableOnly):
         self.checkpointing = False
         self._budget_checked = cfg.memory_budget_gb <= 0
         self.graph_gb_estimate: float | None = None  # what the budget probe measured (GiB for a full step)
+        self.graph_gb_parts: tuple[float, float] | None = None  # of it: the UNet calls', the decode's and reward's
+        self.decode_pieces: int | None = None  # images a piece the budget chose for the decode (decode_chunk=-1)
         self._uncond: torch.Tensor | None = None
         self._text: dict[str, torch.Tensor] = {}
         dev = next(unet.parameters()).device
@@ -835,17 +854,22 @@ class DraftObjective(TrainableOnly):
                     if fuse and i == cfg.k - 1:
                         out, pred_d = out[:-b], out[-b:]
                     z = _sched_step(self.sched, self._guided(out), t, z, generator, cfg.eta)
-            with record_function("draft/decode"):
-                images = self.decode(z)
-            with record_function("draft/reward"):
-                meta = {k: _repeat(v, n) for k, v in batch.items() if k not in ("latents", "gen_prompt")}
-                meta["repeat"] = torch.arange(n, device=dev).repeat_interleave(b)
-                rewards = self.reward_fn(images, meta)
-            if "total" not in rewards or rewards["total"].shape != (n * b,):
-                raise ValueError(f"reward callable must return 'total' of shape [{n * b}], got "
-                                 f"{ {k: tuple(v.shape) for k, v in rewards.items()} }")  # fmt: skip
+            meta = {k: _repeat(v, n) for k, v in batch.items() if k not in ("latents", "gen_prompt")}
+            meta["repeat"] = torch.arange(n, device=dev).repeat_interleave(b)
+            chunk = self._piece_rows(z) if z.requires_grad else 0
+            if 0 < chunk < n * b:
+                rewards, grad_z = self._reward_by_pieces(z, meta, chunk)
+            else:
+                with record_function("draft/decode"):
+                    images = self.decode(z)
+                with record_function("draft/reward"):
+                    rewards = self.reward_fn(images, meta)
+                _check_total(rewards, n * b)
             per_prompt = rewards["total"].float().view(n, b).mean(0)  # eq. 6: average over the n repeats
             reward = per_prompt.mean()
+            if 0 < chunk < n * b:  # the reward's value, and its gradient into the graph's UNet call through z
+                through = (z * grad_z).sum()
+                reward = reward.detach() + (through - through.detach())
             out = {f"reward_{k}": v.detach().float() for k, v in rewards.items() if k != "total"}
             out["reward"] = reward.detach()
             loss = -cfg.reward_scale * reward
@@ -858,6 +882,48 @@ class DraftObjective(TrainableOnly):
                 out["l_diff"] = l_diff.detach()
             out["loss"] = loss
             return out
+
+    def _piece_rows(self, z: torch.Tensor) -> int:
+        """Images a piece for the graph's decode and reward (``cfg.decode_chunk`` resolved; 0 = all at once)."""
+        if not getattr(self.reward_fn, "rowwise", False):
+            return 0  # a reward that may compare rows must see the whole batch
+        if self.cfg.decode_chunk >= 0:
+            return self.cfg.decode_chunk
+        if self.decode_pieces is not None:  # chosen by the memory budget's probe
+            return self.decode_pieces
+        if z.device.type != "cuda":
+            return 0
+        from craft.models.diffusion import vae_factor
+
+        side = z.shape[-1] * vae_factor(self.vae)  # the decoded image's side
+        return max(1, -(-(512 * 512) // (side * side)))  # pieces of at least 512 x 512 pixels
+
+    def _reward_by_pieces(self, z: torch.Tensor, meta: dict[str, Any], chunk: int):
+        """Decode and score the graph's latents ``chunk`` images at a time (``cfg.decode_chunk``): each piece runs
+        forward and backward from its latents (a leaf cut off the UNet's graph) to the mean reward, and its
+        decoder activations are freed before the next piece. Returns the per-image rewards (detached) and
+        d(mean reward)/dz, which the caller feeds into the UNet call's graph. The decoder and critic are frozen,
+        so backward here reaches no parameter (nothing for DDP to reduce)."""
+        from torch.profiler import record_function
+
+        rows = z.shape[0]
+        pieces, grads = [], []
+        for s in range(0, rows, chunk):
+            e = min(s + chunk, rows)
+            zc = z[s:e].detach().requires_grad_()
+            sub = {k: v[s:e] if isinstance(v, torch.Tensor | list) else v for k, v in meta.items()}
+            with record_function("draft/decode"):
+                images = self.decode(zc)
+            with record_function("draft/reward"):
+                r = self.reward_fn(images, sub)
+            _check_total(r, e - s)
+            total = r["total"].float().sum() / rows  # eq. 6's mean over all n*B rows
+            g = torch.autograd.grad(total, zc, allow_unused=True)[0] if total.requires_grad else None
+            grads.append(torch.zeros_like(zc) if g is None else g)  # a reward with no gradient moves nothing
+            pieces.append({k: v.detach() for k, v in r.items()})
+            del images, r
+        rewards = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+        return rewards, torch.cat(grads)
 
     def _decode_mode(self) -> str:
         """``cfg.vae_checkpointing`` resolved: ``auto`` checkpoints the decode by blocks when the step checkpoints."""
@@ -872,12 +938,15 @@ class DraftObjective(TrainableOnly):
         return lean_saves(*([] if self.checkpointing else [self.unet]), *vae)
 
     def _check_budget(self, batch: dict[str, Any], prompts: list[str], seed: int, dev) -> None:
-        """Switch checkpointing on when the graph of a full step would hold more than ``cfg.memory_budget_gb``.
+        """Fit the graph of a step into ``cfg.memory_budget_gb``: decode in pieces, or checkpoint, or neither.
 
         Measured, not guessed: one trajectory of the first prompt runs the graph part (the last K UNet calls,
-        the decode, the reward) while a saved-tensor hook adds up the bytes autograd keeps for backward; that
-        times the step's n*B trajectories (plus the L_diff rows) is the estimate. The probe's graph is
-        dropped without a backward, and it uses its own generator (the training noise stays untouched).
+        the decode, the reward) while a saved-tensor hook adds up the bytes autograd keeps for backward, the UNet
+        calls' and the decode's and reward's apart; those times the step's n*B trajectories (plus the L_diff rows
+        for the UNet) is the estimate. Over the budget, with ``decode_chunk`` at auto and a rowwise reward, the
+        decode runs in the largest pieces that fit (no recomputation); when even one image a piece does not fit,
+        gradient checkpointing is switched on. The probe's graph is dropped without a backward, and it uses its
+        own generator (the training noise stays untouched).
         """
         from torch.autograd.graph import saved_tensors_hooks
 
@@ -905,19 +974,31 @@ class DraftObjective(TrainableOnly):
                 zin = self.sched.scale_model_input(z, t)
                 out = self._unet(torch.cat([zin, zin]) if guided else zin, t, states)
                 z = _sched_step(self.sched, self._guided(out), t, z, gen, cfg.eta)
+            unet_bytes = total["bytes"]
             images = decode(self.vae, z)
             meta = {k: v for k, v in sub.items() if k not in ("latents", "gen_prompt")}
             meta["repeat"] = torch.zeros(1, dtype=torch.long, device=dev)
             self.reward_fn(images, meta)["total"].sum()
+        decode_bytes = total["bytes"] - unet_bytes
         b = len(prompts)  # L_diff adds b UNet rows: b / 2 trajectories' worth of UNet rows with guidance
-        rows = cfg.n_repeats * b + (b / (2 if guided else 1) if cfg.diffusion_weight > 0 and "latents" in batch else 0)
-        self.graph_gb_estimate = total["bytes"] * rows / 2**30
+        images_n = cfg.n_repeats * b
+        rows = images_n + (b / (2 if guided else 1) if cfg.diffusion_weight > 0 and "latents" in batch else 0)
+        budget = cfg.memory_budget_gb * 2**30
+        self.graph_gb_parts = (unet_bytes * rows / 2**30, decode_bytes * images_n / 2**30)
+        self.graph_gb_estimate = sum(self.graph_gb_parts)
         self.checkpointing = self.graph_gb_estimate > cfg.memory_budget_gb
+        if self.checkpointing and cfg.decode_chunk == -1 and getattr(self.reward_fn, "rowwise", False):
+            fits = int((budget - unet_bytes * rows) // max(decode_bytes, 1))  # images a piece within the budget
+            if fits >= 1:
+                self.decode_pieces, self.checkpointing = min(fits, images_n), False
         self._budget_checked = True
         log.info(
-            "DRaFT graph estimate %.3f GiB against a budget of %.3f GiB: gradient checkpointing %s",
+            "DRaFT graph estimate %.3f GiB (UNet calls %.3f, decode and reward %.3f) against a budget of %.3f GiB: "
+            "decode %s, gradient checkpointing %s",
             self.graph_gb_estimate,
+            *self.graph_gb_parts,
             cfg.memory_budget_gb,
+            f"{self.decode_pieces} images a piece" if self.decode_pieces else "at once",
             "on" if self.checkpointing else "off",
         )
 
@@ -925,6 +1006,12 @@ class DraftObjective(TrainableOnly):
         """L_diff of eq. 1 on the paired real latent, conditioned on its enriched prompt (target: ``denoising_loss``)."""
         ckpt = self._maybe_ckpt if self.checkpointing else None
         return denoising_loss(self.unet, self.train_sched, z0, cond, generator, ckpt)
+
+
+def _check_total(rewards: dict[str, torch.Tensor], rows: int) -> None:
+    if "total" not in rewards or rewards["total"].shape != (rows,):
+        raise ValueError(f"reward callable must return 'total' of shape [{rows}], got "
+                         f"{ {k: tuple(v.shape) for k, v in rewards.items()} }")  # fmt: skip
 
 
 def _repeat(v: Any, n: int) -> Any:
@@ -964,6 +1051,10 @@ def critic_reward(cams, weights: dict[str, float], augment: RewardAugment | None
         comps["total"] = clinical_reward(comps, weights)
         return comps
 
+    # row i reads image i alone (each CAM embeds images one by one; SFS pairs image i with reference i), so the
+    # graph may decode and score the batch in pieces (RewardConfig.decode_chunk). Augmented views draw their crops
+    # for the rows of a call together: in pieces they would draw other crops, so that reward sees the whole batch
+    fn.rowwise = gen is None
     return fn
 
 
