@@ -469,3 +469,6 @@ def test_memory_budget_decodes_in_pieces_before_it_checkpoints():
     fixed = draft(comp, cfg(memory_budget_gb=unet_gb + 2.5 * per_image, decode_chunk=0))
     lora_grad_of_step(comp, fixed)  # a fixed decode_chunk is the user's: the budget only checkpoints
     assert fixed.checkpointing and fixed.decode_pieces is None
+    fits = draft(comp, cfg(memory_budget_gb=unet_gb + 2.5 * per_image, decode_chunk=2))
+    lora_grad_of_step(comp, fits)  # ... and counts the pieces it asked for
+    assert not fits.checkpointing and fits.decode_pieces is None

@@ -986,8 +986,10 @@ class DraftObjective(TrainableOnly):
         budget = cfg.memory_budget_gb * 2**30
         self.graph_gb_parts = (unet_bytes * rows / 2**30, decode_bytes * images_n / 2**30)
         self.graph_gb_estimate = sum(self.graph_gb_parts)
-        self.checkpointing = self.graph_gb_estimate > cfg.memory_budget_gb
-        if self.checkpointing and cfg.decode_chunk == -1 and getattr(self.reward_fn, "rowwise", False):
+        rowwise = getattr(self.reward_fn, "rowwise", False)
+        decoded = min(cfg.decode_chunk, images_n) if cfg.decode_chunk > 0 and rowwise else images_n  # a fixed piece
+        self.checkpointing = unet_bytes * rows + decode_bytes * decoded > budget
+        if self.checkpointing and cfg.decode_chunk == -1 and rowwise:
             fits = int((budget - unet_bytes * rows) // max(decode_bytes, 1))  # images a piece within the budget
             if fits >= 1:
                 self.decode_pieces, self.checkpointing = min(fits, images_n), False
