@@ -472,3 +472,20 @@ def test_memory_budget_decodes_in_pieces_before_it_checkpoints():
     fits = draft(comp, cfg(memory_budget_gb=unet_gb + 2.5 * per_image, decode_chunk=2))
     lora_grad_of_step(comp, fits)  # ... and counts the pieces it asked for
     assert not fits.checkpointing and fits.decode_pieces is None
+
+
+def test_add_lora_draws_its_init_from_the_seed_and_leaves_the_global_rng_alone():
+    """A stage's fresh LoRA is a function of loop.seed, not of what used the global RNG before it in the process."""
+
+    def init(seed, burn: int):
+        comp = build_components(ModelConfig(preset="tiny", resolution=32, unet_channels=[8, 16], vae_channels=[8, 8],
+                                            text_hidden=16, text_layers=1), ["adenoma"], seed=0)  # fmt: skip
+        torch.manual_seed(burn)  # another history of the global RNG before the stage
+        state = torch.get_rng_state()
+        add_lora(comp.unet, LoraSettings(), seed=seed)
+        assert seed is None or torch.equal(torch.get_rng_state(), state), "add_lora moved the global RNG"
+        return torch.cat([p.detach().flatten() for n, p in comp.unet.named_parameters() if "lora_A" in n])
+
+    assert torch.equal(init(7, burn=1), init(7, burn=2))
+    assert not torch.equal(init(7, burn=1), init(8, burn=1))
+    assert not torch.equal(init(None, burn=1), init(None, burn=2))  # unseeded: the global RNG's history decides

@@ -533,7 +533,7 @@ def ti_lora_main(cfg: TILoRAConfig, dataset_dir, base, out_dir, ti_dir=None, ann
         prompts = [f"{tokens[lab]}, {p}" for lab, p in zip(labels, df["enriched_prompt"].astype(str))]
     else:
         prompts = [cfg.ti.prompt.format(token=tokens[lab], phrase=meta.phrase(lab)) for lab in labels]
-    add_lora(comp.unet, cfg.lora)
+    add_lora(comp.unet, cfg.lora, seed=cfg.loop.seed)
     model = LoRADiffusionObjective(comp.unet, comp.text_encoder, comp.tokenizer, comp.scheduler)
     # the text encoder (TI rows included) is frozen from here: each distinct prompt is encoded once, cached
     states = cached_text_states(comp.tokenizer, comp.text_encoder, prompts)
@@ -563,7 +563,7 @@ def dpo_main(cfg: DPOConfig, dataset_dir, annotations_dir, critic_dir, probe_dir
     if start_dir:
         embeds, tokens, lora = continue_adapters(pipe, start_dir)  # TI tokens + the TI+LoRA LoRA: DPO continues it
     else:
-        add_lora(pipe.unet, cfg.lora)
+        add_lora(pipe.unet, cfg.lora, seed=cfg.loop.seed)
     unet, vae, te, tok = pipe.unet.to(dev), pipe.vae.to(dev), pipe.text_encoder.to(dev), pipe.tokenizer
     vae.requires_grad_(False)
     te.requires_grad_(False)

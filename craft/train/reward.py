@@ -241,8 +241,13 @@ class RewardConfig:
 # ---------------------------------------------------------------- LoRA and adapters
 
 
-def add_lora(unet, lora: LoraSettings) -> list[str]:
-    """Freeze ``unet`` and add a peft LoRA adapter on its attention projections; returns the LoRA parameter names."""
+def add_lora(unet, lora: LoraSettings, seed: int | None = None) -> list[str]:
+    """Freeze ``unet`` and add a peft LoRA adapter on its attention projections; returns the LoRA parameter names.
+
+    ``seed``: draw the A matrices' init from this seed (the stages pass ``loop.seed``), so a run's start is a
+    function of its seed and not of whatever used the global RNG before it in the process (``craft experiment``
+    runs many stages in one process); the global RNG is left as it was. None = draw from the global RNG.
+    """
     from peft import LoraConfig
 
     unet.requires_grad_(False)
@@ -252,7 +257,12 @@ def add_lora(unet, lora: LoraSettings) -> list[str]:
     else:
         targets = list(lora.targets)
     cfg = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, init_lora_weights=True, target_modules=targets)
-    unet.add_adapter(cfg)  # B = 0 at init: the adapted model starts as the base model
+    dev = next(unet.parameters()).device
+    cuda = [dev.index or 0] if dev.type == "cuda" else []  # manual_seed seeds CUDA too: restore that RNG as well
+    with torch.random.fork_rng(devices=cuda) if seed is not None else nullcontext():
+        if seed is not None:
+            torch.manual_seed(seed)
+        unet.add_adapter(cfg)  # B = 0 at init: the adapted model starts as the base model
     names = [n for n, p in unet.named_parameters() if p.requires_grad]
     if not names or any("lora" not in n for n in names):
         raise RuntimeError(f"LoRA setup made non-LoRA parameters trainable or none at all: {names[:3]}")
@@ -1113,7 +1123,7 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
     if start_dir:
         embeds, tokens, lora = continue_adapters(pipe, start_dir)
     else:
-        add_lora(pipe.unet, cfg.lora)
+        add_lora(pipe.unet, cfg.lora, seed=cfg.loop.seed)
     unet, vae, te = pipe.unet.to(dev), pipe.vae.to(dev), pipe.text_encoder.to(dev)
     res = model_resolution(unet, vae)  # the size DRaFT samples at (UNet-implied), not vae.config.sample_size
     latents = stage_latents(vae, dataset_dir, df, res, cfg.loop)  # eq. 1's real latents, from the latent cache
