@@ -284,7 +284,24 @@ def test_memory_budget_switches_checkpointing_on_only_when_the_graph_exceeds_it(
     _, _, none = step_grads(comp, cfg(), checkpointing=False, steps=1)
     assert not none.checkpointing and none.graph_gb_estimate is None  # no budget: no probe
     with pytest.raises(ValueError, match="memory_budget_gb"):
-        cfg(memory_budget_gb=-1.0)
+        cfg(memory_budget_gb=-2.0)
+
+
+def test_the_auto_memory_budget_is_most_of_the_free_cuda_memory_and_none_on_a_cpu(monkeypatch):
+    """memory_budget_gb=-1 (the default): 80% of what the CUDA device has free at the first step (the driver's free
+    memory and what PyTorch's allocator holds unused); no budget, so no probe, on a CPU. CUDA is faked here (this
+    machine has none): the memory queries are replaced, the arithmetic is the function's; tests/test_gpu.py runs it."""
+    from craft.train.reward import graph_budget_gb
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert graph_budget_gb(-1, cpu) == 0.0 and graph_budget_gb(0, cuda) == 0.0 and graph_budget_gb(12.5, cpu) == 12.5
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 6 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 * 2**30)
+    assert graph_budget_gb(-1, cuda) == pytest.approx(0.8 * 25)
+    assert graph_budget_gb(-1, cuda, probe=False) > 0
+    _, _, auto = step_grads(tiny(), cfg(), checkpointing=False, steps=1)  # the default, on this CPU
+    assert auto.graph_gb_estimate is None and auto.memory_budget_gb is None and not auto.checkpointing
 
 
 def test_text_cache_encodes_each_prompt_once_across_steps():

@@ -235,7 +235,9 @@ def test_draft_step_decodes_in_pieces_on_cuda_at_512_px():
     comp.vae.decoder.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
     peaks, grads = {}, {}
     for chunk in (0, -1):
-        c = RewardConfig(k=1, n_repeats=2, sample_steps=2, guidance=2.0, diffusion_weight=0.0, decode_chunk=chunk)
+        # no budget (no probe: its one-image decode would join `sizes`)
+        c = RewardConfig(k=1, n_repeats=2, sample_steps=2, guidance=2.0, diffusion_weight=0.0, decode_chunk=chunk,
+                         memory_budget_gb=0.0)  # fmt: skip
         c.validate()
         model = DraftObjective(comp.unet, comp.vae, comp.text_encoder, comp.tokenizer, comp.scheduler, reward, c)
         model.train()
@@ -253,6 +255,24 @@ def test_draft_step_decodes_in_pieces_on_cuda_at_512_px():
     assert peaks[-1] < 0.8 * peaks[0], peaks
     cos = torch.nn.functional.cosine_similarity(grads[-1], grads[0], dim=0)
     assert cos > 0.999, float(cos)
+
+
+def test_the_auto_memory_budget_probes_on_cuda():
+    """memory_budget_gb at its default (-1, auto): on CUDA the first step measures the graph against 80% of the free
+    device memory; the tiny model's graph fits, so nothing is checkpointed."""
+    comp = build_components(ModelConfig(preset="tiny", resolution=64), ["adenocarcinoma"], seed=0)
+    add_lora(comp.unet, LoraSettings())
+    for part in (comp.unet, comp.vae, comp.text_encoder):
+        part.to("cuda")
+    c = RewardConfig(k=1, n_repeats=2, sample_steps=2, guidance=2.0, diffusion_weight=0.0)
+    c.validate()
+    model = DraftObjective(comp.unet, comp.vae, comp.text_encoder, comp.tokenizer, comp.scheduler,
+                           toy_reward_recording([]), c).train()  # fmt: skip
+    model({"prompt": PROMPTS, "label": ["x", "x"]}, torch.Generator().manual_seed(0))["loss"].backward()
+    free, _ = torch.cuda.mem_get_info()
+    assert model.memory_budget_gb is not None and 0 < model.memory_budget_gb <= free / 2**30
+    assert model.graph_gb_estimate is not None and model.graph_gb_estimate < model.memory_budget_gb
+    assert not model.checkpointing
 
 
 def test_generate_bf16_on_cuda():

@@ -79,7 +79,8 @@ class LoraSettings:
 
 def _reward_loop() -> LoopConfig:
     # no gradient checkpointing by default: it recomputed the graph step and the VAE decode and made the tiny demo
-    # step 2.4x slower (BENCHMARKS.md, "Where the time goes"); RewardConfig.memory_budget_gb turns it on when needed
+    # step 2.4x slower (BENCHMARKS.md, "Where the time goes"); RewardConfig.memory_budget_gb turns it on when a step
+    # would not fit (by default on CUDA: 80% of the free device memory)
     return LoopConfig(steps=200, batch_size=4, lr=1e-4, max_grad_norm=1.0, checkpoint_every=50, log_every=1)
 
 
@@ -155,10 +156,12 @@ class RewardConfig:
     vae_checkpointing: Literal["auto", "blocks", "whole", "off"] = "auto"
     device: str = "auto"  # auto: cuda when available
     # ---- speed that keeps the math (issue 18; measured in BENCHMARKS.md "Where the time goes")
-    # GiB the graph part of a step (last K UNet calls, decode, reward) may hold; 0 = no budget. Over it, gradient
-    # checkpointing is switched on (measured once on the first step with a one-trajectory probe). loop.
-    # gradient_checkpointing = true checkpoints always, whatever the budget.
-    memory_budget_gb: float = 0.0
+    # GiB the graph part of a step (last K UNet calls, decode, reward) may hold; 0 = no budget. Over it, the decode
+    # runs in pieces (decode_chunk) or gradient checkpointing is switched on (measured once on the first step with a
+    # one-trajectory probe). -1 (auto) = on CUDA 80% of the device memory free when the first step starts (what the
+    # driver has free plus what PyTorch's allocator holds unused), so a step that would not fit fits by itself and
+    # one that fits is not slowed; on a CPU no budget. loop.gradient_checkpointing = true checkpoints always
+    memory_budget_gb: float = -1.0
     text_cache: int = 4096  # distinct prompts whose frozen text-encoder states are kept across steps (0 = re-encode)
     prefix_inference_mode: bool = True  # the T-K steps without graph under torch.inference_mode (else no_grad)
     # the LoRA folded into its base weights for the no-graph prefix only: W + s*B*A, one matmul per adapted projection
@@ -218,9 +221,10 @@ class RewardConfig:
         bad = sorted(set(self.reward_weights) - {"vdc", "ccs", "dd", "sfs"})
         if bad:
             raise ValueError(f"reward_weights: unknown reward {bad[0]!r} (vdc, ccs, dd, sfs)")
-        if self.memory_budget_gb < 0 or self.text_cache < 0:
-            raise ValueError(f"memory_budget_gb and text_cache must be >= 0 (got {self.memory_budget_gb}, "
-                             f"{self.text_cache})")  # fmt: skip
+        if self.memory_budget_gb < 0 and self.memory_budget_gb != -1:
+            raise ValueError(f"memory_budget_gb must be -1 (auto), 0 (no budget) or GiB, got {self.memory_budget_gb}")
+        if self.text_cache < 0:
+            raise ValueError(f"text_cache must be >= 0, got {self.text_cache}")
         for name in ("channels_last", "compile_prefix", "trace_prefix"):
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ValueError(f"{name} must be auto, on or off, got {getattr(self, name)!r}")
@@ -677,8 +681,9 @@ class DraftObjective(TrainableOnly):
     instead where ``compile_prefix`` says), the guidance states
     concatenated once per step instead of once per sampler step, eq. 1's UNet call batched into the last graph
     step's UNet call (per-row timesteps; the UNet treats rows independently), checkpointing only when asked or
-    when the graph would exceed ``memory_budget_gb`` (after decoding in pieces, ``decode_chunk``, which needs no
-    recomputation: on CUDA at 512 px and more it is the default). The noise and t of L_diff are drawn right after the
+    when the graph would exceed ``memory_budget_gb`` (by default on CUDA 80% of the device memory free at the first
+    step; none on a CPU), after decoding in pieces (``decode_chunk``, which needs no recomputation: on CUDA at 512 px
+    and more it is the default). The noise and t of L_diff are drawn right after the
     initial latents, in every mode, so fused and separate L_diff see the same random numbers.
     """
 
@@ -697,7 +702,8 @@ class DraftObjective(TrainableOnly):
         self.train_sched = scheduler  # the training noise schedule for L_diff
         self.kind = prediction_type(scheduler)  # refuse a parameterisation L_diff cannot target before the first step
         self.checkpointing = False
-        self._budget_checked = cfg.memory_budget_gb <= 0
+        self._budget_checked = False  # the first step resolves the budget on the device it runs on
+        self.memory_budget_gb: float | None = None  # the budget the probe used (auto resolved)
         self.graph_gb_estimate: float | None = None  # what the budget probe measured (GiB for a full step)
         self.graph_gb_parts: tuple[float, float] | None = None  # of it: the UNet calls', the decode's and reward's
         self.decode_pieces: int | None = None  # images a piece the budget chose for the decode (decode_chunk=-1)
@@ -837,7 +843,9 @@ class DraftObjective(TrainableOnly):
             abar = alpha_bar(self.train_sched, t_d, z0.ndim)
             diff = (add_noise(z0, noise, abar), t_d, training_target(self.kind, z0, noise, abar))  # CRAFTS eq. 3
         if not self._budget_checked:
-            self._check_budget(batch, prompts, generator.initial_seed(), dev)
+            if graph_budget_gb(cfg.memory_budget_gb, torch.device(dev), probe=False) > 0:
+                self._check_budget(batch, prompts, generator.initial_seed(), dev)
+            self._budget_checked = True  # no budget (0, or auto off CUDA): no probe
         ts = self.sched.timesteps
         split = len(ts) - cfg.k
         prefix = torch.inference_mode if cfg.prefix_inference_mode else torch.no_grad
@@ -993,7 +1001,8 @@ class DraftObjective(TrainableOnly):
         b = len(prompts)  # L_diff adds b UNet rows: b / 2 trajectories' worth of UNet rows with guidance
         images_n = cfg.n_repeats * b
         rows = images_n + (b / (2 if guided else 1) if cfg.diffusion_weight > 0 and "latents" in batch else 0)
-        budget = cfg.memory_budget_gb * 2**30
+        self.memory_budget_gb = graph_budget_gb(cfg.memory_budget_gb, torch.device(dev))
+        budget = self.memory_budget_gb * 2**30
         self.graph_gb_parts = (unet_bytes * rows / 2**30, decode_bytes * images_n / 2**30)
         self.graph_gb_estimate = sum(self.graph_gb_parts)
         rowwise = getattr(self.reward_fn, "rowwise", False)
@@ -1009,7 +1018,7 @@ class DraftObjective(TrainableOnly):
             "decode %s, gradient checkpointing %s",
             self.graph_gb_estimate,
             *self.graph_gb_parts,
-            cfg.memory_budget_gb,
+            self.memory_budget_gb,
             f"{self.decode_pieces} images a piece" if self.decode_pieces else "at once",
             "on" if self.checkpointing else "off",
         )
@@ -1018,6 +1027,25 @@ class DraftObjective(TrainableOnly):
         """L_diff of eq. 1 on the paired real latent, conditioned on its enriched prompt (target: ``denoising_loss``)."""
         ckpt = self._maybe_ckpt if self.checkpointing else None
         return denoising_loss(self.unet, self.train_sched, z0, cond, generator, ckpt)
+
+
+AUTO_BUDGET_SHARE = 0.8  # memory_budget_gb=-1 on CUDA: this share of the memory free at the first step
+
+
+def graph_budget_gb(setting: float, device: torch.device, probe: bool = True) -> float:
+    """``RewardConfig.memory_budget_gb`` resolved for ``device``: a positive setting as given, 0 = no budget (0.0);
+    -1 (auto) = on CUDA ``AUTO_BUDGET_SHARE`` of what the device has free now (the driver's free memory plus what
+    PyTorch's caching allocator holds unused), elsewhere no budget. ``probe=False``: only whether there is one
+    (returns 1.0 for auto on CUDA without reading the device)."""
+    if setting >= 0:
+        return float(setting)
+    if device.type != "cuda":
+        return 0.0
+    if not probe:
+        return 1.0
+    free, _ = torch.cuda.mem_get_info(device)
+    unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return AUTO_BUDGET_SHARE * (free + unused) / 2**30
 
 
 def _check_total(rewards: dict[str, torch.Tensor], rows: int) -> None:
