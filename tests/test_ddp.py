@@ -254,9 +254,12 @@ def test_two_nodes_through_the_job_path(s3_env, tmp_path):
 
 
 @pytest.mark.slow  # a tiny critic + probe, then torchrun + 2 ranks: ~1 min on 2 cores
-def test_the_craft_reward_stage_as_two_processes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("decode_chunk", [0, 1])
+def test_the_craft_reward_stage_as_two_processes(tmp_path, monkeypatch, decode_chunk):
     """CRAFT reward finetuning (DRaFT-K against the frozen critic) through the launcher as 2 processes: DDP over
-    prompts (each rank draws its own slice of every step's prompts), rank 0 writes the adapter."""
+    prompts (each rank draws its own slice of every step's prompts), rank 0 writes the adapter. With
+    ``decode_chunk=1`` each rank decodes and backpropagates its images one at a time inside DDP's forward (a
+    backward that reaches no parameter, so nothing for DDP to reduce before the step's own)."""
     import shutil
 
     import pandas as pd
@@ -290,7 +293,8 @@ def test_the_craft_reward_stage_as_two_processes(tmp_path, monkeypatch):
                 critic_dir=Artifact(str(tmp_path / "critic")), probe_dir=Artifact(str(tmp_path / "probe")),
                 base=Artifact(str(tmp_path / "base")), model_dir=Artifact(str(out), output=True), profile="",
                 overrides=["loop.steps=2", "loop.batch_size=2", "loop.threads=1", "loop.progress=false",
-                           "loop.checkpoint_every=1", "sample_steps=2"], start_dir=None)  # fmt: skip
+                           "loop.checkpoint_every=1", "sample_steps=2", f"decode_chunk={decode_chunk}"],
+                start_dir=None)  # fmt: skip
     m = run_step("craft.train.reward:step", args, config="reward")
     assert m["steps"] == 2.0 and {"reward", "reward_vdc", "reward_dd"} <= set(m)
     last = out.with_name("craft.work") / "draft" / "checkpoints" / "step-0000002"
