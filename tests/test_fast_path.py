@@ -45,21 +45,37 @@ def cfg(**kw) -> RewardConfig:
     return c
 
 
+def rowwise_reward(images, meta):
+    return {"total": -((images - 0.4) ** 2).mean(dim=(1, 2, 3)), "mean": images.mean(dim=(1, 2, 3)).detach()}
+
+
+rowwise_reward.rowwise = True
+
+
+def draft(comp, c: RewardConfig, fn=rowwise_reward) -> DraftObjective:
+    model = DraftObjective(comp.unet, comp.vae, comp.text_encoder, comp.tokenizer, comp.scheduler, fn, c)
+    return model.train()
+
+
+def lora_grad_of_step(comp, model, precision: str = "no"):
+    """One step of ``model`` on the three prompts (fixed noise and paired latents): its LoRA gradient and result."""
+    batch = {"prompt": PROMPTS, "label": ["a", "b", "c"],
+             "latents": torch.randn(len(PROMPTS), 4, 16, 16, generator=torch.Generator().manual_seed(1))}  # fmt: skip
+    comp.unet.zero_grad(set_to_none=True)
+    with autocast("cpu", precision):
+        res = model(batch, torch.Generator().manual_seed(0))
+    res["loss"].backward()
+    return torch.cat([p.grad.flatten() for n, p in comp.unet.named_parameters() if "lora" in n]), res
+
+
 def step_grads(comp, c: RewardConfig, checkpointing: bool, precision: str = "no", steps: int = 2):
     """LoRA gradient of the ``steps``-th step (the text cache is warm from step 1 on) and that step's loss."""
-    model = DraftObjective(comp.unet, comp.vae, comp.text_encoder, comp.tokenizer, comp.scheduler, reward, c)
+    model = draft(comp, c, reward)
     if checkpointing:
         model.enable_gradient_checkpointing()
-    model.train()
-    lat = torch.randn(len(PROMPTS), 4, 16, 16, generator=torch.Generator().manual_seed(1))
-    batch = {"prompt": PROMPTS, "label": ["a", "b", "c"], "latents": lat}
     for _ in range(steps):
-        comp.unet.zero_grad(set_to_none=True)
-        with autocast("cpu", precision):
-            res = model(batch, torch.Generator().manual_seed(0))
-        res["loss"].backward()
-    lora = [p for n, p in comp.unet.named_parameters() if "lora" in n]
-    return torch.cat([p.grad.flatten() for p in lora]), res, model
+        grad, res = lora_grad_of_step(comp, model, precision)
+    return grad, res, model
 
 
 def test_fast_path_lora_gradient_equals_reference_fp32():
@@ -291,7 +307,7 @@ def test_the_auto_memory_budget_is_most_of_the_free_cuda_memory_and_none_on_a_cp
     """memory_budget_gb=-1 (the default): 80% of what the CUDA device has free at the first step (the driver's free
     memory and what PyTorch's allocator holds unused); no budget, so no probe, on a CPU. CUDA is faked here (this
     machine has none): the memory queries are replaced, the arithmetic is the function's; tests/test_gpu.py runs it."""
-    from craft.train.reward import graph_budget_gb
+    from craft.train.reward import graph_budget_gb, has_graph_budget
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert graph_budget_gb(-1, cpu) == 0.0 and graph_budget_gb(0, cuda) == 0.0 and graph_budget_gb(12.5, cpu) == 12.5
@@ -299,7 +315,7 @@ def test_the_auto_memory_budget_is_most_of_the_free_cuda_memory_and_none_on_a_cp
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 6 * 2**30)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 * 2**30)
     assert graph_budget_gb(-1, cuda) == pytest.approx(0.8 * 25)
-    assert graph_budget_gb(-1, cuda, probe=False) > 0
+    assert has_graph_budget(-1, cuda) and not has_graph_budget(-1, cpu) and not has_graph_budget(0, cuda)
     _, _, auto = step_grads(tiny(), cfg(), checkpointing=False, steps=1)  # the default, on this CPU
     assert auto.graph_gb_estimate is None and auto.memory_budget_gb is None and not auto.checkpointing
 
@@ -358,27 +374,6 @@ def test_lean_saves_keeps_less_for_backward_and_the_same_lora_gradient():
     assert all("forward" not in m.__dict__ for m in [*comp.unet.modules(), *comp.vae.modules()])
     one, _, _ = step_grads(comp, cfg(k=1, lean_saves=False), False, steps=1)
     assert torch.equal(step_grads(comp, cfg(k=1), False, steps=1)[0], one)
-
-
-def rowwise_reward(images, meta):
-    return {"total": -((images - 0.4) ** 2).mean(dim=(1, 2, 3)), "mean": images.mean(dim=(1, 2, 3)).detach()}
-
-
-rowwise_reward.rowwise = True
-
-
-def draft(comp, c: RewardConfig, fn=rowwise_reward) -> DraftObjective:
-    model = DraftObjective(comp.unet, comp.vae, comp.text_encoder, comp.tokenizer, comp.scheduler, fn, c)
-    return model.train()
-
-
-def lora_grad_of_step(comp, model, seed: int = 0):
-    batch = {"prompt": PROMPTS, "label": ["a", "b", "c"],
-             "latents": torch.randn(len(PROMPTS), 4, 16, 16, generator=torch.Generator().manual_seed(1))}  # fmt: skip
-    comp.unet.zero_grad(set_to_none=True)
-    res = model(batch, torch.Generator().manual_seed(seed))
-    res["loss"].backward()
-    return torch.cat([p.grad.flatten() for n, p in comp.unet.named_parameters() if "lora" in n]), res
 
 
 class SavedBytes:

@@ -843,7 +843,7 @@ class DraftObjective(TrainableOnly):
             abar = alpha_bar(self.train_sched, t_d, z0.ndim)
             diff = (add_noise(z0, noise, abar), t_d, training_target(self.kind, z0, noise, abar))  # CRAFTS eq. 3
         if not self._budget_checked:
-            if graph_budget_gb(cfg.memory_budget_gb, torch.device(dev), probe=False) > 0:
+            if has_graph_budget(cfg.memory_budget_gb, torch.device(dev)):
                 self._check_budget(batch, prompts, generator.initial_seed(), dev)
             self._budget_checked = True  # no budget (0, or auto off CUDA): no probe
         ts = self.sched.timesteps
@@ -875,7 +875,8 @@ class DraftObjective(TrainableOnly):
             meta = {k: _repeat(v, n) for k, v in batch.items() if k not in ("latents", "gen_prompt")}
             meta["repeat"] = torch.arange(n, device=dev).repeat_interleave(b)
             chunk = self._piece_rows(z) if z.requires_grad else 0
-            if 0 < chunk < n * b:
+            pieces = 0 < chunk < n * b
+            if pieces:
                 rewards, grad_z = self._reward_by_pieces(z, meta, chunk)
             else:
                 with record_function("draft/decode"):
@@ -885,7 +886,7 @@ class DraftObjective(TrainableOnly):
                 _check_total(rewards, n * b)
             per_prompt = rewards["total"].float().view(n, b).mean(0)  # eq. 6: average over the n repeats
             reward = per_prompt.mean()
-            if 0 < chunk < n * b:  # the reward's value, and its gradient into the graph's UNet call through z
+            if pieces:  # the reward's value, and its gradient into the graph's UNet call through z
                 through = (z * grad_z).sum()
                 reward = reward.detach() + (through - through.detach())
             out = {f"reward_{k}": v.detach().float() for k, v in rewards.items() if k != "total"}
@@ -901,9 +902,14 @@ class DraftObjective(TrainableOnly):
             out["loss"] = loss
             return out
 
+    @property
+    def _rowwise_reward(self) -> bool:
+        """The reward callable says its row i reads image i alone (``rowwise``): it may be called on pieces."""
+        return bool(getattr(self.reward_fn, "rowwise", False))
+
     def _piece_rows(self, z: torch.Tensor) -> int:
         """Images a piece for the graph's decode and reward (``cfg.decode_chunk`` resolved; 0 = all at once)."""
-        if not getattr(self.reward_fn, "rowwise", False):
+        if not self._rowwise_reward:
             return 0  # a reward that may compare rows must see the whole batch
         if self.cfg.decode_chunk >= 0:
             return self.cfg.decode_chunk
@@ -1005,7 +1011,7 @@ class DraftObjective(TrainableOnly):
         budget = self.memory_budget_gb * 2**30
         self.graph_gb_parts = (unet_bytes * rows / 2**30, decode_bytes * images_n / 2**30)
         self.graph_gb_estimate = sum(self.graph_gb_parts)
-        rowwise = getattr(self.reward_fn, "rowwise", False)
+        rowwise = self._rowwise_reward
         decoded = min(cfg.decode_chunk, images_n) if cfg.decode_chunk > 0 and rowwise else images_n  # a fixed piece
         self.checkpointing = unet_bytes * rows + decode_bytes * decoded > budget
         if self.checkpointing and cfg.decode_chunk == -1 and rowwise:
@@ -1032,17 +1038,19 @@ class DraftObjective(TrainableOnly):
 AUTO_BUDGET_SHARE = 0.8  # memory_budget_gb=-1 on CUDA: this share of the memory free at the first step
 
 
-def graph_budget_gb(setting: float, device: torch.device, probe: bool = True) -> float:
+def has_graph_budget(setting: float, device: torch.device) -> bool:
+    """Whether ``RewardConfig.memory_budget_gb`` sets a budget on ``device`` (auto sets one on CUDA only)."""
+    return setting > 0 or (setting < 0 and device.type == "cuda")
+
+
+def graph_budget_gb(setting: float, device: torch.device) -> float:
     """``RewardConfig.memory_budget_gb`` resolved for ``device``: a positive setting as given, 0 = no budget (0.0);
     -1 (auto) = on CUDA ``AUTO_BUDGET_SHARE`` of what the device has free now (the driver's free memory plus what
-    PyTorch's caching allocator holds unused), elsewhere no budget. ``probe=False``: only whether there is one
-    (returns 1.0 for auto on CUDA without reading the device)."""
-    if setting >= 0:
-        return float(setting)
-    if device.type != "cuda":
+    PyTorch's caching allocator holds unused), elsewhere no budget."""
+    if not has_graph_budget(setting, device):
         return 0.0
-    if not probe:
-        return 1.0
+    if setting > 0:
+        return float(setting)
     free, _ = torch.cuda.mem_get_info(device)
     unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return AUTO_BUDGET_SHARE * (free + unused) / 2**30
