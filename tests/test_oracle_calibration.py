@@ -38,6 +38,28 @@ def tiny(tmp_path_factory):
     return o, out / o.meta["key"]
 
 
+def test_an_oracle_for_smaller_images_renders_at_64_px_and_is_calibrated_on_the_size_it_reads(tmp_path):
+    """The 32 px demo: the oracle renders, trains and calibrates at 64 px (its rows' patch and blur sizes are 64 px
+    units) and gets one more nuisance row, fresh renders at the size it will read, under its own cache key."""
+    assert [orc.render_resolution(r) for r in (16, 32, 64, 128)] == [64, 64, 64, 128]
+    o = orc.train_oracle("histo", n=48, seed=20_021, out_dir=tmp_path, resolution=orc.render_resolution(16), epochs=1,
+                         width=4, n_check=24, thresholds=LOOSE, read_resolution=16)  # fmt: skip
+    assert o.meta["key"].endswith("-r64-e1-w4-i16") and (tmp_path / o.meta["key"] / "oracle.pt").is_file()
+    assert o.meta["resolution"] == 64 and o.meta["read_resolution"] == 16
+    rows = {r["row"]: r for r in o.meta["calibration"]}
+    row = rows.pop("rendered at 16 px (the size it reads)")
+    assert list(rows) == list(ROWS) and row["kind"] == "nuisance"
+    x, y, _ = orc.render_sample("histo", 24, 20_022, 16)  # the calibration's renders (seed + 1), at 16 px
+    assert x.shape[1:3] == (16, 16) and row["accuracy"] == pytest.approx(float((o.predict(x) == y).mean()))
+    # judged like every nuisance row: an oracle that cannot read the smaller renders refuses to score them
+    strict = orc.load_oracle(tmp_path / o.meta["key"], orc.CalibrationThresholds(0.0, row["accuracy"] + 1e-6, 1.0))
+    assert "rendered at 16 px (the size it reads)" in [r["row"] for r in strict.failures()]
+    # the same settings without read_resolution are another oracle (key and table), not this one from the cache
+    plain = orc.train_oracle("histo", n=48, seed=20_021, out_dir=tmp_path, resolution=64, epochs=1, width=4,
+                             n_check=24, thresholds=LOOSE)  # fmt: skip
+    assert plain.meta["key"].endswith("-w4") and [r["row"] for r in plain.meta["calibration"]] == list(ROWS)
+
+
 def test_calibration_table_is_stored_beside_the_weights(tiny):
     o, path = tiny
     meta = json.loads((path / "oracle.json").read_text())

@@ -36,7 +36,7 @@ negatives' kinds, on other images; the class-swapped row is a kind training neve
 uses renders (seed + 1) training never saw.
 
 - ``train_oracle(modality, n, seed, out_dir)`` renders, trains, calibrates and caches in
-  ``out_dir/<modality>-v2-n<n>-s<seed>-r<res>-e<epochs>-w<width>/`` (weights + oracle.json), atomically;
+  ``out_dir/<modality>-v2-n<n>-s<seed>-r<res>-e<epochs>-w<width>[-i<read res>]/`` (weights + oracle.json), atomically;
   a second call with the same key loads the cache.
 - ``load_oracle(path)`` -> ``Oracle``: ``correct(images, labels)`` and ``read_findings(images)`` refuse
   when uncalibrated; ``predict`` is the raw reader the calibration itself uses.
@@ -67,6 +67,15 @@ log = logging.getLogger(__name__)
 ORACLE_SEED = 10_007  # never used by any training stage (demo training data use small seeds)
 FORMAT = 2  # cache-key version: 2 = augmented, outlier-exposed, calibrated reader with finding heads
 INPUT_SIZE = 32  # OracleNet pools its input to this; its receptive field spans it
+# The calibration's patch, blur and shift sizes are pixels of a 64 px render (an 8x8 patch is an eighth of the side):
+# an oracle for smaller images renders, trains and calibrates at 64 px and reads them at OracleNet's 32 px input,
+# with one more calibration row on fresh renders at the size it reads (``train_oracle``'s ``read_resolution``)
+DESIGN_RESOLUTION = 64
+
+
+def render_resolution(read_resolution: int) -> int:
+    """The render size of the oracle that reads ``read_resolution`` px images: that size, and at least 64 px."""
+    return max(int(read_resolution), DESIGN_RESOLUTION)
 
 
 class OracleCalibrationError(RuntimeError):
@@ -452,9 +461,14 @@ def _mean_colour(images: np.ndarray) -> np.ndarray:
     return np.broadcast_to(np.rint(m)[:, None, None], images.shape).astype(np.uint8).copy()
 
 
-def calibrate(oracle: Oracle, modality: str, n: int, seed: int, resolution: int) -> dict:
+def calibrate(
+    oracle: Oracle, modality: str, n: int, seed: int, resolution: int, read_resolution: int | None = None
+) -> dict:
     """The calibration table on ``n`` fresh renders from ``seed`` (see the module docstring) and the
-    finding readers' R^2 and per-class reference readings (clean and blurred, same renders)."""
+    finding readers' R^2 and per-class reference readings (clean and blurred, same renders).
+
+    ``read_resolution`` (other than ``resolution``): the size of the images the oracle will read; the same renders
+    drawn at that size are one more nuisance row, so an oracle that cannot read them refuses to score them."""
     x, y, f = render_sample(modality, n, seed, resolution)
     rng = np.random.default_rng([seed, 0xCA1])
     n_cls = len(oracle.classes)
@@ -476,6 +490,11 @@ def calibrate(oracle: Oracle, modality: str, n: int, seed: int, resolution: int)
         ("class-swapped attributes (same seed, stain, pose)", "structure", xs),
         ("blur radius 4", "info", _blur(x, 4)),
     ]
+    if read_resolution and read_resolution != resolution:
+        xr, yr, _ = render_sample(modality, n, seed, read_resolution)
+        if not (yr == y).all():  # the renderer draws each image's class before its size; a change would show here
+            raise RuntimeError(f"renders at {read_resolution} px drew other classes than at {resolution} px")
+        rows.insert(6, (f"rendered at {read_resolution} px (the size it reads)", "nuisance", xr))
     table = [
         {"row": name, "kind": kind, "accuracy": float((oracle.predict(im) == y).mean())} for name, kind, im in rows
     ]
@@ -504,8 +523,9 @@ def calibrate(oracle: Oracle, modality: str, n: int, seed: int, resolution: int)
 # train / load
 
 
-def _key(modality: str, n: int, seed: int, resolution: int, epochs: int, width: int) -> str:
-    return f"{modality}-v{FORMAT}-n{n}-s{seed}-r{resolution}-e{epochs}-w{width}"
+def _key(modality: str, n: int, seed: int, resolution: int, epochs: int, width: int, read: int | None = None) -> str:
+    reads = f"-i{read}" if read and read != resolution else ""
+    return f"{modality}-v{FORMAT}-n{n}-s{seed}-r{resolution}-e{epochs}-w{width}{reads}"
 
 
 def train_oracle(
@@ -520,8 +540,12 @@ def train_oracle(
     n_check: int = 400,
     min_accuracy: float | None = None,
     thresholds: CalibrationThresholds | None = None,
+    read_resolution: int | None = None,
 ) -> Oracle:
     """Train, calibrate and cache (or load from the cache folder) the oracle for ``modality``.
+
+    ``read_resolution``: the size of the images it will read when that is not ``resolution`` (see
+    ``render_resolution``); the calibration then has a row on renders at that size.
 
     ``min_accuracy``: raise at once if clean accuracy on the ``n_check`` fresh calibration renders
     (seed + 1) is below it. ``thresholds`` judge the calibration table (stored in oracle.json either
@@ -533,7 +557,7 @@ def train_oracle(
 
     thresholds = thresholds or CalibrationThresholds()
     thresholds.validate()
-    key = _key(modality, n, seed, resolution, epochs, width)
+    key = _key(modality, n, seed, resolution, epochs, width, read_resolution)
     path = Path(out_dir) / key
     if (path / "oracle.json").exists():
         return _check_clean(load_oracle(path, thresholds), min_accuracy)
@@ -555,13 +579,14 @@ def train_oracle(
         "n": n,
         "seed": seed,
         "resolution": resolution,
+        "read_resolution": read_resolution or resolution,
         "epochs": epochs,
         "in_channels": int(x.shape[-1]) if x.ndim == 4 else 1,
         "width": width,
         "input_size": INPUT_SIZE,
     }
     oracle = Oracle(model, tuple(meta["classes"]), meta, thresholds)
-    cal = calibrate(oracle, modality, n_check, seed + 1, resolution)
+    cal = calibrate(oracle, modality, n_check, seed + 1, resolution, read_resolution)
     meta.update(calibration=cal["rows"], readers=cal["readers"], reference=cal["reference"],
                 check_seed=seed + 1, check_n=n_check, check_accuracy=cal["rows"][0]["accuracy"],
                 thresholds_at_training=asdict(thresholds), torch_threads=torch.get_num_threads(),

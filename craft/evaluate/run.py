@@ -768,8 +768,9 @@ def main(
         res = _size(meta)
         if res[0] != res[1]:
             raise ValueError(f"{dataset_dir}: the oracle needs square demo images, got {res}")
-        oracle = O.train_oracle(meta.modality, oc.n, oc.seed, _oracle_cache(oc), resolution=res[0], epochs=oc.epochs,
-                                n_check=oc.n_check, min_accuracy=oc.min_accuracy, thresholds=oc.calibration)  # fmt: skip
+        oracle = O.train_oracle(meta.modality, oc.n, oc.seed, _oracle_cache(oc), resolution=O.render_resolution(res[0]),
+                                epochs=oc.epochs, n_check=oc.n_check, min_accuracy=oc.min_accuracy,
+                                thresholds=oc.calibration, read_resolution=res[0])  # fmt: skip
         if list(oracle.classes) != classes:
             raise ValueError(f"oracle classes {list(oracle.classes)} differ from dataset.yaml {classes}")
         rows = O.calibration_table(oracle)
