@@ -124,7 +124,6 @@ def sampler_accuracy(args) -> None:
 
     from craft.config import load_stage_config
     from craft.evaluate import run as ev
-    from craft.evaluate.oracle import train_oracle
 
     cfg = load_stage_config("evaluate", args.profile, list(args.overrides))
     torch.set_num_threads(args.threads)
@@ -138,9 +137,7 @@ def sampler_accuracy(args) -> None:
     oc = cfg.oracle
     if args.oracle_cache:
         oc.cache_dir = args.oracle_cache
-    res = ev._size(meta)[0]
-    oracle = train_oracle(meta.modality, oc.n, oc.seed, ev._oracle_cache(oc), resolution=res, epochs=oc.epochs,
-                          n_check=oc.n_check, min_accuracy=oc.min_accuracy)  # fmt: skip
+    oracle = ev.demo_oracle(args.dataset, meta, oc)  # the evaluate step's oracle for these images
     pipe, ameta = ev.load_variant_pipeline(ev.VariantSpec(model, adapter), torch.device("cpu"))
     prompts = [ev.variant_prompt(p, lbl, ameta) for p, lbl in
                zip([p for p in cases["enriched_prompt"].astype(str) for _ in range(S)], labels)]  # fmt: skip

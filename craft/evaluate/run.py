@@ -477,6 +477,21 @@ def is_demo(meta) -> bool:
     return meta.modality in DEMO_MODALITIES and str(meta.name).startswith("demo")
 
 
+def demo_oracle(dataset_dir, meta, oc: OracleSettings):
+    """The calibrated ground-truth oracle for a demo dataset's images (trained once into ``_oracle_cache``).
+
+    Rendered, trained and calibrated at ``oracle.render_resolution`` of the images' size (64 px at least: its
+    calibration rows are in 64 px units) and calibrated also on renders at the size it reads."""
+    from craft.evaluate import oracle as O
+
+    res = _size(meta)
+    if res[0] != res[1]:
+        raise ValueError(f"{dataset_dir}: the oracle needs square demo images, got {res}")
+    return O.train_oracle(meta.modality, oc.n, oc.seed, _oracle_cache(oc), resolution=O.render_resolution(res[0]),
+                          epochs=oc.epochs, n_check=oc.n_check, min_accuracy=oc.min_accuracy,
+                          thresholds=oc.calibration, read_resolution=res[0])  # fmt: skip
+
+
 def _oracle_cache(cfg: OracleSettings) -> Path:
     """``oracle.cache_dir``, else ``<model cache>/oracle`` (a pod's volume or a local run's folder), else ~/.cache."""
     from craft.data.loader import model_cache_dir
@@ -765,12 +780,7 @@ def main(
         from craft.evaluate import oracle as O
 
         oc = cfg.oracle
-        res = _size(meta)
-        if res[0] != res[1]:
-            raise ValueError(f"{dataset_dir}: the oracle needs square demo images, got {res}")
-        oracle = O.train_oracle(meta.modality, oc.n, oc.seed, _oracle_cache(oc), resolution=O.render_resolution(res[0]),
-                                epochs=oc.epochs, n_check=oc.n_check, min_accuracy=oc.min_accuracy,
-                                thresholds=oc.calibration, read_resolution=res[0])  # fmt: skip
+        oracle = demo_oracle(dataset_dir, meta, oc)
         if list(oracle.classes) != classes:
             raise ValueError(f"oracle classes {list(oracle.classes)} differ from dataset.yaml {classes}")
         rows = O.calibration_table(oracle)
