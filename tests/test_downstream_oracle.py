@@ -166,12 +166,7 @@ def test_small_oracle_trains_caches_and_reads_fresh_histo(tmp_path):
 def test_full_oracle_is_near_perfect_on_fresh_images(tmp_path, modality):
     # the oracle the demo profile evaluates with (evaluate.oracle: histo 1200 renders x 8 epochs, cxr 2000 x 10); at
     # 1200 x 6 it fails its own calibration (histo 8x8-shuffled tiles 0.420 > 0.35, cxr clean 0.948 < 0.95)
-    from pathlib import Path
-
-    import yaml
-
-    repo = Path(__file__).resolve().parents[1]
-    settings = yaml.safe_load((repo / "configs" / f"demo-{modality}.yaml").read_text())["evaluate"]["oracle"]
-    o = orc.train_oracle(modality, n=settings["n"], epochs=settings["epochs"], out_dir=tmp_path)
+    settings = load_stage_config("evaluate", f"demo-{modality}").oracle
+    o = orc.train_oracle(modality, n=settings.n, epochs=settings.epochs, out_dir=tmp_path)
     x, y, _ = orc.render_sample(modality, 400, 77_777)
     assert orc.oracle_accuracy(o, x, y) >= 0.97
