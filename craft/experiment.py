@@ -64,11 +64,13 @@ LABELS = {
     "craft_ensemble": "CRAFT + reward averaged over 3 critics",
     "craft_half_update": "CRAFT + half the LoRA update kept",
     "craft_anchored_select": "CRAFT + L_diff 4 + referee choice",
+    "craft_half_select": "CRAFT + half update of the referee's choice",
 }
 
 # The tables' CRAFT rows (the main one, Table 4's, the remedies' base) are the paper's method: the whole LoRA update
-# kept, whatever the profile's default for users (the demo profiles keep half of it: reward.update_scale, issue 21)
-PAPER = ["reward.update_scale=1.0"]
+# kept and the last step's weights saved, whatever the profile's default for users (the demo profiles keep half of the
+# update of the step the referee reads best: reward.update_scale and reward.monitor, issue 21)
+PAPER = ["reward.update_scale=1.0", "reward.monitor.every=0", "reward.monitor.select=last"]
 
 # Issue 21: remedies against reward hacking, each a reward-stage config on top of CRAFT (every one monitored, so each
 # has an over-optimisation curve; the first is the paper's settings with the monitor only, the "old" curve)
@@ -91,6 +93,8 @@ REMEDIES: dict[str, list[str]] = {
     # added after the first six remedies' 3-seed results (so not an independent test): the two that helped on both
     # profiles without the views (which lowered cxr CAS in every seed): eq. 1's anchor and the referee's choice
     "craft_anchored_select": [*REGULARISED, *SELECT],
+    # added after the 32 px demo-histo chains (RESULTS.md): the demo profiles' CRAFT since then
+    "craft_half_select": [*HALF, *SELECT],
 }
 
 
@@ -198,7 +202,9 @@ def train_shared(plan: Plan, timings: dict[str, float]) -> dict[str, Path]:
         run_step(pd_, lambda r=role, q=pd_: probe_step(d[r], d["data"], q, p, o), timings, f"probe-{role}")
     from craft.config import load_stage_config
 
-    if plan.remedies or load_stage_config("reward", p, o).monitor.enabled:  # the monitor's referee (issue 21)
+    # the monitor's referee (issue 21): for the remedies, or where an override monitors the tables' CRAFT rows (they
+    # run with PAPER, the monitor off, whatever the profile's users get)
+    if plan.remedies or load_stage_config("reward", p, [*PAPER, *o]).monitor.enabled:
         d["referee"], d["referee_probe"] = s / "referee", s / "referee_probe"
         run_step(d["referee"], lambda: encoder_step(d["data"], d["annotations"], "referee", d["referee"], p, o),
                  timings, "encoder-referee")  # fmt: skip

@@ -285,14 +285,20 @@ def test_paired_bootstrap_pairs_by_prompt_and_sample_and_flags_clear_failures():
 
 
 def test_table_crafts_are_the_paper_method_whatever_the_profile_default():
-    """The tables' CRAFT rows keep the whole LoRA update (the paper) even where a profile's users get a fraction of it
-    (reward.update_scale); the half-update remedy alone keeps half; a user's override still wins."""
+    """The tables' CRAFT rows keep the whole LoRA update of the last step (the paper) even where a profile's users get
+    half of the update of the referee's choice (reward.update_scale, reward.monitor); the remedies keep what they name;
+    a user's override still wins."""
     from craft.config import load_stage_config
 
     for prof in ("demo-cxr", "demo-histo"):
-        assert load_stage_config("reward", prof, [*ex.PAPER]).update_scale == 1.0
-        half = [*ex.PAPER, *ex.MONITORED, *ex.REMEDIES["craft_half_update"]]
-        assert load_stage_config("reward", prof, half).update_scale == 0.5
+        users = load_stage_config("reward", prof, [])
+        assert (users.update_scale, users.monitor.select) == (0.5, "referee") and users.monitor.enabled
+        paper = load_stage_config("reward", prof, [*ex.PAPER])
+        assert paper.update_scale == 1.0 and paper.monitor.select == "last" and not paper.monitor.enabled
+        half = load_stage_config("reward", prof, [*ex.PAPER, *ex.MONITORED, *ex.REMEDIES["craft_half_update"]])
+        assert (half.update_scale, half.monitor.select) == (0.5, "last") and half.monitor.enabled
+        both = load_stage_config("reward", prof, [*ex.PAPER, *ex.MONITORED, *ex.REMEDIES["craft_half_select"]])
+        assert (both.update_scale, both.monitor.select) == (0.5, "referee")
         assert load_stage_config("reward", prof, [*ex.PAPER, "reward.update_scale=0.7"]).update_scale == 0.7
 
 

@@ -47,8 +47,10 @@ def test_task_graph_follows_the_design(compiled):
         "evaluator-probe", "craft", "ti", "ti-lora", "dpo", "controlnet-mask", "controlnet-mask-plain-base",
         "controlnet-fluorescence", "controlnet-fluorescence-plain-base", "controlnet-mask-eval",
         "controlnet-fluorescence-eval", "evaluate", "gate", "gates-passed",
+        "referee", "referee-probe",  # the demo's reward monitor picks its step by the referee (issue 21)
     }  # fmt: skip
     assert set(tasks) == expected
+    assert {"referee", "referee-probe"} <= deps("craft") and not {"referee", "referee-probe"} & deps("evaluate")
     assert deps("data") == {"dataset-version"} and deps("validate") == {"data", "dataset-version"}
     assert deps("champion") == set() and "champion" in deps("evaluate")
     assert {"validate"} <= deps("annotate") and {"validate"} <= deps("pretrain")
