@@ -108,8 +108,6 @@ KFP_TO_DVC = {
     "ti-lora": "ti-lora",
     "dpo": "dpo",
     "craft": "craft",
-    "referee": "referee",
-    "referee-probe": "referee-probe",
     "controlnet-mask": "controlnet-mask",
     "controlnet-mask-plain-base": "controlnet-mask-plain-base",
     "controlnet-mask-eval": "controlnet-mask-eval",
@@ -140,7 +138,7 @@ MISSING_COMMANDS: dict = {}
 ORDER_ONLY = {(s, "outputs/validate/demo-histo") for s in (
     "annotate", "pretrain", "finetune", "critic", "evaluator", "critic-probe", "evaluator-probe", "ti", "ti-lora",
     "dpo", "craft", "controlnet-mask", "controlnet-mask-plain-base", "controlnet-mask-eval", "controlnet-fluorescence",
-    "controlnet-fluorescence-plain-base", "controlnet-fluorescence-eval", "evaluate", "referee", "referee-probe",
+    "controlnet-fluorescence-plain-base", "controlnet-fluorescence-eval", "evaluate",
 )}  # fmt: skip
 
 
