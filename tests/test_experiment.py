@@ -292,7 +292,8 @@ def test_table_crafts_are_the_paper_method_whatever_the_profile_default():
 
     for prof, select in (("demo-cxr", "referee"), ("demo-histo", "last")):
         users = load_stage_config("reward", prof, [])
-        assert (users.update_scale, users.monitor.select) == (0.5, select) and users.monitor.enabled == (select != "last")
+        assert (users.update_scale, users.monitor.select) == (0.5, select)
+        assert users.monitor.enabled == (select != "last")
         paper = load_stage_config("reward", prof, [*ex.PAPER])
         assert paper.update_scale == 1.0 and paper.monitor.select == "last" and not paper.monitor.enabled
         half = load_stage_config("reward", prof, [*ex.PAPER, *ex.MONITORED, *ex.REMEDIES["craft_half_update"]])
