@@ -69,7 +69,7 @@ LABELS = {
 
 # The tables' CRAFT rows (the main one, Table 4's, the remedies' base) are the paper's method: the whole LoRA update
 # kept and the last step's weights saved, whatever the profile's default for users (the demo profiles keep half of the
-# update of the step the referee reads best: reward.update_scale and reward.monitor, issue 21)
+# update, demo-cxr that of the step the referee reads best: reward.update_scale and reward.monitor, issue 21)
 PAPER = ["reward.update_scale=1.0", "reward.monitor.every=0", "reward.monitor.select=last"]
 
 # Issue 21: remedies against reward hacking, each a reward-stage config on top of CRAFT (every one monitored, so each
@@ -93,7 +93,7 @@ REMEDIES: dict[str, list[str]] = {
     # added after the first six remedies' 3-seed results (so not an independent test): the two that helped on both
     # profiles without the views (which lowered cxr CAS in every seed): eq. 1's anchor and the referee's choice
     "craft_anchored_select": [*REGULARISED, *SELECT],
-    # added after the 32 px demo-histo chains (RESULTS.md): the demo profiles' CRAFT since then
+    # added after the 32 px demo-histo chains (RESULTS.md): demo-cxr's CRAFT since then
     "craft_half_select": [*HALF, *SELECT],
 }
 
