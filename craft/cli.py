@@ -265,8 +265,14 @@ def paper_table_cmd(
         int, typer.Option(help="Run seeds S..S+N-1 (split seeds over processes on one --root; aggregate after).")
     ] = 0,
     remedies: Annotated[
-        bool, typer.Option(help="Also train + evaluate the reward-hacking remedies (issue 21), each monitored.")
+        bool, typer.Option(help="Also train + evaluate every reward-hacking remedy (issue 21), each monitored.")
     ] = False,
+    remedy: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--remedy", help="Train + evaluate this remedy only (repeatable; see craft.experiment.REMEDIES)."
+        ),
+    ] = None,
     overrides: Overrides = None,
 ) -> None:
     """Train and evaluate every variant of CRAFT Tables 1, 2, 4, 14 and the CRAFTS ablation; write RESULTS.md."""
@@ -277,7 +283,7 @@ def paper_table_cmd(
     res = paper_table(profile, seeds, root or Path("runs/paper-table") / Path(profile).stem, results,
                       overrides or [], table4=table4, crafts_ablation=crafts_ablation,
                       command="craft " + " ".join(sys.argv[1:]), threads=threads, table4_seeds=table4_seeds,
-                      first_seed=first_seed, remedies=remedies)  # fmt: skip
+                      first_seed=first_seed, remedies=True if remedies else list(remedy or []))  # fmt: skip
     typer.echo(f"wrote {results} (section {profile}) and {res['info']['wall_seconds'] / 60:.1f} min of work")
 
 

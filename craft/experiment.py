@@ -29,7 +29,7 @@ import logging
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,8 @@ LABELS = {
     "ti_lora": "TI+LoRA",
     "ti_lora_enriched": "TI+LoRA + enriched prompts",
     "dpo": "DPO",
-    "craft": "CRAFT (DRaFT-1, all rewards)",
+    "craft": "CRAFT (DRaFT-1, all rewards; the profile's settings)",
+    "craft_paper": "CRAFT, the paper's settings (whole update, last step)",
     "crafts_no_losses": "CRAFTS stage 2 without L_corr, L_cate",
     **{f"craft_only_{k}": f"CRAFT, {k.upper()} only" for k in REWARDS},
     **{f"craft_without_{k}": f"CRAFT without {k.upper()}" for k in REWARDS},
@@ -67,9 +68,10 @@ LABELS = {
     "craft_half_select": "CRAFT + half update of the referee's choice",
 }
 
-# The tables' CRAFT rows (the main one, Table 4's, the remedies' base) are the paper's method: the whole LoRA update
-# kept and the last step's weights saved, whatever the profile's default for users (the demo profiles keep half of the
-# update, demo-cxr that of the step the referee reads best: reward.update_scale and reward.monitor, issue 21)
+# The tables' main CRAFT row ("craft") is CRAFT as the profile ships it to users (the demo profiles keep half of the
+# update, demo-cxr that of the step the referee reads best: reward.update_scale and reward.monitor, issue 21). The
+# paper's method (the whole LoRA update kept, the last step's weights saved) is the row beside it ("craft_paper") and
+# the base of Table 4's single-reward / leave-one-out rows and of the remedies: PAPER turns the profile's choices off
 PAPER = ["reward.update_scale=1.0", "reward.monitor.every=0", "reward.monitor.select=last"]
 
 # Issue 21: remedies against reward hacking, each a reward-stage config on top of CRAFT (every one monitored, so each
@@ -109,7 +111,8 @@ class Plan:
     table4: bool = True  # 8 more reward runs per seed (single-reward and leave-one-out)
     crafts_ablation: bool = True  # stage 2 again without its losses, per seed
     table4_seeds: int | None = None  # train the Table 4 variants for seeds 0..K-1 only (None: every seed)
-    remedies: bool = False  # issue 21: the REMEDIES variants (monitored; a referee encoder is trained for them)
+    # issue 21: the REMEDIES to train (each monitored; a referee encoder is trained for them)
+    remedies: list[str] = field(default_factory=list)
 
     def table4_for(self, seed: int) -> bool:
         return self.table4 and (self.table4_seeds is None or seed < self.table4_seeds)
@@ -165,11 +168,13 @@ def _plain(x: Any) -> Any:
 
 
 def reward_variants(table4: bool) -> dict[str, dict[str, float]]:
-    """Variant -> the FULL reward-weight mapping it trains with (CRAFT Table 4 rows when ``table4``)."""
+    """Variant -> the FULL reward-weight mapping it trains with: CRAFT as the profile ships it, CRAFT at the paper's
+    settings and, when ``table4``, CRAFT Table 4's rows (at the paper's settings, like the row they are read against).
+    """
     from craft.losses import DEFAULT_REWARD_WEIGHTS
 
     full = dict(DEFAULT_REWARD_WEIGHTS)
-    out = {"craft": full}
+    out = {"craft": full, "craft_paper": dict(full)}
     if table4:
         for k in REWARDS:  # a single reward keeps its default weight; the others are off
             out[f"craft_only_{k}"] = {r: (full[r] if r == k else 0.0) for r in REWARDS}
@@ -202,16 +207,15 @@ def train_shared(plan: Plan, timings: dict[str, float]) -> dict[str, Path]:
         run_step(pd_, lambda r=role, q=pd_: probe_step(d[r], d["data"], q, p, o), timings, f"probe-{role}")
     from craft.config import load_stage_config
 
-    # the monitor's referee (issue 21): for the remedies, or where an override monitors the tables' CRAFT rows (they
-    # run with PAPER, the monitor off, whatever the profile's users get)
-    if plan.remedies or load_stage_config("reward", p, [*PAPER, *o]).monitor.enabled:
+    # the monitor's referee (issue 21): for the remedies, or where the profile's CRAFT (the "craft" row) is monitored
+    if plan.remedies or load_stage_config("reward", p, o).monitor.enabled:
         d["referee"], d["referee_probe"] = s / "referee", s / "referee_probe"
         run_step(d["referee"], lambda: encoder_step(d["data"], d["annotations"], "referee", d["referee"], p, o),
                  timings, "encoder-referee")  # fmt: skip
         run_step(d["referee_probe"], lambda: probe_step(d["referee"], d["data"], d["referee_probe"], p, o), timings,
                  "probe-referee")  # fmt: skip
-    n_extra = max(load_stage_config("reward", p, over).ensemble for over in ([o, [*o, *ENSEMBLE]] if plan.remedies
-                                                                             else [o]))  # fmt: skip
+    n_extra = max(load_stage_config("reward", p, over).ensemble for over in
+                  [o, *([*PAPER, *MONITORED, *REMEDIES[r], *o] for r in plan.remedies)])  # fmt: skip
     for k in range(1, n_extra + 1):  # the reward ensemble's extra critics (issue 21): the critic's arch, other seeds
         m, mp = f"critic-{k}", f"critic-{k}_probe"
         d[m], d[mp] = s / m, s / mp
@@ -254,17 +258,16 @@ def train_seed(plan: Plan, seed: int, shared: dict[str, Path], timings: dict[str
     start = v["ti_lora"] if load_stage_config("pipeline", p, plan.overrides).craft_start == "ti_lora" else None
     for name, w in reward_variants(plan.table4_for(seed)).items():
         v[name] = sd / name
-        over = [*PAPER, *o, *_weights_overrides(w)]
+        over = [*([] if name == "craft" else PAPER), *o, *_weights_overrides(w)]  # "craft": the profile's settings
         run_step(v[name], lambda n=name, ov=over: reward.step(data, ann, critic, cprobe, base, v[n], p, ov,
                  start_dir=start, referee_dir=shared.get("referee"), referee_probe_dir=shared.get("referee_probe"),
                  ensemble=_members(shared, p, ov)), timings, name)  # fmt: skip
-    if plan.remedies:
-        for name, extra in REMEDIES.items():
-            v[name] = sd / name
-            over = [*PAPER, *MONITORED, *extra, *o]
-            run_step(v[name], lambda n=name, ov=over: reward.step(data, ann, critic, cprobe, base, v[n], p, ov,
-                     start_dir=start, referee_dir=shared["referee"], referee_probe_dir=shared["referee_probe"],
-                     ensemble=_members(shared, p, ov)), timings, name)  # fmt: skip
+    for name in plan.remedies:
+        v[name] = sd / name
+        over = [*PAPER, *MONITORED, *REMEDIES[name], *o]
+        run_step(v[name], lambda n=name, ov=over: reward.step(data, ann, critic, cprobe, base, v[n], p, ov,
+                 start_dir=start, referee_dir=shared["referee"], referee_probe_dir=shared["referee_probe"],
+                 ensemble=_members(shared, p, ov)), timings, name)  # fmt: skip
     return v
 
 
@@ -316,29 +319,30 @@ def evaluate_seed(plan: Plan, seed: int, shared: dict[str, Path], variants: dict
 
     run_step(out, lambda: _evaluate(cfg, shared, main_specs, out), timings, "evaluate")
     metrics = json.loads((out / "metrics.json").read_text())
+    outs = []
     if plan.remedies:  # their own evaluation (same seed, so TI+LoRA and CRAFT sample the same images), merged in
-        rem = {k: specs[k] for k in (ev.REAL, "ti_lora", "craft", *REMEDIES)}
+        rem = {k: specs[k] for k in (ev.REAL, "ti_lora", "craft", *plan.remedies)}
         out_r = plan.seed_dir(seed) / "eval-remedies"
 
         run_step(out_r, lambda: _evaluate(cfg, shared, rem, out_r), timings, "evaluate-remedies")
         outs = [out_r]
         have = json.loads((out_r / "metrics.json").read_text())["variants"]
-        for r in (r for r in REMEDIES if r not in have):  # a remedy added after this seed's remedies were evaluated:
-            # its own evaluation (sample noise depends on (seed, image, k) only, so it sees the same noise as the rest)
+        for r in (r for r in plan.remedies if r not in have):  # a remedy added after this seed's remedies were
+            # evaluated: its own evaluation (sample noise depends on (seed, image, k) only: the same noise as the rest)
             out_x = plan.seed_dir(seed) / f"eval-{r}"
             cfg_x = load_stage_config("evaluate", plan.profile, [*ev_over, f"evaluate.candidate={r}"])
             run_step(out_x, lambda r=r, c=cfg_x, o=out_x: _evaluate(c, shared, {ev.REAL: ev.REAL, r: specs[r]}, o),
                      timings, f"evaluate-{r}")  # fmt: skip
             outs.append(out_x)
-        for o in outs:
-            extra = json.loads((o / "metrics.json").read_text())
-            metrics["variants"].update({k: d for k, d in extra["variants"].items() if k in REMEDIES})
-            metrics["curves"] = {**(metrics.get("curves") or {}), **(extra.get("curves") or {})}
-            metrics["curves_meta"] = {**(metrics.get("curves_meta") or {}), **(extra.get("curves_meta") or {})}
-        frames = [
-            pd.read_parquet(o / "per_image.parquet") for o in [out, *outs] if (o / "per_image.parquet").is_file()
-        ]
-        metrics["paired"] = paired_bootstrap(pd.concat(frames, ignore_index=True), ["craft", *REMEDIES], seed=seed)
+    for o in outs:
+        extra = json.loads((o / "metrics.json").read_text())
+        metrics["variants"].update({k: d for k, d in extra["variants"].items() if k in REMEDIES})
+        metrics["curves"] = {**(metrics.get("curves") or {}), **(extra.get("curves") or {})}
+        metrics["curves_meta"] = {**(metrics.get("curves_meta") or {}), **(extra.get("curves_meta") or {})}
+    frames = [pd.read_parquet(o / "per_image.parquet") for o in [out, *outs] if (o / "per_image.parquet").is_file()]
+    if frames:  # every CRAFT row against TI+LoRA, paired by prompt and noise, with its interval
+        paired = ["craft", "craft_paper", *plan.remedies]
+        metrics["paired"] = paired_bootstrap(pd.concat(frames, ignore_index=True), paired, seed=seed)
     return metrics
 
 
@@ -589,19 +593,22 @@ def _same_curve(a: dict[Any, dict[str, Any]], b: dict[Any, dict[str, Any]], tol:
 
 
 def remedies_section(agg: dict[str, Any]) -> list[str]:
-    """Issue 21: one row per remedy against TI+LoRA and CRAFT, the done-when check seed by seed, and the curves."""
+    """Issue 21: the CRAFT rows (the profile's, the paper's, each remedy) against TI+LoRA with the done-when check
+    seed by seed, and the over-optimisation curve of every monitored row."""
     t = agg["table"]
     names = [r for r in REMEDIES if r in t]
-    if not names:
+    crafts = [r for r in ("craft", "craft_paper") if r in t]
+    if not names and not crafts:
         return []
     cols = [("CAS", "cas"), ("Low-CAS rate", "low_alignment_rate"), ("Oracle acc.", "oracle_accuracy"),
             ("Critic reward (train objective)", "critic_reward")]  # fmt: skip
-    s = ["### Reward hacking: remedies (issue 21)", "",
-         "Every remedy continues the TI+LoRA LoRA like CRAFT and is monitored (a reading of held-out training prompts "
-         "every 25 steps by the critic, the critic over 4 augmented views and the referee encoder); the selection "
-         "variants choose their saved step by the referee's reward only. Evaluator and oracle never reach the "
-         "training side.", "", _table(agg, ["ti_lora", "craft", *names], cols), ""]  # fmt: skip
-    for r in ["craft", *names]:
+    s = ["### Reward hacking: CRAFT against TI+LoRA, seed by seed (issue 21)", "",
+         "CRAFT as the profile ships it, CRAFT at the paper's settings and each remedy (if any was trained) continue "
+         "the TI+LoRA LoRA. The remedies are monitored (a reading of held-out training prompts every 25 steps by the "
+         "critic, the critic over 4 augmented views and the referee encoder); selection, where a row has it, reads "
+         "the referee's reward only. Evaluator and oracle never reach the training side.", "",
+         _table(agg, ["ti_lora", *crafts, *names], cols), ""]  # fmt: skip
+    for r in [*crafts, *names]:
         d_cas = paired_difference(agg, r, "ti_lora", "cas")
         d_or = paired_difference(agg, r, "ti_lora", "oracle_accuracy")
         d_tail = paired_difference(agg, r, "ti_lora", "low_alignment_rate")
@@ -614,7 +621,7 @@ def remedies_section(agg: dict[str, Any]) -> list[str]:
         s += _paired_lines(agg.get("paired") or {}, r)
     s.append("")
     shown: dict[str, Any] = {}
-    for r in names:
+    for r in [*crafts, *names]:
         curve = agg.get("curves", {}).get(r)
         if not curve:
             continue
@@ -637,8 +644,9 @@ def render_markdown(result: dict[str, Any]) -> str:
     """The profile's RESULTS.md section."""
     agg, info = result["aggregate"], result["info"]
     t1 = [("VDC", "vdc"), ("CCS", "ccs"), ("DD", "dd"), ("SFS", "sfs"), ("CAS", "cas")]
-    main = ["real", "zero_shot", "ti", "ti_lora", "dpo", "craft"]
-    t4 = ["ti_lora", *(f"craft_only_{k}" for k in REWARDS), "craft", *(f"craft_without_{k}" for k in REWARDS)]
+    main = ["real", "zero_shot", "ti", "ti_lora", "dpo", "craft", "craft_paper"]
+    # Table 4's rows are at the paper's settings, so they are read against CRAFT at the paper's settings
+    t4 = ["ti_lora", *(f"craft_only_{k}" for k in REWARDS), "craft_paper", *(f"craft_without_{k}" for k in REWARDS)]
     order = list(LABELS)  # the tables' row order; unknown variants last
     gen = sorted((v for v in agg["table"] if v != "real"), key=lambda v: order.index(v) if v in order else len(order))
     d_cas = paired_difference(agg, "craft", "ti_lora", "cas")
@@ -648,6 +656,9 @@ def render_markdown(result: dict[str, Any]) -> str:
     d_crit = paired_difference(agg, "craft", "ti_lora", "critic_reward")
     d_crit0 = paired_difference(agg, "craft", "zero_shot", "critic_reward")
     d_or = paired_difference(agg, "craft", "ti_lora", "oracle_accuracy")
+    d_p_cas = paired_difference(agg, "craft_paper", "ti_lora", "cas")
+    d_p_or = paired_difference(agg, "craft_paper", "ti_lora", "oracle_accuracy")
+    d_p_tail = paired_difference(agg, "craft_paper", "ti_lora", "low_alignment_rate")
     d_sil = paired_difference(agg, "zero_shot", "crafts_no_losses", "silhouette")
     d_ora = paired_difference(agg, "zero_shot", "crafts_no_losses", "oracle_accuracy")
     corr = agg["cas_oracle_spearman"]
@@ -667,7 +678,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
         _table(
             agg,
-            ["ti_lora", "ti_lora_enriched", "craft"],
+            ["ti_lora", "ti_lora_enriched", "craft", "craft_paper"],
             [("CAS", "cas"), ("Low-CAS rate", "low_alignment_rate"), ("Oracle acc.", "oracle_accuracy")],
         ),  # fmt: skip
         "",
@@ -729,6 +740,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         "  - " + _verdict(d_crit, "Reward finetuning raises the critic's reward over TI+LoRA"),
         "- " + _diff_line(d_crit0, "CRAFT - zero-shot, critic reward on held-out prompts"),
         "- " + _diff_line(d_or, "CRAFT - TI+LoRA, oracle accuracy"),
+        "- " + _diff_line(d_p_cas, "CRAFT at the paper's settings - TI+LoRA, CAS"),
+        "  - " + _verdict(d_p_cas, "CRAFT Table 1 at the paper's settings: CRAFT has higher CAS than TI+LoRA"),
+        "- " + _diff_line(d_p_tail, "CRAFT at the paper's settings - TI+LoRA, low-CAS rate"),
+        "- " + _diff_line(d_p_or, "CRAFT at the paper's settings - TI+LoRA, oracle accuracy"),
         "- " + _diff_line(d_ora, "CRAFTS with - without its losses, oracle accuracy"),
         "  - " + _verdict(d_ora, "CRAFTS: L_corr + L_cate make classes more separable (oracle)"),
         "- " + _diff_line(d_sil, "CRAFTS with - without its losses, silhouette"),
@@ -778,7 +793,8 @@ def paper_table(profile: str, seeds: int, root: str | Path, results_md: str | Pa
     ``first_seed`` = S runs seeds S..S+seeds-1: processes can share one ``root`` (each step is locked
     while it trains, so a second process waits for it and reuses it), and a final run with
     ``first_seed`` 0 and every seed finds them all finished and writes the combined tables.
-    ``remedies`` adds the issue-21 variants (``REMEDIES``), a referee encoder, their evaluation and curves.
+    ``remedies`` adds the issue-21 variants (``REMEDIES``; True: all of them, a list: those named), a referee
+    encoder, their evaluation and curves.
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
@@ -791,8 +807,12 @@ def paper_table(profile: str, seeds: int, root: str | Path, results_md: str | Pa
         raise ValueError(f"table4_seeds must be >= 1 (or --no-table4), got {table4_seeds}")
     if first_seed < 0:
         raise ValueError(f"first_seed must be >= 0, got {first_seed}")
+    names = list(REMEDIES) if remedies is True else list(remedies or [])
+    unknown = [r for r in names if r not in REMEDIES]
+    if unknown:
+        raise ValueError(f"unknown remedy {', '.join(unknown)}; known: {', '.join(REMEDIES)}")
     plan = Plan(profile, Path(root), list(range(first_seed, first_seed + seeds)), over, table4, crafts_ablation,
-                table4_seeds, remedies)  # fmt: skip
+                table4_seeds, names)  # fmt: skip
     timings: dict[str, float] = {}
     shared = train_shared(plan, timings)
     per_seed: dict[int, dict[str, Any]] = {}

@@ -13,10 +13,10 @@ from craft.losses import DEFAULT_REWARD_WEIGHTS
 
 def test_table4_variants_carry_full_weight_mappings():
     v = ex.reward_variants(table4=True)
-    assert len(v) == 9 and v["craft"] == DEFAULT_REWARD_WEIGHTS
+    assert len(v) == 10 and v["craft"] == DEFAULT_REWARD_WEIGHTS == v["craft_paper"]
     assert v["craft_only_dd"] == {"vdc": 0.0, "ccs": 0.0, "dd": DEFAULT_REWARD_WEIGHTS["dd"], "sfs": 0.0}
     assert v["craft_without_sfs"] == {**DEFAULT_REWARD_WEIGHTS, "sfs": 0.0}
-    assert list(ex.reward_variants(table4=False)) == ["craft"]
+    assert list(ex.reward_variants(table4=False)) == ["craft", "craft_paper"]
     # the overrides name every weight, so none is left to a default
     assert len(ex._weights_overrides(v["craft_only_vdc"])) == 4
 
@@ -31,6 +31,9 @@ def test_table4_seeds_limits_the_table4_variants_to_the_first_seeds(tmp_path):
     assert not ex.Plan("demo-histo", tmp_path, [2], [], table4_seeds=1).table4_for(2)  # seed 2 of a split run
     with pytest.raises(ValueError, match="first_seed"):
         ex.paper_table("demo-histo", 1, tmp_path, tmp_path / "R.md", first_seed=-1)
+    with pytest.raises(ValueError, match="unknown remedy craft_nope; known: craft_monitored"):
+        ex.paper_table("demo-histo", 1, tmp_path, tmp_path / "R.md", remedies=["craft_half_select", "craft_nope"])
+    assert not list(tmp_path.iterdir())  # refused before any step ran
 
 
 def _metrics(cas: dict[str, float], critic: dict[str, float], oracle: dict[str, float], rho: float) -> dict:
@@ -101,19 +104,27 @@ TOY = [
 
 
 def test_toy_paper_table_end_to_end_and_resume(tmp_path, monkeypatch):
-    """One seed, no Table 4: every step runs, RESULTS.md has the tables, a rerun reuses every finished step."""
+    """One seed, no Table 4: every step runs, RESULTS.md has the tables, a rerun reuses every finished step. The
+    CRAFT row is CRAFT as the profile ships it (demo-histo: half of the update), the paper's method beside it."""
     monkeypatch.setenv("CRAFT_MODEL_CACHE", str(tmp_path / "cache"))
     md = tmp_path / "RESULTS.md"
     res = ex.paper_table("demo-histo", 1, tmp_path / "run", md, TOY, table4=False)
     table = res["aggregate"]["table"]
     assert set(table) == {"real", "zero_shot", "crafts_no_losses", "ti", "ti_lora", "ti_lora_enriched", "dpo",
-                          "craft"}  # fmt: skip
+                          "craft", "craft_paper"}  # fmt: skip
     assert table["craft"]["critic_reward"]["n"] == 1 and table["craft"]["cas"]["mean"] is not None
+    scale = {v: json.loads((tmp_path / "run" / "seed-0" / v / "lineage.json").read_text())["config"]["update_scale"]
+             for v in ("craft", "craft_paper")}  # fmt: skip
+    assert scale == {"craft": 0.5, "craft_paper": 1.0}
+    assert not (tmp_path / "run" / "shared" / "referee").exists()  # demo-histo's CRAFT is not monitored
+    assert set(res["aggregate"]["paired"][0]) == {"craft", "craft_paper"}  # each against TI+LoRA, with intervals
     text = md.read_text()
     for heading in ("Table 1 shape", "Table 2 shape", "Table 14 shape", "CRAFTS: class separability",
-                    "Against the papers' claims"):  # fmt: skip
+                    "Against the papers' claims", "CRAFT against TI+LoRA, seed by seed"):  # fmt: skip
         assert heading in text, heading
     assert "Table 4 shape" not in text  # not trained
+    assert text.count("CRAFT >= TI+LoRA on CAS and oracle") == 2
+    assert "| CRAFT, the paper's settings (whole update, last step) |" in text
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["seeds"] == [0] and saved["aggregate"]["table"]["craft"]["cas"]["n"] == 1
     marker = tmp_path / "run" / "seed-0" / "craft" / ex.DONE
@@ -152,7 +163,7 @@ def test_toy_paper_table_with_the_reward_hacking_remedies(tmp_path, monkeypatch)
     assert set(curves) == set(ex.REMEDIES) and all(len(c) == 2 for c in curves.values())  # steps 0 and 1
     text = md.read_text()
     assert "Reward hacking: remedies" in text and "Over-optimisation curve, CRAFT + views" in text
-    assert text.count("CRAFT >= TI+LoRA on CAS and oracle") == 1 + len(ex.REMEDIES)
+    assert text.count("CRAFT >= TI+LoRA on CAS and oracle") == 2 + len(ex.REMEDIES)
     # more samples per prompt on the finished run (the toy tables draw 1): the tables' samples are among them, the
     # paired intervals follow
     import pandas as pd
@@ -284,10 +295,10 @@ def test_paired_bootstrap_pairs_by_prompt_and_sample_and_flags_clear_failures():
     assert "outside the interval in 0 of 2 seeds, inside it" in ex._paired_lines({0: p, 1: p}, "up")[0]
 
 
-def test_table_crafts_are_the_paper_method_whatever_the_profile_default():
-    """The tables' CRAFT rows keep the whole LoRA update of the last step (the paper) even where a profile's users get
-    half of the update of the referee's choice (reward.update_scale, reward.monitor); the remedies keep what they name;
-    a user's override still wins."""
+def test_table_crafts_are_the_profiles_and_the_papers():
+    """The tables' "craft" row is what the profile's users get (half of the update, demo-cxr's of the referee's choice:
+    reward.update_scale, reward.monitor); PAPER (the "craft_paper" row, Table 4 and the remedies' base) keeps the whole
+    LoRA update of the last step; the remedies keep what they name; a user's override still wins."""
     from craft.config import load_stage_config
 
     for prof, select in (("demo-cxr", "referee"), ("demo-histo", "last")):
