@@ -162,7 +162,7 @@ def test_toy_paper_table_with_the_reward_hacking_remedies(tmp_path, monkeypatch)
     curves = res["aggregate"]["curves"]
     assert set(curves) == set(ex.REMEDIES) and all(len(c) == 2 for c in curves.values())  # steps 0 and 1
     text = md.read_text()
-    assert "Reward hacking: remedies" in text and "Over-optimisation curve, CRAFT + views" in text
+    assert "Reward hacking: CRAFT against TI+LoRA" in text and "Over-optimisation curve, CRAFT + views" in text
     assert text.count("CRAFT >= TI+LoRA on CAS and oracle") == 2 + len(ex.REMEDIES)
     # more samples per prompt on the finished run (the toy tables draw 1): the tables' samples are among them, the
     # paired intervals follow
