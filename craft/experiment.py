@@ -262,13 +262,29 @@ def train_seed(plan: Plan, seed: int, shared: dict[str, Path], timings: dict[str
         run_step(v[name], lambda n=name, ov=over: reward.step(data, ann, critic, cprobe, base, v[n], p, ov,
                  start_dir=start, referee_dir=shared.get("referee"), referee_probe_dir=shared.get("referee_probe"),
                  ensemble=_members(shared, p, ov)), timings, name)  # fmt: skip
+        check_reused(v[name], load_stage_config("reward", p, over))
     for name in plan.remedies:
         v[name] = sd / name
         over = [*PAPER, *MONITORED, *REMEDIES[name], *o]
         run_step(v[name], lambda n=name, ov=over: reward.step(data, ann, critic, cprobe, base, v[n], p, ov,
                  start_dir=start, referee_dir=shared["referee"], referee_probe_dir=shared["referee_probe"],
                  ensemble=_members(shared, p, ov)), timings, name)  # fmt: skip
+        check_reused(v[name], load_stage_config("reward", p, over))
     return v
+
+
+def check_reused(d: Path, cfg) -> None:
+    """A finished reward variant (perhaps from a run before the tables' CRAFT row became the profile's setting) must
+    have been trained with the update scale and checkpoint choice its row now stands for; else a clear error, never
+    a row under the wrong label."""
+    got = json.loads((d / "lineage.json").read_text())["config"]
+    want = {"update_scale": cfg.update_scale, "monitor.every": cfg.monitor.every, "monitor.select": cfg.monitor.select}
+    have = {"update_scale": got.get("update_scale", 1.0), "monitor.every": (got.get("monitor") or {}).get("every", 0),
+            "monitor.select": (got.get("monitor") or {}).get("select", "last")}  # fmt: skip
+    diff = [f"reward.{k}={have[k]} (this row needs {want[k]})" for k in want if have[k] != want[k]]
+    if diff:
+        raise ValueError(f"{d}: finished with other settings than its row: {', '.join(diff)}; move the folder away "
+                         "to train it again")  # fmt: skip
 
 
 def _members(shared: dict[str, Path], profile: str, overrides: list[str]) -> list[tuple[Path, Path]]:

@@ -132,6 +132,15 @@ def test_toy_paper_table_end_to_end_and_resume(tmp_path, monkeypatch):
     again = ex.paper_table("demo-histo", 1, tmp_path / "run", md, TOY, table4=False)  # resumes: nothing retrained
     assert marker.stat().st_mtime_ns == before
     assert again["aggregate"]["table"]["craft"]["cas"] == table["craft"]["cas"]
+    # a root from before the CRAFT row became the profile's setting: its "craft" kept the whole update; reusing it
+    # under the new label is refused, naming the folder and the setting
+    lineage = tmp_path / "run" / "seed-0" / "craft" / "lineage.json"
+    old = json.loads(lineage.read_text())
+    old["config"]["update_scale"] = 1.0
+    lineage.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"seed-0/craft: finished with other settings than its row: "
+                                         r"reward.update_scale=1.0 \(this row needs 0.5\)"):  # fmt: skip
+        ex.paper_table("demo-histo", 1, tmp_path / "run", md, TOY, table4=False)
 
 
 @pytest.mark.slow  # ~3.5 min on 2 quiet cores (8 reward runs, 3 evaluations, a referee, 2 more critics)
