@@ -278,9 +278,15 @@ def check_reused(d: Path, cfg) -> None:
     have been trained with the update scale and checkpoint choice its row now stands for; else a clear error, never
     a row under the wrong label."""
     got = json.loads((d / "lineage.json").read_text())["config"]
-    want = {"update_scale": cfg.update_scale, "monitor.every": cfg.monitor.every, "monitor.select": cfg.monitor.select}
-    have = {"update_scale": got.get("update_scale", 1.0), "monitor.every": (got.get("monitor") or {}).get("every", 0),
-            "monitor.select": (got.get("monitor") or {}).get("select", "last")}  # fmt: skip
+    mon = got.get("monitor") or {}
+    want = {"update_scale": cfg.update_scale, "monitor.every": cfg.monitor.every, "monitor.select": cfg.monitor.select,
+            "monitor.hold_tolerance": cfg.monitor.hold_tolerance}  # fmt: skip
+    have = {
+        "update_scale": got.get("update_scale", 1.0),
+        "monitor.every": mon.get("every", 0),
+        "monitor.select": mon.get("select", "last"),
+        "monitor.hold_tolerance": mon.get("hold_tolerance", 0.1),
+    }
     diff = [f"reward.{k}={have[k]} (this row needs {want[k]})" for k in want if have[k] != want[k]]
     if diff:
         raise ValueError(f"{d}: finished with other settings than its row: {', '.join(diff)}; move the folder away "

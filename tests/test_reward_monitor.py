@@ -27,7 +27,9 @@ def test_holdout_rows_spread_over_the_classes_and_repeat():
         ({"select": "referee"}, "need readings"),
         ({"every": 5, "patience": 2}, "needs a signal"),
         ({"every": 5, "select": "views", "views": 0}, "views >= 1"),
-        ({"every": 5, "select": "oracle"}, "last, critic, views or referee"),
+        ({"every": 5, "select": "oracle"}, "last, critic, views, referee, held"),
+        ({"every": 5, "select": "held", "views": 0}, "views >= 1"),
+        ({"every": 5, "select": "held", "hold_tolerance": -0.1}, "hold_tolerance must be >= 0"),
     ],
 )
 def test_monitor_config_refuses_what_cannot_work(over, match):

@@ -19,8 +19,17 @@ at every reading) and records, in ``monitor.jsonl``:
 Each reading also keeps a snapshot of the adapter (``step-NNNNNNN/``, the layout ``load_adapters`` reads), so
 the evaluate side can later trace the evaluator's CAS and the oracle along the same steps (the
 over-optimisation curve), and ``select`` picks the checkpoint the stage saves by one training-side signal
-(``critic``, ``views`` or ``referee``; ``last`` = the final weights, the paper's behaviour), with optional early
-stopping after ``patience`` readings without improvement.
+(``critic``, ``views`` or ``referee``: the highest reading; ``last`` = the final weights, the paper's behaviour), with
+optional early stopping after ``patience`` readings without improvement.
+
+``select: held`` is a trust region on the reward that does not hold across views. Each reading's UNHELD gain is
+how much the critic's reward has risen since step 0 minus how much its reading over augmented views has risen:
+``(critic_reward - critic_reward@0) - (critic_views - critic_views@0)``. A LoRA that learns what the classes look
+like raises both (the views reading follows the clean one); a LoRA that learns the critic's blind spots raises the
+clean reading only, and the gap grows. ``held`` keeps the last reading before the unheld gain first exceeds
+``hold_tolerance`` (step 0, the start, when the first reading after it already does), and ``patience`` readings
+past that point end training. Like the others it reads only the critic, on training prompts held out of the
+reward set, so the evaluator and the oracle stay out of it (issue 21: "the reward must hold across views").
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ log = logging.getLogger(__name__)
 
 TRAINABLE_FILE = "trainable.safetensors"  # the objective's trainable tensors at a reading, by parameter name
 SIGNALS = {"critic": "critic_reward", "views": "critic_views", "referee": "referee_reward"}
+SELECTS = ("last", *SIGNALS, "held")
+UNHELD = "critic_unheld"  # a reading's reward gain since step 0 that its views reading does not share
 
 
 @dataclass
@@ -52,25 +63,30 @@ class MonitorConfig:
     samples_per_prompt: int = 2  # images per held-out prompt at every reading (fixed noise)
     views: int = 4  # augmented views for ``critic_views`` (crop/flip/noise as ``reward.augment``'s)
     seed: int = 4321  # the held-out choice and the readings' noise (the same trajectories at every reading)
-    select: Literal["last", "critic", "views", "referee"] = "last"  # the signal that picks the saved weights
-    patience: int = 0  # stop after this many readings without improvement of ``select`` (0 = never stop early)
+    select: Literal["last", "critic", "views", "referee", "held"] = "last"  # the signal that picks the saved weights
+    patience: int = 0  # stop after this many readings without improvement of ``select`` (0 = never stop early);
+    # for ``held``: this many readings after the unheld gain first passed ``hold_tolerance``
     min_delta: float = 0.0  # what counts as an improvement of the selection signal
+    hold_tolerance: float = 0.1  # ``held``: the largest unheld reward gain (eq. 6 units) a kept reading may have
     snapshots: bool = True  # keep the adapter of every reading (for the evaluator's curve, after training)
 
     def validate(self) -> None:
         if self.every < 0 or self.prompts < 1 or self.samples_per_prompt < 1 or self.views < 0:
             raise ValueError(f"monitor: every must be >= 0, prompts and samples_per_prompt >= 1, views >= 0 "
                              f"(got {self.every}, {self.prompts}, {self.samples_per_prompt}, {self.views})")  # fmt: skip
-        if self.select not in ("last", *SIGNALS):
-            raise ValueError(f"monitor.select must be last, critic, views or referee, got {self.select!r}")
-        if self.select == "views" and self.views < 1:
-            raise ValueError("monitor.select=views needs monitor.views >= 1")
+        if self.select not in SELECTS:
+            raise ValueError(f"monitor.select must be {', '.join(SELECTS)}; got {self.select!r}")
+        if self.select in ("views", "held") and self.views < 1:
+            raise ValueError(f"monitor.select={self.select} needs monitor.views >= 1")
+        if not self.hold_tolerance >= 0:
+            raise ValueError(f"monitor.hold_tolerance must be >= 0, got {self.hold_tolerance}")
         if self.patience < 0:
             raise ValueError(f"monitor.patience must be >= 0, got {self.patience}")
         if (self.select != "last" or self.patience) and self.every < 1:
             raise ValueError("monitor.select / monitor.patience need readings: set monitor.every > 0")
         if self.patience and self.select == "last":
-            raise ValueError("monitor.patience needs a signal to wait on: set monitor.select (critic, views, referee)")
+            raise ValueError("monitor.patience needs a signal to wait on: set monitor.select (critic, views, referee, "
+                             "held)")  # fmt: skip
 
     @property
     def enabled(self) -> bool:
@@ -145,6 +161,8 @@ class RewardMonitor:
         """The reading ``select`` picks: the highest signal (the earliest among equals)."""
         if self.cfg.select == "last" or not self.rows:
             return None
+        if self.cfg.select == "held":
+            return self.rows[_held_prefix(self.rows, self.cfg.hold_tolerance) - 1]
         key = SIGNALS[self.cfg.select]
         return max(self.rows, key=lambda r: (r[key], -r["step"]))
 
@@ -183,13 +201,19 @@ class RewardMonitor:
         if any(r["step"] == step for r in self.rows):
             return bool(self.stopped_at is not None and self.stopped_at <= step)
         row = self.read(objective, step)
+        if "critic_views" in row:
+            first = self.rows[0] if self.rows else row  # the step-0 reading: the start the gains are measured from
+            row[UNHELD] = unheld_gain(row, first)
         if self.cfg.snapshots or self.cfg.select != "last":
             snap = self.dir / f"step-{step:07d}"
             self.snapshot_fn(snap)
             _save_trainable(objective, snap / TRAINABLE_FILE)
             row["snapshot"] = snap.name
         stop = False
-        if self.cfg.patience and self.rows:  # readings since the signal last improved (by more than min_delta)
+        if self.cfg.patience and self.rows and self.cfg.select == "held":  # readings past the trust region
+            both = [*self.rows, row]
+            stop = len(both) - _held_prefix(both, self.cfg.hold_tolerance) >= self.cfg.patience
+        elif self.cfg.patience and self.rows:  # readings since the signal last improved (by more than min_delta)
             stop = _trailing_flat([*self.rows, row], SIGNALS[self.cfg.select], self.cfg.min_delta) >= self.cfg.patience
         row["stop"] = stop
         self.rows.append(row)
@@ -217,6 +241,21 @@ class RewardMonitor:
             for n, t in state.items():
                 params[n].copy_(t.to(params[n].device, params[n].dtype))
         return best
+
+
+def unheld_gain(row: dict[str, Any], first: dict[str, Any]) -> float:
+    """The critic's reward gain since ``first`` (the step-0 reading) that its views reading does not share."""
+    return (row["critic_reward"] - first["critic_reward"]) - (row["critic_views"] - first["critic_views"])
+
+
+def _held_prefix(rows: list[dict[str, Any]], tolerance: float) -> int:
+    """How many readings from the start keep their unheld gain within ``tolerance`` (at least 1: step 0's is 0)."""
+    n = 0
+    for r in rows:
+        if n and unheld_gain(r, rows[0]) > tolerance:
+            break
+        n += 1
+    return n
 
 
 def _trailing_flat(rows: list[dict[str, Any]], key: str, min_delta: float) -> int:

@@ -1201,6 +1201,10 @@ def main(cfg: RewardConfig, dataset_dir, annotations_dir, critic_dir, probe_dir,
     metrics.update(steps=float(result.step), train_seconds=time.time() - t0, dropped_rows=float(dropped))
     if mon is not None:
         selected = mon.restore_selected(model)  # the weights the selection signal picked (None: the last step's)
+        if selected is not None and selected["step"] == 0:
+            log.warning("reward: monitor.select=%s kept step 0, the start (%s): no held-out reading after it passed "
+                        "the selection, so this adapter is the start's weights", cfg.monitor.select,
+                        start_dir or "a fresh LoRA")  # fmt: skip
         metrics.update(monitor_readings=float(len(mon.rows)), stopped_early=float(mon.stopped_at is not None),
                        selected_step=float(selected["step"] if selected else result.step))  # fmt: skip
     if start_state is not None:
