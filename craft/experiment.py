@@ -461,7 +461,12 @@ def aggregate(seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
     curves_agg = {v: {st: {k: _cell(xs) for k, xs in d.items()} for st, d in sorted(by.items())}
                   for v, by in curves.items()}  # fmt: skip
     paired = {s: m["paired"] for s, m in seeds.items() if m.get("paired")}  # remedies: per-seed paired intervals
-    return {"table": table, "cas_oracle_spearman": _cell(corr), "curves": curves_agg, "paired": paired}
+    kept: dict[str, dict[int, Any]] = {}  # monitored rows: the step each seed's selection kept
+    for s, m in seeds.items():
+        for v, meta in (m.get("curves_meta") or {}).items():
+            if meta.get("selected_step") is not None:
+                kept.setdefault(v, {})[s] = meta["selected_step"]
+    return {"table": table, "cas_oracle_spearman": _cell(corr), "curves": curves_agg, "paired": paired, "kept": kept}
 
 
 def paired_difference(agg: dict[str, Any], a: str, b: str, key: str) -> dict[str, Any] | None:
@@ -573,8 +578,9 @@ def table4_reading(agg: dict[str, Any], seeds: list[int] | None = None) -> list[
     return lines
 
 
-CURVE_COLS = [("critic", "critic_reward"), ("critic, views", "critic_views"), ("referee", "referee_reward"),
-              ("referee acc.", "referee_acc"), ("evaluator CAS", "evaluator_cas"), ("oracle acc.", "oracle_accuracy")]  # fmt: skip
+CURVE_COLS = [("critic", "critic_reward"), ("critic, views", "critic_views"), ("unheld gain", "critic_unheld"),
+              ("referee", "referee_reward"), ("referee acc.", "referee_acc"), ("evaluator CAS", "evaluator_cas"),
+              ("oracle acc.", "oracle_accuracy")]  # fmt: skip
 
 
 def _paired_lines(paired: dict[Any, dict[str, Any]], variant: str) -> list[str]:
@@ -628,7 +634,9 @@ def remedies_section(agg: dict[str, Any]) -> list[str]:
          "CRAFT as the profile ships it, CRAFT at the paper's settings and each remedy (if any was trained) continue "
          "the TI+LoRA LoRA. The remedies are monitored (a reading of held-out training prompts every 25 steps by the "
          "critic, the critic over 4 augmented views and the referee encoder); selection, where a row has it, reads "
-         "the referee's reward only. Evaluator and oracle never reach the training side.", "",
+         "one training-side signal: the referee's reward (the rows that name the referee) or the critic's gain that "
+         "holds across views (`reward.monitor.select=held`: the last reading before the gain the views do not share, "
+         "the 'unheld gain', passes `hold_tolerance`). Evaluator and oracle never reach the training side.", "",
          _table(agg, ["ti_lora", *crafts, *names], cols), ""]  # fmt: skip
     for r in [*crafts, *names]:
         d_cas = paired_difference(agg, r, "ti_lora", "cas")
@@ -653,8 +661,11 @@ def remedies_section(agg: dict[str, Any]) -> list[str]:
                   "(the remedy changes only which weights are saved, not the steps): the same readings, to 1e-4.", ""]  # fmt: skip
             continue
         shown[r] = curve
+        kept = (agg.get("kept") or {}).get(r) or {}
+        where = (f" The step its selection kept, per seed: {', '.join(f'seed {k}: {v}' for k, v in kept.items())}."
+                 if kept else "")  # fmt: skip
         s += [f"Over-optimisation curve, {LABELS.get(r, r)} (mean over seeds; training-side: critic, views, referee; "
-              "evaluate side: evaluator CAS, oracle):", "",
+              f"evaluate side: evaluator CAS, oracle).{where}", "",
               "| step | " + " | ".join(h for h, _ in CURVE_COLS) + " |", "|---" * (len(CURVE_COLS) + 1) + "|"]  # fmt: skip
         for st, row in curve.items():
             s.append(f"| {st} | " + " | ".join(_fmt(row.get(k)) for _, k in CURVE_COLS) + " |")

@@ -305,12 +305,12 @@ def test_paired_bootstrap_pairs_by_prompt_and_sample_and_flags_clear_failures():
 
 
 def test_table_crafts_are_the_profiles_and_the_papers():
-    """The tables' "craft" row is what the profile's users get (half of the update, demo-cxr's of the referee's choice:
-    reward.update_scale, reward.monitor); PAPER (the "craft_paper" row, Table 4 and the remedies' base) keeps the whole
+    """The tables' "craft" row is what the profile's users get (half of the update, demo-cxr's of the last reading whose
+    gain holds across views: reward.update_scale, reward.monitor); PAPER (the "craft_paper" row, Table 4 and the remedies' base) keeps the whole
     LoRA update of the last step; the remedies keep what they name; a user's override still wins."""
     from craft.config import load_stage_config
 
-    for prof, select in (("demo-cxr", "referee"), ("demo-histo", "last")):
+    for prof, select in (("demo-cxr", "held"), ("demo-histo", "last")):
         users = load_stage_config("reward", prof, [])
         assert (users.update_scale, users.monitor.select) == (0.5, select)
         assert users.monitor.enabled == (select != "last")
@@ -338,3 +338,20 @@ def test_remedy_curves_from_one_trajectory_are_printed_once():
                                                                      "craft_views": other}}))  # fmt: skip
     assert text.count("| step |") == 2
     assert "CRAFT + checkpoint chosen by the referee: the same training trajectory as CRAFT, paper settings" in text
+
+
+def test_the_curve_names_the_step_each_seed_kept():
+    """A monitored row's curve says which reading each seed's selection kept (curves_meta's selected_step), so a
+    reader sees where on the curve the shipped weights sit; the unheld gain (select=held) is one of its columns."""
+    curve = [{"step": 0, "critic_reward": 1.0, "critic_views": 0.5, "critic_unheld": 0.0},
+             {"step": 25, "critic_reward": 1.3, "critic_views": 0.5, "critic_unheld": 0.3}]  # fmt: skip
+    seeds = {}
+    for s, kept in ((0, 25), (1, 0)):
+        variants = {v: {"cas": 0.5, "oracle_accuracy": 0.8, "low_alignment_rate": 0.5} for v in ("ti_lora", "craft")}
+        seeds[s] = {"variants": variants, "curves": {"craft": curve},
+                    "curves_meta": {"craft": {"select": "held", "selected_step": kept}}}  # fmt: skip
+    agg = ex.aggregate(seeds)
+    assert agg["kept"] == {"craft": {0: 25, 1: 0}}
+    text = "\n".join(ex.remedies_section(agg))
+    assert "The step its selection kept, per seed: seed 0: 25, seed 1: 0." in text
+    assert " unheld gain |" in text and "| 25 | 1.300 ± 0.000 | 0.500 ± 0.000 | 0.300 ± 0.000 |" in text

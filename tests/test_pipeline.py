@@ -191,12 +191,13 @@ def test_referee_plan_feeds_the_craft_step_a_third_encoder(tmp_path):
     assert "referee" not in tasks and "referee" not in tasks["craft"]["inputs"]["artifacts"]
 
 
-def test_demo_cxr_trains_the_referee_its_craft_step_selects_by(tmp_path):
-    """demo-cxr's CRAFT keeps half the update of the step the referee reads best (issue 21): its compiled DAG trains
-    the referee and its probe and hands them to the craft step."""
+def test_demo_cxr_trains_the_referee_its_craft_monitor_reads(tmp_path):
+    """demo-cxr's CRAFT is monitored (issue 21: it keeps half the update of the last held-out reading whose critic gain
+    holds across views) and its monitor reads the referee beside the critic: the compiled DAG trains the referee and
+    its probe and hands them to the craft step."""
     from craft.config import load_stage_config
 
-    assert load_stage_config("reward", "demo-cxr", []).monitor.select == "referee"
+    assert load_stage_config("reward", "demo-cxr", []).monitor.select == "held"
     assert load_stage_config("pipeline", "demo-cxr", []).referee == "train"
     tasks = _tasks(_load(compile_pipeline(tmp_path / "cxr.yaml", "demo-cxr"))[0])
     assert {"referee", "referee-probe"} <= set(tasks)

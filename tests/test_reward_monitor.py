@@ -110,7 +110,69 @@ def test_selection_by_referee_without_a_referee_is_refused(tmp_path):
                       None, RewardAugment(), tmp_path, lambda d: None)  # fmt: skip
 
 
-def test_reward_stage_with_monitor_holds_rows_out_and_saves_the_selected_weights(tmp_path):
+class _Scripted(RewardMonitor):
+    """A monitor whose readings come from a script (step -> (critic reward, critic over views)): the selection and
+    stopping rules alone, on the shapes the paper-table's readings had (RESULTS.md, issue 21)."""
+
+    def __init__(self, cfg: MonitorConfig, script: dict[int, tuple[float, float]], tmp: Path):
+        super().__init__(cfg, {"prompt": ["p"], "label": ["a"]}, _judge(lambda w: w), None, None, tmp,
+                         lambda d: d.mkdir(parents=True, exist_ok=True))  # fmt: skip
+        self.script = script
+
+    def read(self, objective, step):
+        critic, views = self.script[step]
+        return {"step": step, "critic_reward": critic, "critic_views": views}
+
+
+def _drive(mon: RewardMonitor, steps: int) -> tuple[_Objective, int | None]:
+    obj = _Objective()
+    for step in range(steps):
+        with torch.no_grad():
+            obj.w.fill_(float(step))
+        if mon(obj, step):
+            return obj, step
+    return obj, None
+
+
+# critic reward, critic over augmented views: on radiographs the clean reading climbs and the views stay flat; on
+# histology the views follow it. The dip back at step 5 must not re-open the trust region (it is a prefix rule)
+HACKED = {0: (1.0, 0.5), 1: (1.06, 0.52), 2: (1.25, 0.51), 3: (1.6, 0.5), 4: (2.0, 0.6), 5: (1.02, 0.5)}
+FOLLOWED = {0: (2.0, 2.0), 1: (2.1, 2.08), 2: (2.2, 2.15), 3: (2.3, 2.27), 4: (2.25, 2.2), 5: (2.4, 2.36)}
+
+
+@pytest.mark.parametrize(
+    "script, tolerance, kept",
+    [
+        (HACKED, 0.1, 1),  # unheld gain 0, 0.04, 0.24, ...: step 1 is the last inside 0.1
+        (HACKED, 0.01, 0),  # the first reading after the start already fails: the start is kept
+        (HACKED, 10.0, 5),  # a tolerance nothing passes: the last reading, as select=last
+        (FOLLOWED, 0.1, 5),  # the views share the gain (unheld <= 0.05): nothing is refused
+    ],
+)
+def test_held_keeps_the_last_reading_before_the_unheld_gain_passes_the_tolerance(tmp_path, script, tolerance, kept):
+    mon = _Scripted(MonitorConfig(every=1, select="held", hold_tolerance=tolerance), script, tmp_path)
+    obj, stopped = _drive(mon, len(script))
+    assert stopped is None and len(mon.rows) == len(script)
+    c0, v0 = script[0]
+    for r in mon.rows:  # every reading records its unheld gain, for the report's curve
+        c, v = script[r["step"]]
+        assert r["critic_unheld"] == pytest.approx((c - c0) - (v - v0))
+    best = mon.restore_selected(obj)
+    assert best["step"] == kept and float(obj.w.detach()) == float(kept)  # the kept reading's weights are loaded
+
+
+@pytest.mark.parametrize("patience, stop", [(1, 2), (2, 3)])
+def test_held_with_patience_stops_that_many_readings_past_the_trust_region(tmp_path, patience, stop):
+    mon = _Scripted(MonitorConfig(every=1, select="held", patience=patience), HACKED, tmp_path)
+    obj, stopped = _drive(mon, len(HACKED))
+    assert stopped == stop == mon.stopped_at and mon.restore_selected(obj)["step"] == 1
+    # a resumed monitor (the log on disk) agrees, with the gains measured from its step-0 reading
+    again = _Scripted(mon.cfg, HACKED, tmp_path)
+    assert again.stopped_at == stop and again.best()["step"] == 1
+
+
+@pytest.mark.parametrize("select", ["views", "held"])
+def test_reward_stage_with_monitor_holds_rows_out_and_saves_the_selected_weights(tmp_path, select):
     """The real stage: readings before training and at every step, snapshots in the adapter, the saved LoRA is the
     selected snapshot's, the held-out rows are named in the lineage (and left out of training)."""
     from safetensors.torch import load_file
@@ -123,7 +185,7 @@ def test_reward_stage_with_monitor_holds_rows_out_and_saves_the_selected_weights
     w = reward_world(tmp_path, referee=True)
     over = ["loop.steps=3", "loop.batch_size=2", "loop.threads=1", "loop.progress=false", "sample_steps=2",
             "loop.lr=0.05", "monitor.every=1", "monitor.prompts=4", "monitor.samples_per_prompt=1",
-            "monitor.views=2", "monitor.select=views"]  # fmt: skip
+            "monitor.views=2", f"monitor.select={select}", "monitor.hold_tolerance=0.01"]  # fmt: skip
     cfg = load_stage_config("reward", None, over)
     m = reward.main(cfg, w["data"], w["ann"], w["critic"], w["probe"], w["base"], tmp_path / "craft",
                     referee_dir=w["referee"], referee_probe_dir=w["referee_probe"])  # fmt: skip
@@ -133,7 +195,12 @@ def test_reward_stage_with_monitor_holds_rows_out_and_saves_the_selected_weights
         for k in ("critic_reward", "critic_views", "critic_acc", "referee_reward", "referee_acc"):
             assert k in r and r[k] == r[k], (k, r)  # present and not NaN
         assert (tmp_path / "craft" / "monitor" / r["snapshot"] / "adapter.json").is_file()
-    best = max(rows, key=lambda r: (r["critic_views"], -r["step"]))
+    if select == "views":
+        best = max(rows, key=lambda r: (r["critic_views"], -r["step"]))
+    else:  # the last reading before the critic's gain not shared by its views reading first passes 0.01
+        gains = [(r["critic_reward"] - rows[0]["critic_reward"]) - (r["critic_views"] - rows[0]["critic_views"])
+                 for r in rows]  # fmt: skip
+        best = rows[next((i for i, g in enumerate(gains) if i and g > 0.01), len(rows)) - 1]
     lineage = json.loads((tmp_path / "craft" / "lineage.json").read_text())
     assert lineage["monitor"]["selected_step"] == best["step"] == int(m["selected_step"])
     held = lineage["monitor"]["held_out_image_ids"]

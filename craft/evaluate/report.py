@@ -138,7 +138,8 @@ def tail_cdf_png(
 # the over-optimisation curve's series (issue 21): what reward finetuning watched, then the stage's judges
 TRAINING_SIDE = {"critic_reward": "critic reward", "critic_views": "critic reward, augmented views",
                  "critic_acc": "critic probe accuracy", "referee_reward": "referee reward",
-                 "referee_acc": "referee probe accuracy"}  # fmt: skip
+                 "referee_acc": "referee probe accuracy",
+                 "critic_unheld": "critic gain not held across views"}  # fmt: skip
 JUDGES = {"evaluator_cas": "evaluator CAS", "evaluator_low_alignment_rate": "evaluator low-CAS rate",
           "oracle_accuracy": "oracle accuracy"}  # fmt: skip
 
