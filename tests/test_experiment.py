@@ -355,3 +355,8 @@ def test_the_curve_names_the_step_each_seed_kept():
     text = "\n".join(ex.remedies_section(agg))
     assert "The step its selection kept, per seed: seed 0: 25, seed 1: 0." in text
     assert " unheld gain |" in text and "| 25 | 1.300 ± 0.000 | 0.500 ± 0.000 | 0.300 ± 0.000 |" in text
+    # a curve from before the monitor recorded the unheld gain: computed from its critic readings and step 0's
+    old = [{k: v for k, v in r.items() if k != "critic_unheld"} for r in curve]
+    old[1]["critic_views"] = 0.45
+    again = ex.aggregate({0: {**seeds[0], "curves": {"craft": old}}})
+    assert again["curves"]["craft"][25]["critic_unheld"]["mean"] == pytest.approx(0.35)
