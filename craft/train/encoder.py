@@ -51,8 +51,22 @@ class EncoderSpec:
     layers: int = 2  # transformer layers per tower
     heads: int = 4  # attention heads (must divide width)
     patch_size: int = 8  # ViT patch side in pixels (must divide image_size)
+    # issue 21: train on a random view of each image (resized crop keeping [view_crop, 1] of each side, horizontal
+    # flip, Gaussian pixel noise on the [0, 1] scale) so the encoder reads a finding the same across renderings, and a
+    # reward built on it is harder to raise by rendering details. The defaults train on the image as decoded.
+    view_crop: float = 1.0
+    view_flip: bool = False  # radiographs: leave off (a flip swaps the laterality a report names)
+    view_noise: float = 0.0
+
+    @property
+    def views(self) -> bool:
+        return self.view_crop < 1.0 or self.view_flip or self.view_noise > 0
 
     def validate(self) -> None:
+        if not 0.0 < self.view_crop <= 1.0 or self.view_noise < 0:
+            raise ValueError(
+                f"view_crop must be in (0, 1] and view_noise >= 0, got {self.view_crop}, {self.view_noise}"
+            )
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.arch == "siglip" and self.embed_dim != self.width:
@@ -349,6 +363,13 @@ def train_encoder(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     )
     gen = torch.Generator().manual_seed(spec.seed)
+    view = None
+    if spec.views:  # the views' own stream, so a run without them draws the same batches as before
+        from craft.train.reward import RewardAugment, augmented_view
+
+        aug, vgen = RewardAugment(views=1, crop_scale=spec.view_crop, flip=spec.view_flip, noise_std=spec.view_noise), \
+            torch.Generator().manual_seed(spec.seed + 7919)  # fmt: skip
+        view = lambda x: augmented_view(x, aug, vgen)  # noqa: E731
     losses: list[float] = []
     step = 0
     while step < total:
@@ -357,7 +378,8 @@ def train_encoder(
             if step >= total:
                 break
             idx = perm[b * bs : (b + 1) * bs]
-            loss = batcher.loss(images[idx], [texts[i] for i in idx.tolist()], y[idx], cfg.class_weight)
+            x = images[idx] if view is None else view(images[idx])
+            loss = batcher.loss(x, [texts[i] for i in idx.tolist()], y[idx], cfg.class_weight)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"encoder {role}: non-finite contrastive loss at step {step}")
             opt.zero_grad(set_to_none=True)
