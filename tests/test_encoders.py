@@ -171,6 +171,26 @@ def test_encoder_training_reduces_loss_and_probe_learns(demo, tmp_path):
         load_probe(tmp_path / "probe", ev)
 
 
+def test_encoder_trained_on_views_is_another_encoder_and_repeats(demo, tmp_path):
+    """encoder.<role>.view_*: the role trains on random views of its batches (its own random stream), so the same
+    settings give the same weights and views give other weights than the image as decoded; bad values are refused."""
+    from safetensors.torch import load_file
+
+    spec = dict(arch="siglip", seed=0, embed_dim=16, width=16, layers=1, heads=2, patch_size=8)
+    runs = {}
+    for name, views in (("plain", {}), ("views", dict(view_crop=0.8, view_flip=True, view_noise=0.05)),
+                        ("again", dict(view_crop=0.8, view_flip=True, view_noise=0.05))):  # fmt: skip
+        cfg = EncoderTrainConfig(critic=EncoderSpec(**spec, **views), image_size=16, max_length=24, epochs=2,
+                                 batch_size=16, threads=1, checklist="demo-cxr")  # fmt: skip
+        train_encoder(cfg, "critic", demo, tmp_path / name, max_steps=3)
+        runs[name] = load_file(str(tmp_path / name / "model.safetensors"))
+    same = lambda a, b: all(torch.equal(runs[a][k], runs[b][k]) for k in runs[a])  # noqa: E731
+    assert same("views", "again") and not same("plain", "views")
+    for bad in ("critic.view_crop=0", "critic.view_crop=1.5", "critic.view_noise=-0.1"):
+        with pytest.raises(ConfigError, match="view_crop must be in"):
+            load_stage_config("encoder", None, [bad])
+
+
 def test_encoder_config_refuses_equal_seeds():
     with pytest.raises(ConfigError, match="seeds must differ"):
         load_stage_config("encoder", None, ["critic.seed=3", "evaluator.seed=3"])

@@ -55,7 +55,7 @@ class EncoderSpec:
     # flip, Gaussian pixel noise on the [0, 1] scale) so the encoder reads a finding the same across renderings, and a
     # reward built on it is harder to raise by rendering details. The defaults train on the image as decoded.
     view_crop: float = 1.0
-    view_flip: bool = False  # radiographs: leave off (a flip swaps the laterality a report names)
+    view_flip: bool = False  # on radiographs a flip also swaps the laterality a report names
     view_noise: float = 0.0
 
     @property
