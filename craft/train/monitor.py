@@ -158,7 +158,8 @@ class RewardMonitor:
         return next((r["step"] for r in self.rows if r.get("stop")), None)
 
     def best(self) -> dict[str, Any] | None:
-        """The reading ``select`` picks: the highest signal (the earliest among equals)."""
+        """The reading ``select`` picks: the highest signal (the earliest among equals); for ``held`` the last one
+        before the unheld gain first passes ``hold_tolerance``."""
         if self.cfg.select == "last" or not self.rows:
             return None
         if self.cfg.select == "held":
