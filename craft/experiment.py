@@ -453,7 +453,7 @@ def aggregate(seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
         for k in keys:
             table[v][k] = _cell([rows[s].get(v, {}).get(k) for s in seeds])
     corr = [((m.get("oracle") or {}).get("cas_vs_oracle") or {}).get("spearman") for m in seeds.values()]
-    from craft.train.monitor import unheld_gain
+    from craft.train.monitor import UNHELD, unheld_gain
 
     # over-optimisation curves (issue 21): variant -> step -> number -> mean/sd over the seeds that read that step
     curves: dict[str, dict[int, dict[str, Any]]] = {}
@@ -461,9 +461,9 @@ def aggregate(seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
         for v, rows in (m.get("curves") or {}).items():
             first = rows[0] if rows else {}
             for r in rows:
-                if "critic_unheld" not in r and all(isinstance(x.get(k), float) for x in (r, first)
+                if UNHELD not in r and all(isinstance(x.get(k), float) for x in (r, first)
                                                      for k in ("critic_reward", "critic_views")):  # fmt: skip
-                    r = {**r, "critic_unheld": unheld_gain(r, first)}  # a run from before the monitor recorded it
+                    r = {**r, UNHELD: unheld_gain(r, first)}  # a run from before the monitor recorded it
                 at = curves.setdefault(v, {}).setdefault(int(r["step"]), {})
                 for k, x in r.items():
                     if isinstance(x, (int, float)) and not isinstance(x, bool) and k != "step":
